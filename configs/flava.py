@@ -1,0 +1,107 @@
+"""FLAVA model configs.
+
+    --config=configs/flava.py:full   FLAVA-full sizes (ViT-B/16 image and text, 6-layer fusion)
+    --config=configs/flava.py:tiny   a few layers, small widths: CPU tests and the default run
+    --config=configs/flava.py        same as :tiny
+
+Fields of `config.model` mirror flava_jax.models.config.FlavaConfig; `config.dvae` mirrors
+DVAEConfig; `config.sharding` holds the mesh shape and the logical-axis rules.
+"""
+
+import ml_collections
+
+
+def model_config(arg: str) -> ml_collections.ConfigDict:
+  if arg == "full":
+    encoder = dict(hidden_size=768, num_heads=12, mlp_dim=3072, layer_norm_eps=1e-12,
+                   qkv_bias=True)
+    return ml_collections.ConfigDict(dict(
+        image=dict(encoder, num_layers=12, image_size=224, patch_size=16, num_channels=3,
+                   vocab_size=8192),
+        text=dict(encoder, num_layers=12, vocab_size=30522, max_position_embeddings=512,
+                  type_vocab_size=2, pad_token_id=0),
+        multimodal=dict(encoder, num_layers=6),
+        projection_dim=768,
+        logit_scale_init=2.6592,
+        pretraining_heads=True,
+        initializer_range=0.02,
+        dtype="bfloat16",
+        param_dtype="float32",
+        attention_impl="xla",
+        remat_policy="none",
+    ))
+  if arg == "tiny":
+    encoder = dict(hidden_size=64, num_heads=4, mlp_dim=128, layer_norm_eps=1e-12,
+                   qkv_bias=True)
+    return ml_collections.ConfigDict(dict(
+        image=dict(encoder, num_layers=2, image_size=64, patch_size=16, num_channels=3,
+                   vocab_size=512),
+        text=dict(encoder, num_layers=2, vocab_size=1024, max_position_embeddings=128,
+                  type_vocab_size=2, pad_token_id=0),
+        multimodal=dict(encoder, num_layers=1),
+        projection_dim=64,
+        logit_scale_init=2.6592,
+        pretraining_heads=True,
+        initializer_range=0.02,
+        dtype="float32",
+        param_dtype="float32",
+        attention_impl="xla",
+        remat_policy="none",
+    ))
+  raise ValueError(f"unknown model variant {arg!r}; use one of: full, tiny")
+
+
+def dvae_config(arg: str) -> ml_collections.ConfigDict:
+  if arg == "full":
+    return ml_collections.ConfigDict(dict(
+        hidden_size=256, num_groups=4, blocks_per_group=2, vocab_size=8192, input_channels=3,
+        decoder=True, decoder_init_size=128, output_channels=3, dtype="bfloat16",
+        param_dtype="float32"))
+  # tiny: 64 px images -> 8x8 codes (the tiny image encoder's grid is 4x4 at patch 16; the
+  # data pipeline feeds the dVAE a half-resolution view, so 32 px -> 4x4 codes).
+  return ml_collections.ConfigDict(dict(
+      hidden_size=16, num_groups=4, blocks_per_group=1, vocab_size=512, input_channels=3,
+      decoder=True, decoder_init_size=16, output_channels=3, dtype="float32",
+      param_dtype="float32"))
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  arg = arg or "tiny"
+  config = ml_collections.ConfigDict()
+  config.variant = arg
+  config.model = model_config(arg)
+  config.dvae = dvae_config(arg)
+  config.seed = 0
+  # Mesh ("data", "fsdp", "tensor"); -1 takes the remaining devices.
+  config.sharding = ml_collections.ConfigDict(dict(
+      mesh=dict(data=-1, fsdp=1, tensor=1),
+      # Logical axis -> mesh axes. Parameter axes first, then activation axes.
+      rules=[
+          ("embed", "fsdp"),
+          ("mlp", "tensor"),
+          ("heads", "tensor"),
+          ("vocab", "tensor"),
+          ("embed_out", None),
+          ("head_dim", None),
+          ("qkv", None),
+          ("layers", None),
+          ("position", None),
+          ("token_type", None),
+          ("classes", None),
+          ("patch_h", None),
+          ("patch_w", None),
+          ("channels", None),
+          ("conv_h", None),
+          ("conv_w", None),
+          ("conv_in", None),
+          ("conv_out", None),
+          ("batch", ("data", "fsdp")),
+          ("length", None),
+          ("act_embed", None),
+          ("act_mlp", "tensor"),
+          ("act_heads", "tensor"),
+          ("act_head_dim", None),
+          ("act_vocab", "tensor"),
+      ],
+  ))
+  return config

@@ -1,0 +1,525 @@
+"""Converters between transformers' PyTorch FLAVA and flava_jax, both ways.
+
+Public API (all importable from `flava_jax`):
+
+    model, params = from_transformers("path/to/flava-full")      # FlavaForPreTraining or FlavaModel
+    to_transformers(model, params, "out_dir")                     # FlavaForPreTraining.from_pretrained
+    dvae, dvae_params = dvae_from_transformers("path/to/codebook")  # FlavaImageCodebook
+
+Command line (writes/reads the Orbax checkpoints of flava_jax.checkpoint):
+
+    python -m flava_jax.convert --from_transformers=DIR --out=CKPT_DIR
+    python -m flava_jax.convert --to_transformers=CKPT_DIR --out=DIR
+
+Every weight is accounted for: a source weight we do not know, or a weight our model needs that the
+source lacks, is an error that names them. Conversions are transposes and reshapes only, so a
+round trip is bit-exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from flava_jax.models.config import (
+    DVAEConfig, FlavaConfig, ImageConfig, MultimodalConfig, TextConfig)
+from flava_jax.models.dvae import DVAE, init_dvae_params
+from flava_jax.models.flava import FlavaModel, init_params
+from flava_jax import transformers_io
+
+Array = np.ndarray
+PRETRAINING_PREFIX = "flava."
+CODEBOOK_PREFIX = "image_codebook."
+HEAD_NAMES = ("mim_head", "mlm_head", "mmm_image_head", "mmm_text_head")
+# Non-persistent buffers that some older checkpoints stored; they carry no learned values.
+IGNORED_SUFFIXES = ("embeddings.position_ids", "embeddings.token_type_ids")
+
+
+class ConversionError(ValueError):
+  """A source checkpoint that cannot be converted exactly (unknown/missing/misshapen weights)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight transforms: (list of transformers arrays) <-> one of our arrays.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Transform:
+  to_ours: Callable[[Sequence[Array]], Array]
+  to_hf: Callable[[Array], list[Array]]
+
+
+_IDENTITY = _Transform(lambda a: a[0], lambda x: [x])
+_LINEAR = _Transform(lambda a: a[0].T, lambda x: [x.T])  # torch [out, in] <-> ours [in, out]
+_TOKEN = _Transform(lambda a: a[0].reshape(-1), lambda x: [x.reshape(1, 1, -1)])  # [1,1,D]
+_POSITIONS = _Transform(lambda a: a[0][0], lambda x: [x[None]])  # [1, T, D] <-> [T, D]
+# torch conv [out, in, kh, kw] <-> ours [kh, kw, in, out]
+_CONV = _Transform(lambda a: a[0].transpose(2, 3, 1, 0), lambda x: [x.transpose(3, 2, 0, 1)])
+
+
+def _qkv_kernel(heads: int) -> _Transform:
+  def to_ours(a):  # 3 x [N*H, D] -> [D, 3, N, H]
+    d = a[0].shape[1]
+    return np.stack([w.T for w in a], axis=1).reshape(d, 3, heads, -1)
+
+  def to_hf(x):
+    d = x.shape[0]
+    flat = x.reshape(d, 3, -1)
+    return [np.array(flat[:, j].T, order="C") for j in range(3)]
+
+  return _Transform(to_ours, to_hf)
+
+
+def _qkv_bias(heads: int) -> _Transform:
+  return _Transform(lambda a: np.stack(a).reshape(3, heads, -1),
+                    lambda x: [x.reshape(3, -1)[j] for j in range(3)])
+
+
+def _out_kernel(heads: int) -> _Transform:
+  # torch [D, N*H] <-> ours [N, H, D]
+  return _Transform(lambda a: a[0].T.reshape(heads, -1, a[0].shape[0]),
+                    lambda x: [x.reshape(-1, x.shape[-1]).T])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+  """One leaf of our params <- the transformers key(s) it is made of.
+
+  With `layers` set, keys contain "{i}" and our leaf stacks layers 0..layers-1 on axis 0.
+  """
+
+  path: tuple[str, ...]
+  keys: tuple[str, ...]
+  transform: _Transform = _IDENTITY
+  layers: int | None = None
+
+  def source_keys(self) -> list[str]:
+    if self.layers is None:
+      return list(self.keys)
+    return [k.format(i=i) for i in range(self.layers) for k in self.keys]
+
+
+def _linear(path: tuple[str, ...], key: str) -> list[_Rule]:
+  return [_Rule(path + ("kernel",), (key + ".weight",), _LINEAR),
+          _Rule(path + ("bias",), (key + ".bias",))]
+
+
+def _norm(path: tuple[str, ...], key: str) -> list[_Rule]:
+  return [_Rule(path + ("scale",), (key + ".weight",)), _Rule(path + ("bias",), (key + ".bias",))]
+
+
+def _encoder_rules(path: tuple[str, ...], key: str, num_layers: int, heads: int) -> list[_Rule]:
+  layer = key + ".encoder.layer.{i}."
+  p = path + ("encoder", "layers")
+  attn = layer + "attention.attention."
+  rules = [
+      _Rule(p + ("attention", "qkv", "kernel"),
+            tuple(attn + n + ".weight" for n in ("query", "key", "value")), _qkv_kernel(heads)),
+      _Rule(p + ("attention", "qkv", "bias"),
+            tuple(attn + n + ".bias" for n in ("query", "key", "value")), _qkv_bias(heads)),
+      _Rule(p + ("attention", "out", "kernel"), (layer + "attention.output.dense.weight",),
+            _out_kernel(heads)),
+      _Rule(p + ("attention", "out", "bias"), (layer + "attention.output.dense.bias",)),
+      *_linear(p + ("mlp", "wi"), layer + "intermediate.dense"),
+      *_linear(p + ("mlp", "wo"), layer + "output.dense"),
+      *_norm(p + ("norm_attn",), layer + "layernorm_before"),
+      *_norm(p + ("norm_mlp",), layer + "layernorm_after"),
+  ]
+  rules = [dataclasses.replace(r, layers=num_layers) for r in rules]
+  rules += _norm(path + ("final_norm",), key + ".layernorm")
+  rules += _linear(path + ("pooler", "dense"), key + ".pooler.dense")
+  return rules
+
+
+def flava_rules(config: FlavaConfig, prefix: str) -> list[_Rule]:
+  """The complete mapping for a model with this config; prefix is "flava." or ""."""
+  img, txt, mm = config.image, config.text, config.multimodal
+  emb = prefix + "image_model.embeddings."
+  temb = prefix + "text_model.embeddings."
+  rules = [
+      _Rule(("image_encoder", "embeddings", "patch_kernel"),
+            (emb + "patch_embeddings.projection.weight",), _CONV),
+      _Rule(("image_encoder", "embeddings", "patch_bias"),
+            (emb + "patch_embeddings.projection.bias",)),
+      _Rule(("image_encoder", "embeddings", "cls_token"), (emb + "cls_token",), _TOKEN),
+      _Rule(("image_encoder", "embeddings", "mask_token"), (emb + "mask_token",), _TOKEN),
+      _Rule(("image_encoder", "embeddings", "pos_embed"), (emb + "position_embeddings",),
+            _POSITIONS),
+      *_encoder_rules(("image_encoder",), prefix + "image_model", img.num_layers, img.num_heads),
+      _Rule(("text_encoder", "embeddings", "word_embed"), (temb + "word_embeddings.weight",)),
+      _Rule(("text_encoder", "embeddings", "position_embed"),
+            (temb + "position_embeddings.weight",)),
+      _Rule(("text_encoder", "embeddings", "token_type_embed"),
+            (temb + "token_type_embeddings.weight",)),
+      *_norm(("text_encoder", "embeddings", "norm"), temb + "LayerNorm"),
+      *_encoder_rules(("text_encoder",), prefix + "text_model", txt.num_layers, txt.num_heads),
+      *_linear(("multimodal_encoder", "image_to_mm"), prefix + "image_to_mm_projection"),
+      *_linear(("multimodal_encoder", "text_to_mm"), prefix + "text_to_mm_projection"),
+      _Rule(("multimodal_encoder", "cls_token"), (prefix + "multimodal_model.cls_token",),
+            _TOKEN),
+      *_encoder_rules(("multimodal_encoder",), prefix + "multimodal_model", mm.num_layers,
+                      mm.num_heads),
+      *_linear(("image_projection",), prefix + "image_projection"),
+      *_linear(("text_projection",), prefix + "text_projection"),
+      _Rule(("logit_scale",), (prefix + "logit_scale",)),
+  ]
+  if config.pretraining_heads:
+    for head in HEAD_NAMES:
+      rules += _linear((head, "transform"), head + ".transform.dense")
+      rules += _norm((head, "norm"), head + ".transform.LayerNorm")
+      rules += _linear((head, "decoder"), head + ".decoder")
+    rules += _linear(("itm_head", "pooler", "dense"), "itm_head.pooler.dense")
+    rules += _linear(("itm_head", "classifier"), "itm_head.seq_relationship")
+  return rules
+
+
+def dvae_rules(config: DVAEConfig, prefix: str) -> list[_Rule]:
+  """Encoder mapping (transformers' FlavaImageCodebook has no decoder)."""
+  blocks = prefix + "blocks."
+  rules = [_Rule(("encoder", "input", "kernel"), (blocks + "input.weight",), _CONV),
+           _Rule(("encoder", "input", "bias"), (blocks + "input.bias",))]
+  for g in range(1, config.num_groups + 1):
+    for b in range(1, config.blocks_per_group + 1):
+      ours = ("encoder", f"group_{g}_block_{b}")
+      theirs = f"{blocks}group_{g}.group.block_{b}."
+      if b == 1 and g > 1:  # the first block of groups 2-4 widens: 1x1 conv on the identity
+        rules += [_Rule(ours + ("id_path", "kernel"), (theirs + "id_path.weight",), _CONV),
+                  _Rule(ours + ("id_path", "bias"), (theirs + "id_path.bias",))]
+      for c in range(1, 5):
+        rules += [
+            _Rule(ours + (f"res_conv_{c}", "kernel"),
+                  (theirs + f"res_path.path.conv_{c}.weight",), _CONV),
+            _Rule(ours + (f"res_conv_{c}", "bias"), (theirs + f"res_path.path.conv_{c}.bias",))]
+  rules += [_Rule(("encoder", "output", "kernel"), (blocks + "output.conv.weight",), _CONV),
+            _Rule(("encoder", "output", "bias"), (blocks + "output.conv.bias",))]
+  return rules
+
+
+# ---------------------------------------------------------------------------------------------
+# Applying rules.
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+  for name in path[:-1]:
+    tree = tree.setdefault(name, {})
+  tree[path[-1]] = value
+
+
+def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, prefix + (k,)))
+    else:
+      out[prefix + (k,)] = v
+  return out
+
+
+def _gather(rules: Sequence[_Rule], state: Mapping[str, Array], expected: Mapping,
+            what: str) -> tuple[dict, set[str]]:
+  """Builds our params from `state`; returns them and the set of source keys consumed."""
+  missing = [k for r in rules for k in r.source_keys() if k not in state]
+  if missing:
+    raise ConversionError(
+        f"{what}: {len(missing)} weight(s) our model needs are missing from the source: "
+        + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
+  params: dict = {}
+  used: set[str] = set()
+  expected_flat = _flatten(expected)
+  for rule in rules:
+    if rule.layers is None:
+      value = rule.transform.to_ours([state[k] for k in rule.keys])
+    else:
+      value = np.stack([
+          rule.transform.to_ours([state[k.format(i=i)] for k in rule.keys])
+          for i in range(rule.layers)])
+    used.update(rule.source_keys())
+    shape = tuple(expected_flat[rule.path].shape)
+    if tuple(value.shape) != shape:
+      raise ConversionError(
+          f"{what}: {'/'.join(rule.path)} from {rule.keys[0]} has shape {value.shape}, but the "
+          f"model config implies {shape}")
+    _set(params, rule.path, np.array(value, dtype=np.float32, order="C"))
+  unfilled = sorted('/'.join(p) for p in set(expected_flat) - {r.path for r in rules})
+  if unfilled:  # a gap in the mapping itself, never the user's fault
+    raise AssertionError(f"{what}: no conversion rule for {unfilled}")
+  return params, used
+
+
+def _scatter(rules: Sequence[_Rule], params: Mapping) -> dict[str, Array]:
+  flat = _flatten(params)
+  state = {}
+  for rule in rules:
+    value = np.asarray(jax.device_get(flat[rule.path]), dtype=np.float32)
+    if rule.layers is None:
+      state.update(zip(rule.keys, rule.transform.to_hf(value)))
+    else:
+      for i in range(rule.layers):
+        state.update(zip((k.format(i=i) for k in rule.keys), rule.transform.to_hf(value[i])))
+  return state
+
+
+def _check_unknown(state: Mapping[str, Array], used: set[str], ignored_prefixes: Sequence[str],
+                   what: str) -> None:
+  unknown = sorted(k for k in state if k not in used and not k.endswith(IGNORED_SUFFIXES)
+                   and not k.startswith(tuple(ignored_prefixes)))
+  if unknown:
+    raise ConversionError(
+        f"{what}: {len(unknown)} source weight(s) have no place in our model: "
+        + ", ".join(unknown[:20]) + (" ..." if len(unknown) > 20 else ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs.
+
+
+def _encoder_fields(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
+  act = hf.get("hidden_act", "gelu")
+  if act != "gelu":
+    raise ConversionError(f"{where}.hidden_act={act!r}: only exact GELU ('gelu') is supported")
+  for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+    if hf.get(name, 0.0):
+      logging.warning("%s.%s=%s is ignored: flava_jax models have no dropout", where, name,
+                      hf[name])
+  return dict(hidden_size=hf.get("hidden_size", 768), num_layers=hf.get("num_hidden_layers", 12),
+              num_heads=hf.get("num_attention_heads", 12),
+              mlp_dim=hf.get("intermediate_size", 3072),
+              layer_norm_eps=hf.get("layer_norm_eps", 1e-12), qkv_bias=hf.get("qkv_bias", True))
+
+
+def config_from_transformers(hf: Mapping[str, Any], pretraining_heads: bool) -> FlavaConfig:
+  """Our FlavaConfig from a transformers FlavaConfig dict (missing fields take its defaults)."""
+  image_hf = hf.get("image_config") or {}
+  text_hf = hf.get("text_config") or {}
+  mm_hf = hf.get("multimodal_config") or {}
+  if not image_hf.get("mask_token", True):
+    raise ConversionError("image_config.mask_token=False: flava_jax always has a [MASK] patch")
+  if not mm_hf.get("use_cls_token", True):
+    raise ConversionError("multimodal_config.use_cls_token=False is not supported")
+  image = ImageConfig(**_encoder_fields(image_hf, "image_config"),
+                      image_size=_scalar(image_hf.get("image_size", 224), "image_size"),
+                      patch_size=_scalar(image_hf.get("patch_size", 16), "patch_size"),
+                      num_channels=image_hf.get("num_channels", 3),
+                      vocab_size=image_hf.get("vocab_size", 8192))
+  text = TextConfig(**_encoder_fields(text_hf, "text_config"),
+                    vocab_size=text_hf.get("vocab_size", 30522),
+                    max_position_embeddings=text_hf.get("max_position_embeddings", 512),
+                    type_vocab_size=text_hf.get("type_vocab_size", 2),
+                    pad_token_id=text_hf.get("pad_token_id", 0) or 0)
+  multimodal = MultimodalConfig(**_encoder_fields(mm_hf, "multimodal_config"))
+  config = FlavaConfig(image=image, text=text, multimodal=multimodal,
+                       projection_dim=hf.get("projection_dim", 768),
+                       logit_scale_init=hf.get("logit_scale_init_value", 2.6592),
+                       pretraining_heads=pretraining_heads,
+                       initializer_range=hf.get("initializer_range", 0.02)).validate()
+  if pretraining_heads:
+    sizes = {"hidden_size": hf.get("hidden_size", 768), "image_config.hidden_size":
+             image.hidden_size, "text_config.hidden_size": text.hidden_size,
+             "multimodal_config.hidden_size": multimodal.hidden_size}
+    if len(set(sizes.values())) != 1:
+      raise ConversionError(f"the pretraining heads need equal hidden sizes, got {sizes}")
+  return config
+
+
+def _scalar(value: Any, name: str) -> int:
+  if isinstance(value, (list, tuple)):
+    if len(set(value)) != 1:
+      raise ConversionError(f"non-square image_config.{name}={value} is not supported")
+    value = value[0]
+  return int(value)
+
+
+def config_to_transformers(config: FlavaConfig, dvae_config: DVAEConfig | None = None):
+  """A transformers FlavaConfig equivalent to ours."""
+  from transformers import FlavaConfig as HFFlavaConfig  # pylint: disable=import-outside-toplevel
+
+  def encoder(c):
+    return dict(hidden_size=c.hidden_size, num_hidden_layers=c.num_layers,
+                num_attention_heads=c.num_heads, intermediate_size=c.mlp_dim, hidden_act="gelu",
+                layer_norm_eps=c.layer_norm_eps, qkv_bias=c.qkv_bias,
+                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                initializer_range=config.initializer_range)
+
+  img, txt = config.image, config.text
+  kwargs = dict(
+      image_config=dict(encoder(img), image_size=img.image_size, patch_size=img.patch_size,
+                        num_channels=img.num_channels, mask_token=True, vocab_size=img.vocab_size),
+      text_config=dict(encoder(txt), vocab_size=txt.vocab_size,
+                       max_position_embeddings=txt.max_position_embeddings,
+                       type_vocab_size=txt.type_vocab_size, pad_token_id=txt.pad_token_id),
+      multimodal_config=dict(encoder(config.multimodal), use_cls_token=True),
+      hidden_size=config.multimodal.hidden_size, projection_dim=config.projection_dim,
+      logit_scale_init_value=config.logit_scale_init,
+      initializer_range=config.initializer_range, init_codebook=dvae_config is not None)
+  if dvae_config is not None:
+    kwargs["image_codebook_config"] = dict(
+        hidden_size=dvae_config.hidden_size, num_groups=dvae_config.num_groups,
+        num_blocks_per_group=dvae_config.blocks_per_group, vocab_size=dvae_config.vocab_size,
+        input_channels=dvae_config.input_channels)
+  hf = HFFlavaConfig(**kwargs)
+  hf.architectures = ["FlavaForPreTraining" if config.pretraining_heads else "FlavaModel"]
+  return hf
+
+
+def dvae_config_from_transformers(hf: Mapping[str, Any]) -> DVAEConfig:
+  return DVAEConfig(hidden_size=hf.get("hidden_size", 256), num_groups=hf.get("num_groups", 4),
+                    blocks_per_group=hf.get("num_blocks_per_group", 2),
+                    vocab_size=hf.get("vocab_size", 8192),
+                    input_channels=hf.get("input_channels", 3), decoder=False).validate()
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API.
+
+
+def _abstract(init_fn: Callable[[], Any]) -> Any:
+  return jax.eval_shape(init_fn)
+
+
+def _resolve_head_aliases(state: dict[str, Array]) -> None:
+  """Older checkpoints store each head's decoder bias twice (`X.bias` tied to `X.decoder.bias`)."""
+  for head in HEAD_NAMES:
+    alias, key = f"{head}.bias", f"{head}.decoder.bias"
+    if alias not in state:
+      continue
+    if key not in state:
+      state[key] = state.pop(alias)
+    elif np.array_equal(state[alias], state[key]):
+      del state[alias]
+    else:
+      raise ConversionError(f"{alias} and {key} are tied in transformers but differ in the source")
+
+
+def from_transformers(src: Any, dtype: str = "float32", **config_overrides: Any
+                      ) -> tuple[FlavaModel, dict]:
+  """(model, params) from a transformers FLAVA: a save_pretrained directory or a model object.
+
+  FlavaForPreTraining sources give a model with all pretraining heads; FlavaModel sources give the
+  backbone only (model.pretraining_heads=False). Weights of the image codebook inside a
+  FlavaForPreTraining are left to `dvae_from_transformers`. `dtype` and `config_overrides` (e.g.
+  attention_impl="cudnn", remat_policy="dots") change how the model computes, not its weights.
+  """
+  hf_config, state = transformers_io.load_source(src)
+  model_type = hf_config.get("model_type", "flava")
+  if model_type != "flava":
+    raise ConversionError(f"expected a FLAVA model (model_type 'flava'), got {model_type!r}")
+  pretraining = any(k.startswith(PRETRAINING_PREFIX) for k in state)
+  prefix = PRETRAINING_PREFIX if pretraining else ""
+  if pretraining:
+    _resolve_head_aliases(state)
+  config = config_from_transformers(hf_config, pretraining_heads=pretraining)
+  config = config.replace(dtype=dtype, **config_overrides)
+  model = FlavaModel(config)
+  expected = _abstract(lambda: init_params(model, jax.random.key(0)))
+  params, used = _gather(flava_rules(config, prefix), state, expected, "from_transformers")
+  _check_unknown(state, used, [CODEBOOK_PREFIX] if pretraining else [], "from_transformers")
+  return model, jax.tree_util.tree_map(np.asarray, params)
+
+
+def to_transformers(model: FlavaModel, params: Mapping, dst: str, dvae: DVAE | None = None,
+                    dvae_params: Mapping | None = None) -> None:
+  """Writes `dst` so that transformers' FlavaForPreTraining.from_pretrained(dst) loads our weights.
+
+  A model without pretraining heads is written as a FlavaModel directory. With `dvae` and
+  `dvae_params` the image codebook (its encoder) is written too and `init_codebook` is set.
+  """
+  config = model.config
+  if (dvae is None) != (dvae_params is None):
+    raise ValueError("pass both dvae and dvae_params, or neither")
+  if dvae is not None and not config.pretraining_heads:
+    raise ValueError("an image codebook can only be written with a FlavaForPreTraining model")
+  prefix = PRETRAINING_PREFIX if config.pretraining_heads else ""
+  expected = _flatten(_abstract(lambda: init_params(model, jax.random.key(0))))
+  given = _flatten(params)
+  if set(expected) != set(given):
+    raise ValueError(
+        "params do not match the model: missing "
+        f"{sorted('/'.join(p) for p in set(expected) - set(given))[:10]}, unexpected "
+        f"{sorted('/'.join(p) for p in set(given) - set(expected))[:10]}")
+  state = _scatter(flava_rules(config, prefix), params)
+  if dvae is not None:
+    enc_params = {"encoder": dvae_params["encoder"]}
+    state.update(_scatter(dvae_rules(dvae.config, CODEBOOK_PREFIX), enc_params))
+  hf_config = config_to_transformers(config, dvae.config if dvae is not None else None)
+  transformers_io.write_directory(dst, hf_config, state)
+
+
+def dvae_from_transformers(src: Any, dtype: str = "float32") -> tuple[DVAE, dict]:
+  """(dvae, params) from a FlavaImageCodebook, or from the codebook inside a FlavaForPreTraining.
+
+  The result has the encoder only (config.decoder=False): transformers ships no decoder.
+  """
+  hf_config, state = transformers_io.load_source(src)
+  model_type = hf_config.get("model_type")
+  if model_type == "flava":
+    if not any(k.startswith(CODEBOOK_PREFIX) for k in state):
+      raise ConversionError("this FLAVA checkpoint holds no image codebook (init_codebook=False)")
+    hf_codebook = hf_config.get("image_codebook_config") or {}
+    prefix = CODEBOOK_PREFIX
+    state = {k: v for k, v in state.items() if k.startswith(CODEBOOK_PREFIX)}
+  elif model_type == "flava_image_codebook":
+    hf_codebook, prefix = hf_config, ""
+  else:
+    raise ConversionError(
+        f"expected a FlavaImageCodebook or FlavaForPreTraining, got model_type {model_type!r}")
+  config = dataclasses.replace(dvae_config_from_transformers(hf_codebook), dtype=dtype)
+  model = DVAE(config)
+  expected = _abstract(lambda: init_dvae_params(model, jax.random.key(0)))
+  params, used = _gather(dvae_rules(config, prefix), state, expected, "dvae_from_transformers")
+  _check_unknown(state, used, [], "dvae_from_transformers")
+  return model, jax.tree_util.tree_map(np.asarray, params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+
+def main(argv: Sequence[str]) -> None:
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from flava_jax import checkpoint  # pylint: disable=import-outside-toplevel
+
+  del argv
+  f = flags.FLAGS
+  if bool(f.from_transformers) == bool(f.to_transformers):
+    raise SystemExit("give exactly one of --from_transformers=DIR or --to_transformers=CKPT_DIR")
+  if not f.out:
+    raise SystemExit("--out is required")
+  if f.from_transformers:
+    model, params = from_transformers(f.from_transformers)
+    dvae = dvae_params = None
+    if model.config.pretraining_heads:
+      try:
+        dvae, dvae_params = dvae_from_transformers(f.from_transformers)
+      except ConversionError as e:
+        logging.info("no image codebook converted: %s", e)
+    checkpoint.save_model(f.out, model.config, params, dvae.config if dvae else None,
+                          dvae_params)
+    count = sum(np.size(x) for x in jax.tree_util.tree_leaves(params))
+    print(f"wrote {f.out}: FLAVA with {count:,} parameters"
+          + (", pretraining heads" if model.config.pretraining_heads else ", no heads")
+          + (", dVAE encoder" if dvae else ""))
+  else:
+    loaded = checkpoint.load_model(f.to_transformers)
+    to_transformers(loaded.model, loaded.params, f.out, loaded.dvae, loaded.dvae_params)
+    print(f"wrote {f.out}: loadable with transformers' "
+          + ("FlavaForPreTraining" if loaded.model.config.pretraining_heads else "FlavaModel")
+          + ".from_pretrained")
+
+
+def _define_flags() -> None:
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  flags.DEFINE_string("from_transformers", None,
+                      "a transformers save_pretrained directory (FlavaForPreTraining/FlavaModel)")
+  flags.DEFINE_string("to_transformers", None, "a flava_jax model checkpoint directory")
+  flags.DEFINE_string("out", None, "output directory")
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=import-outside-toplevel
+  _define_flags()
+  app.run(main)
