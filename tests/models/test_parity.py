@@ -1,0 +1,195 @@
+"""Our FLAVA computes what transformers' FLAVA computes, on converted weights (float32)."""
+
+import numpy as np
+import pytest
+import torch
+import jax.numpy as jnp
+
+import flava_jax
+from transformers import FlavaConfig, FlavaForPreTraining, FlavaModel
+
+
+def _inputs(hf_config, batch=3, length=9, seed=0, image_size=None):
+  rng = np.random.default_rng(seed)
+  img = hf_config.image_config
+  size = image_size or img.image_size
+  pixels = rng.normal(size=(batch, img.num_channels, size, size)).astype(np.float32)
+  ids = rng.integers(1, hf_config.text_config.vocab_size, size=(batch, length))
+  mask = np.ones((batch, length), np.int64)
+  mask[1, length // 2:] = 0  # padded rows
+  mask[-1, 2:] = 0
+  ids = ids * mask  # pad id 0 on padding
+  ids_masked = ids.copy()
+  ids_masked[:, 1] = 3
+  num_patches = (size // img.patch_size) ** 2
+  masked_pos = rng.random((batch, num_patches)) < 0.4
+  return dict(pixels=pixels, ids=ids, mask=mask, ids_masked=ids_masked, masked_pos=masked_pos)
+
+
+def _nhwc(pixels):
+  return jnp.asarray(pixels.transpose(0, 2, 3, 1))
+
+
+def _np(x):
+  return x.detach().numpy() if hasattr(x, "detach") else np.asarray(x)
+
+
+def _assert_close(ours, theirs, tol, what):
+  ours, theirs = _np(ours), _np(theirs)
+  assert ours.shape == theirs.shape, (what, ours.shape, theirs.shape)
+  err = float(np.max(np.abs(ours - theirs)))
+  assert err <= tol, f"{what}: max abs error {err:.3g} > {tol}"
+
+
+def _check_against_reference(hf_model, model, params, inputs, tol):
+  """Every encoder state, pooled output, embedding and head logit, paired and unimodal."""
+  x = inputs
+  t = {k: torch.tensor(v) for k, v in x.items()}
+  apply = lambda *a, **k: model.apply({"params": params}, *a, **k)  # noqa: E731
+  with torch.no_grad():
+    paired = hf_model(input_ids=t["ids"], input_ids_masked=t["ids_masked"],
+                      pixel_values=t["pixels"], attention_mask=t["mask"],
+                      bool_masked_pos=t["masked_pos"], return_loss=False,
+                      skip_unmasked_multimodal_encoder=True)
+    image_only = hf_model(pixel_values=t["pixels"], bool_masked_pos=t["masked_pos"],
+                          return_loss=False)
+    text_only = hf_model(input_ids=t["ids"], input_ids_masked=t["ids_masked"],
+                         attention_mask=t["mask"], return_loss=False)
+    flava = hf_model.flava
+    image_embedding = torch.nn.functional.normalize(
+        flava.image_projection(paired.image_embeddings[:, 0]), dim=-1)
+    text_embedding = torch.nn.functional.normalize(
+        flava.text_projection(paired.text_embeddings[:, 0]), dim=-1)
+
+  ours = apply(_nhwc(x["pixels"]), jnp.asarray(x["ids"]), jnp.asarray(x["mask"]),
+               bool_masked_pos=jnp.asarray(x["masked_pos"]),
+               input_ids_masked=jnp.asarray(x["ids_masked"]))
+  # Unmasked encoders: final-LN states, pre-LN last block output, pooler.
+  for name, mine, ref in [("image", ours.image, paired.image_output),
+                          ("text", ours.text, paired.text_output),
+                          ("image_masked", ours.image_masked, paired.image_masked_output),
+                          ("text_masked", ours.text_masked, paired.text_masked_output),
+                          ("multimodal", ours.multimodal_masked,
+                           paired.multimodal_masked_output)]:
+    _assert_close(mine.last_hidden_state, ref.last_hidden_state, tol, name + " last_hidden_state")
+    _assert_close(mine.pooled, ref.pooler_output, tol, name + " pooled")
+    if ref.hidden_states is not None:
+      _assert_close(mine.hidden_state, ref.hidden_states[-1], tol, name + " pre-LN hidden")
+  _assert_close(ours.image_embedding, image_embedding, tol, "image contrastive embedding")
+  _assert_close(ours.text_embedding, text_embedding, tol, "text contrastive embedding")
+  _assert_close(ours.logit_scale, flava.logit_scale, 0, "logit_scale")
+  _assert_close(ours.itm_logits, paired.itm_logits, tol, "itm logits")
+  _assert_close(ours.mmm_image_logits, paired.mmm_image_logits, tol, "mmm_image logits")
+  _assert_close(ours.mmm_text_logits, paired.mmm_text_logits, tol, "mmm_text logits")
+
+  mim = apply(_nhwc(x["pixels"]), bool_masked_pos=jnp.asarray(x["masked_pos"])).mim_logits
+  # Without labels the reference applies the MIM head to [CLS_I] too; ours covers the patches.
+  _assert_close(mim, image_only.mim_logits[:, 1:], tol, "mim logits")
+  mlm = apply(input_ids=jnp.asarray(x["ids"]), attention_mask=jnp.asarray(x["mask"]),
+              input_ids_masked=jnp.asarray(x["ids_masked"])).mlm_logits
+  _assert_close(mlm, text_only.mlm_logits, tol, "mlm logits")
+
+  # The notebook-facing methods agree with the forward.
+  _assert_close(apply(_nhwc(x["pixels"]), method="image_embedding"), image_embedding, tol,
+                "method image_embedding")
+  _assert_close(apply(jnp.asarray(x["ids"]), jnp.asarray(x["mask"]), method="text_embedding"),
+                text_embedding, tol, "method text_embedding")
+  _assert_close(apply(_nhwc(x["pixels"]), method="encode_image"),
+                paired.image_embeddings, tol, "method encode_image")
+  _assert_close(apply(jnp.asarray(x["ids"]), jnp.asarray(x["mask"]), method="encode_text"),
+                paired.text_embeddings, tol, "method encode_text")
+  image_hidden = apply(_nhwc(x["pixels"]), jnp.asarray(x["masked_pos"]),
+                       method="image_outputs").hidden_state
+  text_hidden = apply(jnp.asarray(x["ids_masked"]), jnp.asarray(x["mask"]),
+                      method="text_outputs").hidden_state
+  mm = apply(image_hidden, text_hidden, jnp.asarray(x["mask"]), method="encode_multimodal")
+  _assert_close(mm, paired.multimodal_masked_embeddings, tol, "method encode_multimodal")
+  _assert_close(apply(mm, method="itm_logits"), paired.itm_logits, tol, "method itm_logits")
+
+
+def test_tiny_parity_from_directory(tiny_hf_pretraining, tiny_hf_dir):
+  model, params = flava_jax.from_transformers(tiny_hf_dir)
+  assert model.config.pretraining_heads
+  inputs = _inputs(tiny_hf_pretraining.config)
+  _check_against_reference(tiny_hf_pretraining, model, params, inputs, tol=1e-5)
+
+
+def test_tiny_parity_from_model_object(tiny_hf_pretraining):
+  model, params = flava_jax.from_transformers(tiny_hf_pretraining)
+  inputs = _inputs(tiny_hf_pretraining.config, batch=2, length=5, seed=1)
+  _check_against_reference(tiny_hf_pretraining, model, params, inputs, tol=1e-5)
+
+
+def test_tiny_flava_model_source_has_no_heads(tiny_hf_pretraining, tmp_path):
+  backbone = FlavaModel(tiny_hf_pretraining.config).eval()
+  backbone.load_state_dict(tiny_hf_pretraining.flava.state_dict())
+  backbone.save_pretrained(tmp_path)
+  model, params = flava_jax.from_transformers(str(tmp_path))
+  assert not model.config.pretraining_heads
+  assert "mim_head" not in params and "itm_head" not in params
+  x = _inputs(tiny_hf_pretraining.config, batch=2)
+  with torch.no_grad():
+    ref = backbone(input_ids=torch.tensor(x["ids"]), pixel_values=torch.tensor(x["pixels"]),
+                   attention_mask=torch.tensor(x["mask"]))
+  out = model.apply({"params": params}, _nhwc(x["pixels"]), jnp.asarray(x["ids"]),
+                    jnp.asarray(x["mask"]))
+  _assert_close(out.image.last_hidden_state, ref.image_embeddings, 1e-5, "image")
+  _assert_close(out.text.last_hidden_state, ref.text_embeddings, 1e-5, "text")
+  _assert_close(out.multimodal_masked.last_hidden_state, ref.multimodal_embeddings, 1e-5, "mm")
+  assert out.itm_logits is None
+  with pytest.raises(ValueError, match="pretraining_heads=False"):
+    model.apply({"params": params}, out.multimodal_masked.last_hidden_state, method="itm_logits")
+
+
+def test_position_embeddings_interpolate_like_reference(tiny_hf_pretraining):
+  """Images larger than the configured size: bicubic interpolation as transformers does it."""
+  model, params = flava_jax.from_transformers(tiny_hf_pretraining)
+  for size in (48, 24):
+    x = _inputs(tiny_hf_pretraining.config, batch=2, image_size=size)
+    with torch.no_grad():
+      ref = tiny_hf_pretraining.flava.image_model(torch.tensor(x["pixels"]),
+                                                  interpolate_pos_encoding=True)
+    ours = model.apply({"params": params}, _nhwc(x["pixels"]), method="encode_image")
+    _assert_close(ours, ref.last_hidden_state, 1e-5, f"image at {size}px")
+
+
+@pytest.fixture(scope="module")
+def full_hf_pretraining():
+  """FLAVA-full sizes (transformers' default FlavaConfig), random weights, no codebook."""
+  torch.manual_seed(0)
+  from conftest import randomize_  # pylint: disable=import-outside-toplevel
+  model = FlavaForPreTraining(FlavaConfig(init_codebook=False)).eval()
+  return randomize_(model, seed=1)
+
+
+def test_full_parity(full_hf_pretraining):
+  model, params = flava_jax.from_transformers(full_hf_pretraining)
+  cfg = model.config
+  assert (cfg.image.hidden_size, cfg.image.num_layers, cfg.text.num_layers,
+          cfg.multimodal.num_layers, cfg.image.num_patches) == (768, 12, 12, 6, 196)
+  inputs = _inputs(full_hf_pretraining.config, batch=2, length=12)
+  _check_against_reference(full_hf_pretraining, model, params, inputs, tol=1e-4)
+
+
+def _relative_error(a, b):
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("which", ["tiny", "full"])
+def test_bfloat16_compute_agrees_with_float32(which, tiny_hf_pretraining, request):
+  hf = tiny_hf_pretraining if which == "tiny" else request.getfixturevalue("full_hf_pretraining")
+  model32, params = flava_jax.from_transformers(hf)
+  model16 = flava_jax.FlavaModel(model32.config.replace(dtype="bfloat16"))
+  x = _inputs(hf.config, batch=2, length=8)
+  args = (_nhwc(x["pixels"]), jnp.asarray(x["ids"]), jnp.asarray(x["mask"]))
+  out32 = model32.apply({"params": params}, *args)
+  out16 = model16.apply({"params": params}, *args)
+  assert out16.image.last_hidden_state.dtype == jnp.bfloat16
+  assert out16.image_embedding.dtype == jnp.float32  # normalised in float32
+  for name in ("image_embedding", "text_embedding"):
+    err = _relative_error(getattr(out16, name), getattr(out32, name))
+    assert err <= 2e-2, f"{which} {name}: bf16 relative error {err:.3g}"
+  err = _relative_error(out16.multimodal_masked.last_hidden_state,
+                        out32.multimodal_masked.last_hidden_state)
+  assert err <= 2e-2, f"{which} multimodal states: bf16 relative error {err:.3g}"
