@@ -381,6 +381,13 @@ def _abstract(init_fn: Callable[[], Any]) -> Any:
   return jax.eval_shape(init_fn)
 
 
+def _load(src: Any, model_types: tuple[str, ...]) -> tuple[dict, dict]:
+  try:
+    return transformers_io.load_source(src, model_types)
+  except ValueError as e:
+    raise ConversionError(str(e)) from e
+
+
 def _resolve_head_aliases(state: dict[str, Array]) -> None:
   """Older checkpoints store each head's decoder bias twice (`X.bias` tied to `X.decoder.bias`)."""
   for head in HEAD_NAMES:
@@ -404,10 +411,7 @@ def from_transformers(src: Any, dtype: str = "float32", **config_overrides: Any
   FlavaForPreTraining are left to `dvae_from_transformers`. `dtype` and `config_overrides` (e.g.
   attention_impl="cudnn", remat_policy="dots") change how the model computes, not its weights.
   """
-  hf_config, state = transformers_io.load_source(src)
-  model_type = hf_config.get("model_type", "flava")
-  if model_type != "flava":
-    raise ConversionError(f"expected a FLAVA model (model_type 'flava'), got {model_type!r}")
+  hf_config, state = _load(src, ("flava",))
   pretraining = any(k.startswith(PRETRAINING_PREFIX) for k in state)
   prefix = PRETRAINING_PREFIX if pretraining else ""
   if pretraining:
@@ -454,19 +458,15 @@ def dvae_from_transformers(src: Any, dtype: str = "float32") -> tuple[DVAE, dict
 
   The result has the encoder only (config.decoder=False): transformers ships no decoder.
   """
-  hf_config, state = transformers_io.load_source(src)
-  model_type = hf_config.get("model_type")
-  if model_type == "flava":
+  hf_config, state = _load(src, ("flava", "flava_image_codebook"))
+  if hf_config["model_type"] == "flava":
     if not any(k.startswith(CODEBOOK_PREFIX) for k in state):
       raise ConversionError("this FLAVA checkpoint holds no image codebook (init_codebook=False)")
     hf_codebook = hf_config.get("image_codebook_config") or {}
     prefix = CODEBOOK_PREFIX
     state = {k: v for k, v in state.items() if k.startswith(CODEBOOK_PREFIX)}
-  elif model_type == "flava_image_codebook":
-    hf_codebook, prefix = hf_config, ""
   else:
-    raise ConversionError(
-        f"expected a FlavaImageCodebook or FlavaForPreTraining, got model_type {model_type!r}")
+    hf_codebook, prefix = hf_config, ""
   config = dataclasses.replace(dvae_config_from_transformers(hf_codebook), dtype=dtype)
   model = DVAE(config)
   expected = _abstract(lambda: init_dvae_params(model, jax.random.key(0)))

@@ -89,16 +89,26 @@ def read_config(directory: str) -> dict[str, Any]:
     return json.load(f)
 
 
-def load_source(src: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-  """(config dict, state dict) from a directory or an in-memory transformers model."""
+def load_source(src: Any, model_types: tuple[str, ...]
+                ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """(config dict, state dict) from a directory or an in-memory transformers model.
+
+  The config's model_type must be one of `model_types` (checked before any weight is read).
+  """
+  def check(config):
+    model_type = config.get("model_type")
+    if model_type not in model_types:
+      raise ValueError(f"expected model_type {' or '.join(map(repr, model_types))}, got "
+                       f"{model_type!r}")
+    return config
+
   if isinstance(src, (str, os.PathLike)):
     directory = os.fspath(src)
     if not os.path.isdir(directory):
       raise FileNotFoundError(f"{directory} is not a directory")
-    return read_config(directory), read_state_dict(directory)
+    return check(read_config(directory)), read_state_dict(directory)
   if hasattr(src, "state_dict") and hasattr(src, "config"):
-    config = src.config.to_dict()
-    config.setdefault("architectures", [type(src).__name__])
+    config = check(src.config.to_dict())
     config["architectures"] = [type(src).__name__]
     return config, {k: _to_float32(v) for k, v in src.state_dict().items()}
   raise TypeError(

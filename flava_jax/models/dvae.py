@@ -160,5 +160,5 @@ class DVAE(nn.Module):
 
 def init_dvae_params(model: DVAE, rng: Array, image_size: int = 32, boxed: bool = False):
   pixels = jnp.zeros((1, image_size, image_size, model.config.input_channels), jnp.float32)
-  params = model.init(rng, pixels)["params"]
+  params = jax.jit(model.init)(rng, pixels)["params"]
   return params if boxed else nn.meta.unbox(params)

@@ -11,6 +11,7 @@ Images are NHWC floats (already normalised); text is int ids [B, L] with a {0,1}
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -230,7 +231,8 @@ def dummy_inputs(config: FlavaConfig, batch_size: int = 1, text_length: int = 8
 
 def init_params(model: FlavaModel, rng: Array, boxed: bool = False) -> Any:
   """Random parameters. boxed=True keeps flax's logical-partitioning metadata on each leaf."""
-  params = model.init(rng, **dummy_inputs(model.config), method=FlavaModel.initialize)["params"]
+  init = jax.jit(functools.partial(model.init, method=FlavaModel.initialize))
+  params = init(rng, **dummy_inputs(model.config))["params"]
   return params if boxed else nn.meta.unbox(params)
 
 

@@ -1,0 +1,163 @@
+"""Converters: round trips are bit-exact, bad sources fail by name, the command line works."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+from transformers import FlavaForPreTraining
+
+import flava_jax
+from flava_jax import checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _leaves(tree):
+  return {jax.tree_util.keystr(path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _assert_bit_exact(a, b):
+  la, lb = _leaves(a), _leaves(b)
+  assert la.keys() == lb.keys()
+  for key in la:
+    assert la[key].dtype == lb[key].dtype and la[key].shape == lb[key].shape, key
+    np.testing.assert_array_equal(la[key], lb[key], err_msg=key)
+
+
+def _tiny_model():
+  config = flava_jax.FlavaConfig.from_dict({
+      "image": dict(hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64, image_size=32,
+                    patch_size=8, vocab_size=64),
+      "text": dict(hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64, vocab_size=100,
+                   max_position_embeddings=40),
+      "multimodal": dict(hidden_size=32, num_layers=1, num_heads=4, mlp_dim=64),
+      "projection_dim": 16})
+  model = flava_jax.FlavaModel(config)
+  params = flava_jax.init_params(model, jax.random.key(7))
+  # Move every leaf off its init value (zeros/ones) so the round trip is a real test.
+  rng = np.random.default_rng(8)
+  return model, jax.tree_util.tree_map(
+      lambda x: np.asarray(x) + rng.normal(0, 0.05, x.shape).astype(np.float32), params)
+
+
+def test_round_trip_ours_to_transformers_to_ours_is_bit_exact(tmp_path):
+  model, params = _tiny_model()
+  flava_jax.to_transformers(model, params, str(tmp_path))
+  hf, info = FlavaForPreTraining.from_pretrained(str(tmp_path), output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"], info
+  assert hf.image_codebook is None  # no dVAE given: init_codebook=False
+  back_model, back = flava_jax.from_transformers(str(tmp_path))
+  assert back_model.config == model.config
+  _assert_bit_exact(params, back)
+
+  # transformers computes the same as we do on our weights.
+  rng = np.random.default_rng(0)
+  pixels = rng.normal(size=(2, 32, 32, 3)).astype(np.float32)
+  ids = rng.integers(1, 100, size=(2, 6))
+  mask = np.array([[1] * 6, [1] * 3 + [0] * 3])
+  ours = jax.jit(lambda p, *a: model.apply({"params": p}, *a))(
+      params, jnp.asarray(pixels), jnp.asarray(ids), jnp.asarray(mask))
+  with torch.no_grad():
+    ref = hf.eval()(pixel_values=torch.tensor(pixels.transpose(0, 3, 1, 2)),
+                    input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                    return_loss=False)
+  np.testing.assert_allclose(np.asarray(ours.itm_logits), ref.itm_logits.numpy(), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(ours.mmm_text_logits), ref.mmm_text_logits.numpy(),
+                             atol=1e-5)
+
+
+def test_round_trip_from_transformers_weights_identical(tiny_hf_pretraining, tmp_path):
+  model, params = flava_jax.from_transformers(tiny_hf_pretraining)
+  dvae, dvae_params = flava_jax.dvae_from_transformers(tiny_hf_pretraining)
+  flava_jax.to_transformers(model, params, str(tmp_path), dvae, dvae_params)
+  hf = FlavaForPreTraining.from_pretrained(str(tmp_path))
+  theirs = tiny_hf_pretraining.state_dict()
+  for key, value in hf.state_dict().items():
+    np.testing.assert_array_equal(value.numpy(), theirs[key].numpy(), err_msg=key)
+  assert set(hf.state_dict()) == set(theirs)
+
+
+def _edit_weights(src_dir, dst_dir, edit):
+  os.makedirs(dst_dir, exist_ok=True)
+  for name in os.listdir(src_dir):
+    if name != "model.safetensors":
+      with open(os.path.join(src_dir, name), "rb") as f, open(os.path.join(dst_dir, name), "wb") as g:
+        g.write(f.read())
+  state = load_file(os.path.join(src_dir, "model.safetensors"))
+  edit(state)
+  save_file(state, os.path.join(dst_dir, "model.safetensors"), metadata={"format": "pt"})
+  return str(dst_dir)
+
+
+def test_missing_weight_is_named(tiny_hf_dir, tmp_path):
+  key = "flava.text_model.encoder.layer.1.attention.attention.key.bias"
+  src = _edit_weights(tiny_hf_dir, tmp_path / "m", lambda s: s.pop(key))
+  with pytest.raises(flava_jax.ConversionError, match="missing.*" + key.replace(".", r"\.")):
+    flava_jax.from_transformers(src)
+
+
+def test_unknown_weight_is_named(tiny_hf_dir, tmp_path):
+  src = _edit_weights(tiny_hf_dir, tmp_path / "u",
+                      lambda s: s.update({"flava.extra_adapter.weight": np.zeros(3, np.float32)}))
+  with pytest.raises(flava_jax.ConversionError, match=r"flava\.extra_adapter\.weight"):
+    flava_jax.from_transformers(src)
+
+
+def test_misshapen_weight_is_named(tiny_hf_dir, tmp_path):
+  key = "flava.text_projection.weight"
+  src = _edit_weights(tiny_hf_dir, tmp_path / "s",
+                      lambda s: s.update({key: np.zeros((24, 30), np.float32)}))
+  with pytest.raises(flava_jax.ConversionError, match=r"text_projection.*\(24, 30\)|shape"):
+    flava_jax.from_transformers(src)
+
+
+def test_legacy_tied_head_bias_is_accepted(tiny_hf_dir, tmp_path):
+  """Older checkpoints store `mim_head.bias` beside `mim_head.decoder.bias`."""
+  def add_alias(state):
+    state["mim_head.bias"] = state["mim_head.decoder.bias"].copy()
+    state["mlm_head.bias"] = state.pop("mlm_head.decoder.bias")
+    state["flava.text_model.embeddings.position_ids"] = np.arange(40)[None]
+  src = _edit_weights(tiny_hf_dir, tmp_path / "legacy", add_alias)
+  _, params = flava_jax.from_transformers(src)
+  _, reference = flava_jax.from_transformers(tiny_hf_dir)
+  _assert_bit_exact(params, reference)
+
+
+def test_wrong_source_kind_is_clear(tmp_path):
+  with pytest.raises(FileNotFoundError, match="not a directory"):
+    flava_jax.from_transformers(str(tmp_path / "nope"))
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+  with pytest.raises(flava_jax.ConversionError, match="model_type"):
+    flava_jax.from_transformers(str(tmp_path))
+
+
+def test_command_line_both_ways(tiny_hf_pretraining, tiny_hf_dir, tmp_path):
+  ckpt, back = tmp_path / "ckpt", tmp_path / "back"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  run = lambda *args: subprocess.run(  # noqa: E731
+      [sys.executable, "-m", "flava_jax.convert", *args], cwd=REPO, env=env,
+      capture_output=True, text=True, check=True)
+  out = run(f"--from_transformers={tiny_hf_dir}", f"--out={ckpt}")
+  assert "pretraining heads" in out.stdout and "dVAE encoder" in out.stdout
+  loaded = checkpoint.load_model(str(ckpt))
+  _, params = flava_jax.from_transformers(tiny_hf_dir)
+  _assert_bit_exact(loaded.params, params)
+  assert loaded.dvae is not None and not loaded.dvae.config.decoder
+
+  run(f"--to_transformers={ckpt}", f"--out={back}")
+  hf = FlavaForPreTraining.from_pretrained(str(back))
+  theirs = tiny_hf_pretraining.state_dict()
+  for key, value in hf.state_dict().items():
+    np.testing.assert_array_equal(value.numpy(), theirs[key].numpy(), err_msg=key)
+
+  with pytest.raises(subprocess.CalledProcessError) as err:
+    run(f"--from_transformers={tiny_hf_dir}", f"--out={ckpt}")
+  assert "already holds a model" in err.value.stderr
