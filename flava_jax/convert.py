@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from flava_jax.models.config import (
-    DVAEConfig, FlavaConfig, ImageConfig, MultimodalConfig, TextConfig)
+    DVAEConfig, EncoderConfig, FlavaConfig, ImageConfig, MultimodalConfig, TextConfig)
 from flava_jax.models.dvae import DVAE, init_dvae_params
 from flava_jax.models.flava import FlavaModel, init_params
 from flava_jax import transformers_io
@@ -113,24 +113,27 @@ def _norm(path: tuple[str, ...], key: str) -> list[_Rule]:
   return [_Rule(path + ("scale",), (key + ".weight",)), _Rule(path + ("bias",), (key + ".bias",))]
 
 
-def _encoder_rules(path: tuple[str, ...], key: str, num_layers: int, heads: int) -> list[_Rule]:
+def _encoder_rules(path: tuple[str, ...], key: str, config: EncoderConfig) -> list[_Rule]:
+  heads = config.num_heads
   layer = key + ".encoder.layer.{i}."
   p = path + ("encoder", "layers")
   attn = layer + "attention.attention."
   rules = [
-      _Rule(p + ("attention", "qkv", "kernel"),
+      _Rule(p + ("attention", "qkv_kernel"),
             tuple(attn + n + ".weight" for n in ("query", "key", "value")), _qkv_kernel(heads)),
-      _Rule(p + ("attention", "qkv", "bias"),
-            tuple(attn + n + ".bias" for n in ("query", "key", "value")), _qkv_bias(heads)),
-      _Rule(p + ("attention", "out", "kernel"), (layer + "attention.output.dense.weight",),
+      _Rule(p + ("attention", "out_kernel"), (layer + "attention.output.dense.weight",),
             _out_kernel(heads)),
-      _Rule(p + ("attention", "out", "bias"), (layer + "attention.output.dense.bias",)),
+      _Rule(p + ("attention", "out_bias"), (layer + "attention.output.dense.bias",)),
       *_linear(p + ("mlp", "wi"), layer + "intermediate.dense"),
       *_linear(p + ("mlp", "wo"), layer + "output.dense"),
       *_norm(p + ("norm_attn",), layer + "layernorm_before"),
       *_norm(p + ("norm_mlp",), layer + "layernorm_after"),
   ]
-  rules = [dataclasses.replace(r, layers=num_layers) for r in rules]
+  if config.qkv_bias:
+    rules.append(_Rule(p + ("attention", "qkv_bias"),
+                       tuple(attn + n + ".bias" for n in ("query", "key", "value")),
+                       _qkv_bias(heads)))
+  rules = [dataclasses.replace(r, layers=config.num_layers) for r in rules]
   rules += _norm(path + ("final_norm",), key + ".layernorm")
   rules += _linear(path + ("pooler", "dense"), key + ".pooler.dense")
   return rules
@@ -150,20 +153,19 @@ def flava_rules(config: FlavaConfig, prefix: str) -> list[_Rule]:
       _Rule(("image_encoder", "embeddings", "mask_token"), (emb + "mask_token",), _TOKEN),
       _Rule(("image_encoder", "embeddings", "pos_embed"), (emb + "position_embeddings",),
             _POSITIONS),
-      *_encoder_rules(("image_encoder",), prefix + "image_model", img.num_layers, img.num_heads),
+      *_encoder_rules(("image_encoder",), prefix + "image_model", img),
       _Rule(("text_encoder", "embeddings", "word_embed"), (temb + "word_embeddings.weight",)),
       _Rule(("text_encoder", "embeddings", "position_embed"),
             (temb + "position_embeddings.weight",)),
       _Rule(("text_encoder", "embeddings", "token_type_embed"),
             (temb + "token_type_embeddings.weight",)),
       *_norm(("text_encoder", "embeddings", "norm"), temb + "LayerNorm"),
-      *_encoder_rules(("text_encoder",), prefix + "text_model", txt.num_layers, txt.num_heads),
+      *_encoder_rules(("text_encoder",), prefix + "text_model", txt),
       *_linear(("multimodal_encoder", "image_to_mm"), prefix + "image_to_mm_projection"),
       *_linear(("multimodal_encoder", "text_to_mm"), prefix + "text_to_mm_projection"),
       _Rule(("multimodal_encoder", "cls_token"), (prefix + "multimodal_model.cls_token",),
             _TOKEN),
-      *_encoder_rules(("multimodal_encoder",), prefix + "multimodal_model", mm.num_layers,
-                      mm.num_heads),
+      *_encoder_rules(("multimodal_encoder",), prefix + "multimodal_model", mm),
       *_linear(("image_projection",), prefix + "image_projection"),
       *_linear(("text_projection",), prefix + "text_projection"),
       _Rule(("logit_scale",), (prefix + "logit_scale",)),

@@ -113,21 +113,26 @@ class SelfAttention(nn.Module):
   def __call__(self, x: Array, mask: Array | None) -> Array:
     cfg, dtype, pdtype = self.config, dtype_of(self.model.dtype), dtype_of(self.model.param_dtype)
     std = self.model.initializer_range
-    qkv = nn.DenseGeneral(
-        features=(3, cfg.num_heads, cfg.head_dim), use_bias=cfg.qkv_bias, dtype=dtype,
-        param_dtype=pdtype,
-        kernel_init=param_with_axes(dense_init(std), ("embed", "qkv", "heads", "head_dim")),
-        bias_init=param_with_axes(nn.initializers.zeros, ("qkv", "heads", "head_dim")),
-        name="qkv")(x)  # [B, T, 3, N, H]
+    qkv_kernel = self.param(
+        "qkv_kernel", param_with_axes(dense_init(std), ("embed", "qkv", "heads", "head_dim")),
+        (cfg.hidden_size, 3, cfg.num_heads, cfg.head_dim), pdtype)
+    qkv = jnp.einsum("btd,dknh->btknh", x.astype(dtype), qkv_kernel.astype(dtype))
+    if cfg.qkv_bias:
+      qkv_bias = self.param(
+          "qkv_bias", param_with_axes(nn.initializers.zeros, ("qkv", "heads", "head_dim")),
+          (3, cfg.num_heads, cfg.head_dim), pdtype)
+      qkv = qkv + qkv_bias.astype(dtype)  # [B, T, 3, N, H]
     query, key, value = (
         constrain(qkv[:, :, i], (BATCH, LENGTH, ACT_HEADS, ACT_HEAD_DIM)) for i in range(3))
     context = attention_kernel(query, key, value, mask, self.model.attention_impl)
     context = constrain(context, (BATCH, LENGTH, ACT_HEADS, ACT_HEAD_DIM))
-    return nn.DenseGeneral(
-        features=cfg.hidden_size, axis=(-2, -1), dtype=dtype, param_dtype=pdtype,
-        kernel_init=param_with_axes(dense_init(std), ("heads", "head_dim", "embed")),
-        bias_init=param_with_axes(nn.initializers.zeros, ("embed",)),
-        name="out")(context)
+    out_kernel = self.param(
+        "out_kernel", param_with_axes(dense_init(std), ("heads", "head_dim", "embed")),
+        (cfg.num_heads, cfg.head_dim, cfg.hidden_size), pdtype)
+    out_bias = self.param("out_bias", param_with_axes(nn.initializers.zeros, ("embed",)),
+                          (cfg.hidden_size,), pdtype)
+    out = jnp.einsum("btnh,nhd->btd", context, out_kernel.astype(dtype))
+    return out + out_bias.astype(dtype)
 
 
 class MLP(nn.Module):

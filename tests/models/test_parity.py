@@ -193,3 +193,15 @@ def test_bfloat16_compute_agrees_with_float32(which, tiny_hf_pretraining, reques
   err = _relative_error(out16.multimodal_masked.last_hidden_state,
                         out32.multimodal_masked.last_hidden_state)
   assert err <= 2e-2, f"{which} multimodal states: bf16 relative error {err:.3g}"
+
+
+def test_tiny_parity_without_qkv_bias():
+  from conftest import TINY_HF, randomize_  # pylint: disable=import-outside-toplevel
+  config = {k: (dict(v, qkv_bias=False) if k != "image_codebook_config" and isinstance(v, dict)
+                else v) for k, v in TINY_HF.items()}
+  torch.manual_seed(0)
+  hf = randomize_(FlavaForPreTraining(FlavaConfig(**config, init_codebook=False)).eval(), seed=5)
+  model, params = flava_jax.from_transformers(hf)
+  assert not model.config.text.qkv_bias
+  assert "qkv_bias" not in params["text_encoder"]["encoder"]["layers"]["attention"]
+  _check_against_reference(hf, model, params, _inputs(hf.config, batch=2), tol=1e-5)

@@ -1,0 +1,119 @@
+"""Configs: the variants build, wrong fields fail by name, every axis has a logical name."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flava_jax
+from configs import flava as flava_configs
+from flava_jax.models.dvae import init_dvae_params
+
+
+def test_full_config_has_the_flava_full_numbers():
+  config = flava_jax.FlavaConfig.from_dict(flava_configs.get_config("full").model)
+  img, txt, mm = config.image, config.text, config.multimodal
+  assert (img.image_size, img.patch_size, img.num_patches) == (224, 16, 196)
+  for enc in (img, txt):
+    assert (enc.hidden_size, enc.num_layers, enc.num_heads, enc.mlp_dim) == (768, 12, 12, 3072)
+    assert enc.layer_norm_eps == 1e-12 and enc.qkv_bias
+  assert (mm.hidden_size, mm.num_layers) == (768, 6)
+  assert (txt.vocab_size, txt.max_position_embeddings, txt.type_vocab_size) == (30522, 512, 2)
+  assert img.vocab_size == 8192 and config.projection_dim == 768
+  assert config.logit_scale_init == pytest.approx(np.log(1 / 0.07), abs=1e-4)
+  dvae = flava_jax.DVAEConfig.from_dict(flava_configs.get_config("full").dvae)
+  assert (dvae.hidden_size, dvae.vocab_size, dvae.blocks_per_group) == (256, 8192, 2)
+
+
+def test_default_variant_is_tiny():
+  assert flava_configs.get_config().variant == "tiny"
+  tiny = flava_jax.FlavaConfig.from_dict(flava_configs.get_config("tiny").model)
+  assert tiny.image.num_layers <= 2 and tiny.image.hidden_size <= 64
+  with pytest.raises(ValueError, match="unknown model variant"):
+    flava_configs.get_config("huge")
+
+
+@pytest.mark.parametrize("change, error, match", [
+    ({"image": {"hiden_size": 3}}, ValueError, r"model\.image\.hiden_size"),
+    ({"projection": 3}, ValueError, r"model\.projection"),
+    ({"text": {"num_layers": "12"}}, TypeError, r"model\.text\.num_layers"),
+    ({"pretraining_heads": 1}, TypeError, r"model\.pretraining_heads"),
+    ({"attention_impl": "flash"}, ValueError, r"model\.attention_impl"),
+    ({"remat_policy": "some"}, ValueError, r"model\.remat_policy"),
+    ({"multimodal": {"num_heads": 5}}, ValueError, r"model\.multimodal\.hidden_size"),
+    ({"image": {"image_size": 100}}, ValueError, r"model\.image\.image_size"),
+])
+def test_bad_fields_are_named(change, error, match):
+  values = flava_configs.get_config("tiny").model.to_dict()
+  for key, value in change.items():
+    if isinstance(value, dict) and isinstance(values.get(key), dict):
+      values[key] = {**values[key], **value}
+    else:
+      values[key] = value
+  with pytest.raises(error, match=match):
+    flava_jax.FlavaConfig.from_dict(values)
+
+
+def test_dvae_config_errors_are_named():
+  with pytest.raises(ValueError, match=r"dvae\.num_groups"):
+    flava_jax.DVAEConfig.from_dict({"num_groups": 3})
+  with pytest.raises(ValueError, match=r"dvae\.width"):
+    flava_jax.DVAEConfig.from_dict({"width": 3})
+
+
+def _rule_names(config):
+  return {name for name, _ in config.sharding.rules}
+
+
+@pytest.mark.parametrize("variant", ["tiny", "full"])
+def test_every_parameter_axis_has_a_logical_name_with_a_rule(variant):
+  config = flava_configs.get_config(variant)
+  model = flava_jax.FlavaModel(flava_jax.FlavaConfig.from_dict(config.model))
+  specs = flava_jax.logical_axes(model)
+  shapes = jax.eval_shape(lambda: flava_jax.init_params(model, jax.random.key(0)))
+  names = set()
+  for (path, spec), shape in zip(
+      jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+                                          or type(x).__name__ == "PartitionSpec"),
+      jax.tree_util.tree_leaves(shapes)):
+    assert len(spec) == len(shape.shape), (jax.tree_util.keystr(path), spec, shape.shape)
+    assert all(name is not None for name in spec), jax.tree_util.keystr(path)
+    names.update(spec)
+  assert names <= _rule_names(config), names - _rule_names(config)
+  assert {"embed", "mlp", "heads", "vocab", "layers"} <= names
+
+  dvae = flava_jax.DVAE(flava_jax.DVAEConfig.from_dict(config.dvae))
+  boxed = jax.eval_shape(lambda: init_dvae_params(dvae, jax.random.key(0), boxed=True))
+  for spec in jax.tree_util.tree_leaves(nn.get_partition_spec(boxed)):
+    assert all(name in _rule_names(config) for name in spec), spec
+
+
+def test_model_runs_sharded_by_the_config_rules():
+  """Parameters and activations sharded over an 8-device (data, fsdp, tensor) mesh by the
+  logical rules give the single-device result."""
+  config = flava_configs.get_config("tiny")
+  model = flava_jax.FlavaModel(flava_jax.FlavaConfig.from_dict(config.model))
+  params = flava_jax.init_params(model, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  pixels = jnp.asarray(rng.normal(size=(8, 64, 64, 3)), jnp.float32)
+  ids = jnp.asarray(rng.integers(1, 1024, size=(8, 16)))
+  mask = jnp.asarray(np.arange(16)[None] < rng.integers(3, 17, size=(8, 1)))
+
+  def forward(p, pixels, ids, mask):
+    out = model.apply({"params": p}, pixels, ids, mask)
+    return out.image_embedding, out.text_embedding, out.itm_logits, out.mmm_text_logits
+
+  expected = jax.jit(forward)(params, pixels, ids, mask)
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  rules = [tuple(r) for r in config.sharding.rules]
+  shardings = nn.logical_to_mesh_sharding(flava_jax.logical_axes(model), mesh, rules)
+  sharded_params = jax.device_put(params, shardings)
+  qkv = sharded_params["text_encoder"]["encoder"]["layers"]["attention"]["qkv_kernel"]
+  assert len(qkv.sharding.device_set) == 8 and not qkv.sharding.is_fully_replicated
+  batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    got = jax.jit(forward)(sharded_params, *(jax.device_put(x, batch) for x in (pixels, ids, mask)))
+  for g, e in zip(got, expected):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(e), atol=1e-5)
