@@ -28,22 +28,8 @@ TINY_HF = dict(
 
 
 def randomize_(model, seed: int = 0):
-  """Redraws every weight (biases, LayerNorms, [CLS]/[MASK]/position tokens included), so no
-  parameter sits at a zero/one initial value where a mapping mistake could hide."""
-  import torch  # pylint: disable=import-outside-toplevel
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      noise = torch.randn(p.shape, generator=gen)
-      if name.endswith("logit_scale"):
-        p.copy_(torch.tensor(2.3))
-      elif p.ndim >= 2 and p.shape[0] > 1:  # weight matrices and conv kernels: unit-variance out
-        p.copy_(noise / (p.numel() / p.shape[0]) ** 0.5)
-      elif "norm" in name.lower() and name.endswith("weight"):
-        p.copy_(1.0 + 0.1 * noise)
-      else:  # biases and [1, 1, D] tokens
-        p.copy_(0.1 * noise)
-  return model
+  from flava_jax.tools.parity import randomize_weights_  # pylint: disable=import-outside-toplevel
+  return randomize_weights_(model, seed)
 
 
 @pytest.fixture(scope="session")
