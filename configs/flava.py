@@ -11,44 +11,38 @@ DVAEConfig; `config.sharding` holds the mesh shape and the logical-axis rules.
 import ml_collections
 
 
+# Sizes per variant. full = FLAVA-full (transformers' FlavaConfig defaults); tiny = CPU tests and
+# the default run (64 px images -> a 4x4 patch grid, small vocabularies).
+_SIZES = {
+    "full": dict(width=768, heads=12, mlp=3072, image_layers=12, text_layers=12, fusion_layers=6,
+                 image_size=224, image_vocab=8192, text_vocab=30522, max_text=512,
+                 dtype="bfloat16"),
+    "tiny": dict(width=64, heads=4, mlp=128, image_layers=2, text_layers=2, fusion_layers=1,
+                 image_size=64, image_vocab=512, text_vocab=1024, max_text=128, dtype="float32"),
+}
+
+
 def model_config(arg: str) -> ml_collections.ConfigDict:
-  if arg == "full":
-    encoder = dict(hidden_size=768, num_heads=12, mlp_dim=3072, layer_norm_eps=1e-12,
-                   qkv_bias=True)
-    return ml_collections.ConfigDict(dict(
-        image=dict(encoder, num_layers=12, image_size=224, patch_size=16, num_channels=3,
-                   vocab_size=8192),
-        text=dict(encoder, num_layers=12, vocab_size=30522, max_position_embeddings=512,
-                  type_vocab_size=2, pad_token_id=0),
-        multimodal=dict(encoder, num_layers=6),
-        projection_dim=768,
-        logit_scale_init=2.6592,
-        pretraining_heads=True,
-        initializer_range=0.02,
-        dtype="bfloat16",
-        param_dtype="float32",
-        attention_impl="xla",
-        remat_policy="none",
-    ))
-  if arg == "tiny":
-    encoder = dict(hidden_size=64, num_heads=4, mlp_dim=128, layer_norm_eps=1e-12,
-                   qkv_bias=True)
-    return ml_collections.ConfigDict(dict(
-        image=dict(encoder, num_layers=2, image_size=64, patch_size=16, num_channels=3,
-                   vocab_size=512),
-        text=dict(encoder, num_layers=2, vocab_size=1024, max_position_embeddings=128,
-                  type_vocab_size=2, pad_token_id=0),
-        multimodal=dict(encoder, num_layers=1),
-        projection_dim=64,
-        logit_scale_init=2.6592,
-        pretraining_heads=True,
-        initializer_range=0.02,
-        dtype="float32",
-        param_dtype="float32",
-        attention_impl="xla",
-        remat_policy="none",
-    ))
-  raise ValueError(f"unknown model variant {arg!r}; use one of: full, tiny")
+  if arg not in _SIZES:
+    raise ValueError(f"unknown model variant {arg!r}; use one of: {', '.join(_SIZES)}")
+  s = _SIZES[arg]
+  encoder = dict(hidden_size=s["width"], num_heads=s["heads"], mlp_dim=s["mlp"],
+                 layer_norm_eps=1e-12, qkv_bias=True)
+  return ml_collections.ConfigDict(dict(
+      image=dict(encoder, num_layers=s["image_layers"], image_size=s["image_size"], patch_size=16,
+                 num_channels=3, vocab_size=s["image_vocab"]),
+      text=dict(encoder, num_layers=s["text_layers"], vocab_size=s["text_vocab"],
+                max_position_embeddings=s["max_text"], type_vocab_size=2, pad_token_id=0),
+      multimodal=dict(encoder, num_layers=s["fusion_layers"]),
+      projection_dim=s["width"],
+      logit_scale_init=2.6592,
+      pretraining_heads=True,
+      initializer_range=0.02,
+      dtype=s["dtype"],
+      param_dtype="float32",
+      attention_impl="xla",
+      remat_policy="none",
+  ))
 
 
 def dvae_config(arg: str) -> ml_collections.ConfigDict:
