@@ -1,0 +1,1 @@
+"""Input side: masking (here), and later sources, transforms and the corpus mixture."""

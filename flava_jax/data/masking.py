@@ -1,0 +1,122 @@
+"""Masking for the data pipeline, in numpy with a per-example Generator (deterministic in its seed).
+
+- `block_mask`: BEiT block-wise masking of a patch grid (MIM and MMM-image).
+- `mask_tokens`: BERT-style MLM masking (15% chosen; of those 80% [MASK], 10% random, 10% kept),
+  per token or per whole word (MMM-text on paired captions uses whole words).
+Positions not chosen get the label IGNORE_INDEX (-100).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+IGNORE_INDEX = -100
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockMaskConfig:
+  """BEiT's defaults for a 14x14 grid: 75 patches, blocks of >= 16, aspect in [0.3, 1/0.3]."""
+
+  grid_size: int = 14
+  num_masked: int = 75
+  min_block: int = 16
+  max_block: int | None = None  # None: up to num_masked
+  min_aspect: float = 0.3
+  max_aspect: float | None = None  # None: 1 / min_aspect
+  attempts: int = 10
+
+  def __post_init__(self):
+    if not 0 < self.num_masked <= self.grid_size**2:
+      raise ValueError(f"block_mask.num_masked={self.num_masked} must be in (0, "
+                       f"{self.grid_size**2}]")
+    if self.min_block <= 0 or self.min_aspect <= 0:
+      raise ValueError("block_mask.min_block and block_mask.min_aspect must be positive")
+
+
+def _add_block(mask: np.ndarray, budget: int, cfg: BlockMaskConfig, rng: np.random.Generator
+               ) -> int:
+  """Tries up to cfg.attempts random blocks; masks the first that adds patches within budget."""
+  height, width = mask.shape
+  max_aspect = cfg.max_aspect or 1 / cfg.min_aspect
+  log_aspect = (math.log(cfg.min_aspect), math.log(max_aspect))
+  for _ in range(cfg.attempts):
+    area = rng.uniform(cfg.min_block, budget)
+    aspect = math.exp(rng.uniform(*log_aspect))
+    h = int(round(math.sqrt(area * aspect)))
+    w = int(round(math.sqrt(area / aspect)))
+    if h >= height or w >= width:  # the block must fit strictly inside the grid
+      continue
+    top = int(rng.integers(0, height - h + 1))
+    left = int(rng.integers(0, width - w + 1))
+    window = mask[top:top + h, left:left + w]
+    added = h * w - int(window.sum())
+    if 0 < added <= budget:
+      window[...] = True
+      return added
+  return 0
+
+
+def block_mask(rng: np.random.Generator, cfg: BlockMaskConfig = BlockMaskConfig()) -> np.ndarray:
+  """A [grid, grid] bool mask with at most cfg.num_masked patches, made of rectangular blocks.
+
+  Stops early when no block adds a patch (so the count can fall short of the target, never over).
+  """
+  mask = np.zeros((cfg.grid_size, cfg.grid_size), bool)
+  count = 0
+  while count < cfg.num_masked:
+    budget = cfg.num_masked - count
+    if cfg.max_block is not None:
+      budget = min(budget, cfg.max_block)
+    added = _add_block(mask, budget, cfg, rng)
+    if added == 0:
+      break
+    count += added
+  return mask
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenMaskConfig:
+  vocab_size: int
+  mask_id: int
+  special_ids: tuple[int, ...]  # never chosen (pad, [CLS], [SEP], ...)
+  rate: float = 0.15
+  mask_fraction: float = 0.8
+  random_fraction: float = 0.1  # the rest keeps the original token
+  whole_word: bool = False
+
+  def __post_init__(self):
+    if not 0 < self.rate < 1:
+      raise ValueError(f"mlm.rate={self.rate} must be in (0, 1)")
+    if self.mask_fraction + self.random_fraction > 1:
+      raise ValueError("mlm.mask_fraction + mlm.random_fraction must be <= 1")
+
+
+def mask_tokens(ids: np.ndarray, rng: np.random.Generator, cfg: TokenMaskConfig,
+                word_starts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Masks one sequence [L]: returns (masked ids, labels with IGNORE_INDEX where not chosen).
+
+  whole_word: word_starts [L] bool marks the first WordPiece of each word; a word is chosen as a
+  unit (all of its pieces). Special tokens and padding are never chosen.
+  """
+  ids = np.asarray(ids)
+  eligible = ~np.isin(ids, np.asarray(cfg.special_ids, ids.dtype))
+  if cfg.whole_word:
+    if word_starts is None:
+      raise ValueError("whole-word masking needs word_starts")
+    starts = np.asarray(word_starts, bool) & eligible
+    word_index = np.cumsum(starts) - 1  # the word each position belongs to (-1 before any)
+    chosen_words = rng.random(int(starts.sum())) < cfg.rate
+    chosen = eligible & (word_index >= 0) & chosen_words[np.maximum(word_index, 0)]
+  else:
+    chosen = eligible & (rng.random(ids.shape) < cfg.rate)
+  labels = np.where(chosen, ids, IGNORE_INDEX)
+  action = rng.random(ids.shape)
+  to_mask = chosen & (action < cfg.mask_fraction)
+  to_random = chosen & (action >= cfg.mask_fraction) & (
+      action < cfg.mask_fraction + cfg.random_fraction)
+  masked = np.where(to_mask, cfg.mask_id, ids)
+  masked = np.where(to_random, rng.integers(0, cfg.vocab_size, ids.shape), masked)
+  return masked.astype(ids.dtype), labels.astype(np.int32)
