@@ -36,14 +36,16 @@ class BlockMaskConfig:
       raise ValueError("block_mask.min_block and block_mask.min_aspect must be positive")
 
 
-def _add_block(mask: np.ndarray, budget: int, cfg: BlockMaskConfig, rng: np.random.Generator
-               ) -> int:
+def _add_block(mask: np.ndarray, budget: int, cfg: BlockMaskConfig, rng: np.random.Generator,
+               blocks: list | None) -> int:
   """Tries up to cfg.attempts random blocks; masks the first that adds patches within budget."""
   height, width = mask.shape
   max_aspect = cfg.max_aspect or 1 / cfg.min_aspect
   log_aspect = (math.log(cfg.min_aspect), math.log(max_aspect))
   for _ in range(cfg.attempts):
-    area = rng.uniform(cfg.min_block, budget)
+    # Between min_block and the budget; when the budget is below min_block the draw lies in
+    # [budget, min_block] and the budget check below decides (as BEiT's generator behaves).
+    area = cfg.min_block + (budget - cfg.min_block) * rng.random()
     aspect = math.exp(rng.uniform(*log_aspect))
     h = int(round(math.sqrt(area * aspect)))
     w = int(round(math.sqrt(area / aspect)))
@@ -55,14 +57,18 @@ def _add_block(mask: np.ndarray, budget: int, cfg: BlockMaskConfig, rng: np.rand
     added = h * w - int(window.sum())
     if 0 < added <= budget:
       window[...] = True
+      if blocks is not None:
+        blocks.append((top, left, h, w))
       return added
   return 0
 
 
-def block_mask(rng: np.random.Generator, cfg: BlockMaskConfig = BlockMaskConfig()) -> np.ndarray:
+def block_mask(rng: np.random.Generator, cfg: BlockMaskConfig = BlockMaskConfig(),
+               blocks: list | None = None) -> np.ndarray:
   """A [grid, grid] bool mask with at most cfg.num_masked patches, made of rectangular blocks.
 
   Stops early when no block adds a patch (so the count can fall short of the target, never over).
+  `blocks`, when given, receives the (top, left, height, width) of every block placed.
   """
   mask = np.zeros((cfg.grid_size, cfg.grid_size), bool)
   count = 0
@@ -70,7 +76,7 @@ def block_mask(rng: np.random.Generator, cfg: BlockMaskConfig = BlockMaskConfig(
     budget = cfg.num_masked - count
     if cfg.max_block is not None:
       budget = min(budget, cfg.max_block)
-    added = _add_block(mask, budget, cfg, rng)
+    added = _add_block(mask, budget, cfg, rng, blocks)
     if added == 0:
       break
     count += added
