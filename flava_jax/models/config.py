@@ -121,7 +121,7 @@ class FlavaConfig:
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> "FlavaConfig":
-    return _from_dict(cls, values, "model").validate()
+    return dataclass_from_dict(cls, values, "model").validate()
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -172,7 +172,7 @@ class DVAEConfig:
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> "DVAEConfig":
-    return _from_dict(cls, values, "dvae").validate()
+    return dataclass_from_dict(cls, values, "dvae").validate()
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -186,7 +186,7 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 _T = TypeVar("_T")
 
 
-def _from_dict(cls: type[_T], values: Mapping[str, Any], prefix: str) -> _T:
+def dataclass_from_dict(cls: type[_T], values: Mapping[str, Any], prefix: str) -> _T:
   """Builds dataclass `cls` from a mapping; unknown fields and wrong types are named errors."""
   if hasattr(values, "to_dict"):  # ml_collections.ConfigDict
     values = values.to_dict()
@@ -204,7 +204,7 @@ def _from_dict(cls: type[_T], values: Mapping[str, Any], prefix: str) -> _T:
     hint = hints[name]
     path = f"{prefix}.{name}"
     if dataclasses.is_dataclass(hint):
-      kwargs[name] = value if isinstance(value, hint) else _from_dict(hint, value, path)
+      kwargs[name] = value if isinstance(value, hint) else dataclass_from_dict(hint, value, path)
       continue
     kwargs[name] = _coerce(path, value, hint)
   return cls(**kwargs)
