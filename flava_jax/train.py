@@ -104,15 +104,29 @@ def make_optimizer(cfg: OptimizerConfig | Mapping[str, Any], total_steps: int
   return tx
 
 
+def _init_boxed(model: FlavaModel, tx: optax.GradientTransformation):
+  def init(rng):
+    params = init_params(model, rng, boxed=True)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  return init
+
+
+def abstract_train_state(model: FlavaModel, tx: optax.GradientTransformation, mesh: Mesh,
+                         rules: sharding.Rules) -> tuple[TrainState, Any]:
+  """(state of ShapeDtypeStructs carrying their shardings, the shardings): nothing allocated."""
+  boxed = jax.eval_shape(_init_boxed(model, tx), jax.random.key(0))
+  shardings = sharding.logical_to_shardings(nn.get_partition_spec(boxed), mesh, rules)
+  abstract = jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      nn.meta.unbox(boxed), shardings)
+  return abstract, shardings
+
+
 def create_train_state(model: FlavaModel, tx: optax.GradientTransformation, rng: Array,
                        mesh: Mesh, rules: sharding.Rules) -> tuple[TrainState, Any]:
   """A randomly initialised state, created directly in its sharded layout."""
-  def init_boxed(rng):
-    params = init_params(model, rng, boxed=True)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-  abstract = jax.eval_shape(init_boxed, rng)
-  shardings = sharding.logical_to_shardings(nn.get_partition_spec(abstract), mesh, rules)
+  _, shardings = abstract_train_state(model, tx, mesh, rules)
+  init_boxed = _init_boxed(model, tx)
   init = jax.jit(lambda r: nn.meta.unbox(init_boxed(r)), out_shardings=shardings)
   with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
     state = init(rng)

@@ -1,0 +1,89 @@
+"""Analytic FLOP counts of FLAVA's train step (matmuls and convolutions; 2 FLOPs per MAC).
+
+Used for TFLOP/s and MFU and checked against XLA's cost analysis by the AOT tool. Training a
+trainable part costs 3x its forward (forward + two backward matmuls); the frozen dVAE only runs
+forward. Rematerialisation adds recomputation that these numbers deliberately leave out (MFU
+counts useful work).
+"""
+
+from __future__ import annotations
+
+from flava_jax.models.config import DVAEConfig, EncoderConfig, FlavaConfig
+
+
+def encoder_flops(cfg: EncoderConfig, tokens: int) -> float:
+  """Forward FLOPs of one example through a block stack of `tokens` tokens."""
+  d, f, t = cfg.hidden_size, cfg.mlp_dim, tokens
+  per_layer = (2 * t * d * 3 * d      # qkv
+               + 2 * 2 * t * t * d    # scores and weighted values
+               + 2 * t * d * d        # attention output
+               + 2 * 2 * t * d * f)   # MLP
+  return float(cfg.num_layers * per_layer)
+
+
+def image_encoder_flops(cfg: FlavaConfig) -> float:
+  img = cfg.image
+  patch = 2 * img.num_patches * img.patch_size**2 * img.num_channels * img.hidden_size
+  return patch + encoder_flops(img, img.num_patches + 1)
+
+
+def text_encoder_flops(cfg: FlavaConfig, length: int) -> float:
+  return encoder_flops(cfg.text, length)
+
+
+def head_flops(hidden: int, vocab: int, tokens: int) -> float:
+  return float(2 * tokens * hidden * hidden + 2 * tokens * hidden * vocab)
+
+
+def dvae_encoder_flops(cfg: DVAEConfig, image_size: int) -> float:
+  """Forward FLOPs of the dVAE encoder on one image (the MIM/MMM target tokenizer)."""
+  size, flops, width_in = image_size, 0.0, cfg.input_channels
+  flops += 2 * size * size * 49 * width_in * cfg.hidden_size  # 7x7 input conv
+  width_in = cfg.hidden_size
+  for group in range(cfg.num_groups):
+    width = cfg.hidden_size * 2**group
+    hidden = width // 4
+    for block in range(cfg.blocks_per_group):
+      n_in = width_in if block == 0 else width
+      if n_in != width:
+        flops += 2 * size * size * n_in * width  # 1x1 identity path
+      flops += 2 * size * size * 9 * (n_in * hidden + hidden * hidden + hidden * hidden)
+      flops += 2 * size * size * hidden * width
+    width_in = width
+    if group < cfg.num_groups - 1:
+      size //= 2
+  flops += 2 * size * size * width_in * cfg.vocab_size  # 1x1 output conv
+  return flops
+
+
+def train_flops_per_example(cfg: FlavaConfig, kind: str, text_length: int,
+                            dvae: DVAEConfig | None = None, dvae_image_size: int = 0) -> float:
+  """FLOPs of one training example of batch kind paired | image | text."""
+  img, mm = cfg.image, cfg.multimodal
+  p = img.num_patches
+  if kind == "paired":
+    forward = (2 * image_encoder_flops(cfg)             # unmasked (GC) and masked (MMM, ITM)
+               + 2 * text_encoder_flops(cfg, text_length)
+               + 2 * (p + 1) * img.hidden_size * mm.hidden_size
+               + 2 * text_length * cfg.text.hidden_size * mm.hidden_size
+               + encoder_flops(mm, 2 + p + text_length)
+               + head_flops(mm.hidden_size, img.vocab_size, p)
+               + head_flops(mm.hidden_size, cfg.text.vocab_size, text_length)
+               + 2 * mm.hidden_size * mm.hidden_size + 2 * mm.hidden_size * 2
+               + 2 * (img.hidden_size + cfg.text.hidden_size) * cfg.projection_dim)
+  elif kind == "image":
+    forward = image_encoder_flops(cfg) + head_flops(img.hidden_size, img.vocab_size, p)
+  elif kind == "text":
+    forward = (text_encoder_flops(cfg, text_length)
+               + head_flops(cfg.text.hidden_size, cfg.text.vocab_size, text_length))
+  else:
+    raise ValueError(f"unknown batch kind {kind!r}")
+  total = 3 * forward
+  if kind != "text" and dvae is not None:
+    total += dvae_encoder_flops(dvae, dvae_image_size)
+  return total
+
+
+def contrastive_flops(cfg: FlavaConfig, global_batch: int) -> float:
+  """The [B, B] similarity matrices of the global contrastive loss (both directions, fwd+bwd)."""
+  return 3 * 2 * 2 * global_batch * global_batch * cfg.projection_dim

@@ -1,0 +1,178 @@
+"""Compile FLAVA's train step for a TPU topology on any machine, and print what one chip needs.
+
+    python -m flava_jax.tools.aot --config=configs/flava.py:full --topology=v5p:8x8x4 \\
+        --config.global_batch=8192
+
+Lowers and compiles the sharded train step of every batch kind (paired, image, text) for abstract
+TPU devices (libtpu + jax.experimental.topologies; no TPU needed), then prints per-chip memory
+(arguments, outputs, temporaries, total), FLOPs per step from XLA's cost analysis beside the
+analytic count, and with --shardings the sharding of every parameter. This is how to size a run
+before reserving the slice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from flava_jax import flops as flop_counts
+from flava_jax import sharding, train
+from flava_jax.losses.flava import BATCH_KINDS, LossConfig
+from flava_jax.models.config import DVAEConfig, FlavaConfig, dataclass_from_dict
+from flava_jax.models.dvae import DVAE, init_dvae_params
+from flava_jax.models.flava import FlavaModel
+
+# Dense bf16 peak per chip, for the ideal step time.
+PEAK_FLOPS = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12}
+
+
+@dataclasses.dataclass
+class StepReport:
+  kind: str
+  batch: int
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  temp_bytes: int
+  xla_flops_per_chip: float
+  analytic_flops_per_step: float
+
+  @property
+  def total_bytes(self) -> int:
+    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+
+def tpu_devices(topology: str) -> list[Any]:
+  """Abstract devices of a TPU topology such as "v5p:2x2x1" (needs libtpu, not a TPU)."""
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", topology.split(":")[0] + "-8")
+  try:
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+  except Exception as e:  # pylint: disable=broad-except
+    raise RuntimeError(f"cannot describe TPU topology {topology!r} (is libtpu installed? see "
+                       f"requirements-test.txt): {e}") from e
+
+
+def abstract_batch(kind: str, config: Any, model_config: FlavaConfig, dvae_config: DVAEConfig,
+                   batch_size: int, batch_sharding: Any) -> dict[str, jax.ShapeDtypeStruct]:
+  img = model_config.image
+  dvae_size = img.grid_size * dvae_config.downsample
+  length = config.paired_text_length if kind == "paired" else config.text_length
+  if length > model_config.text.max_position_embeddings:
+    raise ValueError(f"text length {length} exceeds model.text.max_position_embeddings")
+  spec = {
+      "pixels": ((batch_size, img.image_size, img.image_size, img.num_channels), jnp.float32),
+      "dvae_pixels": ((batch_size, dvae_size, dvae_size, dvae_config.input_channels),
+                      jnp.float32),
+      "patch_mask": ((batch_size, img.num_patches), jnp.bool_),
+      "input_ids": ((batch_size, length), jnp.int32),
+      "input_ids_masked": ((batch_size, length), jnp.int32),
+      "attention_mask": ((batch_size, length), jnp.int32),
+      "mlm_labels": ((batch_size, length), jnp.int32),
+  }
+  keys = {"paired": spec.keys(), "image": ("pixels", "dvae_pixels", "patch_mask"),
+          "text": ("input_ids_masked", "attention_mask", "mlm_labels")}[kind]
+  return {k: jax.ShapeDtypeStruct(*spec[k], sharding=batch_sharding) for k in keys}
+
+
+def compile_steps(config: Any, devices: list[Any], kinds: tuple[str, ...] = BATCH_KINDS
+                  ) -> tuple[list[StepReport], Any]:
+  """Lowers and compiles each kind's train step for `devices`; returns reports and shardings."""
+  model_config = FlavaConfig.from_dict(config.model)
+  dvae_config = DVAEConfig.from_dict(config.dvae)
+  model, dvae = FlavaModel(model_config), DVAE(dvae_config)
+  loss_config = dataclass_from_dict(LossConfig, config.loss, "loss")
+  mesh = sharding.make_mesh(config.sharding.mesh, devices)
+  rules = sharding.rules_from_config(config.sharding.rules)
+  dp = sharding.data_parallel_size(mesh)
+  if config.global_batch % dp:
+    raise ValueError(f"global_batch={config.global_batch} is not divisible by the "
+                     f"data-parallel size {dp} of mesh {dict(mesh.shape)}")
+  tx = train.make_optimizer(config.optimizer, config.total_steps)
+  state, state_shardings = train.abstract_train_state(model, tx, mesh, rules)
+  replicated = sharding.replicated(mesh)
+  dvae_size = model_config.image.grid_size * dvae_config.downsample
+  dvae_params = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      jax.eval_shape(lambda: init_dvae_params(dvae, jax.random.key(0), dvae_size)))
+  rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
+                             sharding=replicated)
+  reports = []
+  for kind in kinds:
+    step = train.make_train_step(model, dvae, tx, loss_config, mesh, rules, kind,
+                                 state_shardings, local_batch=config.global_batch // dp)
+    batch = abstract_batch(kind, config, model_config, dvae_config, config.global_batch,
+                           sharding.batch_sharding(mesh))
+    with jax.set_mesh(mesh):
+      compiled = step.jitted.lower(state, dvae_params, batch, rng).compile()
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    length = config.paired_text_length if kind == "paired" else config.text_length
+    analytic = config.global_batch * flop_counts.train_flops_per_example(
+        model_config, kind, length, dvae_config, dvae_size)
+    if kind == "paired":
+      analytic += flop_counts.contrastive_flops(model_config, config.global_batch)
+    reports.append(StepReport(
+        kind=kind, batch=config.global_batch, argument_bytes=memory.argument_size_in_bytes,
+        output_bytes=memory.output_size_in_bytes, alias_bytes=memory.alias_size_in_bytes,
+        temp_bytes=memory.temp_size_in_bytes,
+        xla_flops_per_chip=float(cost.get("flops", float("nan"))),
+        analytic_flops_per_step=analytic))
+  return reports, state_shardings.params
+
+
+def _gib(n: float) -> str:
+  return f"{n / 2**30:8.2f} GiB"
+
+
+def format_report(reports: list[StepReport], topology: str, num_chips: int, mesh: dict) -> str:
+  lines = [f"topology {topology}: {num_chips} chips, mesh {mesh}"]
+  peak = PEAK_FLOPS.get(topology.split(":")[0])
+  for r in reports:
+    per_chip = r.analytic_flops_per_step / num_chips
+    lines.append(f"[{r.kind}] global batch {r.batch}")
+    lines.append(f"  memory per chip: arguments {_gib(r.argument_bytes)}, outputs "
+                 f"{_gib(r.output_bytes)} (aliased {_gib(r.alias_bytes)}), temporaries "
+                 f"{_gib(r.temp_bytes)}, total {_gib(r.total_bytes)}")
+    lines.append(f"  FLOPs per step: XLA {r.xla_flops_per_chip * num_chips / 1e12:.4g} TFLOP "
+                 f"({r.xla_flops_per_chip / 1e12:.4g} per chip), analytic "
+                 f"{r.analytic_flops_per_step / 1e12:.4g} TFLOP ({per_chip / 1e12:.4g} per chip)")
+    if peak:
+      lines.append(f"  ideal step time at peak ({peak / 1e12:.0f} TFLOP/s per chip): "
+                   f"{per_chip / peak * 1e3:.3g} ms")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  from absl import flags, logging  # pylint: disable=import-outside-toplevel
+  f = flags.FLAGS
+  if not f["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  config = f.config
+  devices = tpu_devices(f.topology)
+  kinds = BATCH_KINDS if f.kinds == ["all"] else tuple(f.kinds)
+  reports, param_shardings = compile_steps(config, devices, kinds)
+  mesh = dict(sharding.make_mesh(config.sharding.mesh, devices).shape)
+  print(format_report(reports, f.topology, len(devices), mesh))
+  if f.shardings:
+    print("parameter shardings (mesh axes per dimension):")
+    for path, spec in sharding.describe(param_shardings).items():
+      print(f"  {path:<80s} {spec}")
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  config_flags.DEFINE_config_file("config", os.path.join(_REPO, "configs", "flava.py"),
+                                  "config file, e.g. configs/flava.py:full")
+  flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology, e.g. v5p:8x8x4 or v5e:4x4")
+  flags.DEFINE_list("kinds", ["all"], "batch kinds to compile: paired,image,text or all")
+  flags.DEFINE_bool("shardings", True, "print every parameter's sharding")
+  app.run(main)
