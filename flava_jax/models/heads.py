@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from flava_jax.models.config import FlavaConfig
-from flava_jax.models.transformer import ACT_VOCAB, Dense, LayerNorm, Pooler, constrain, dtype_of
+from flava_jax.models.transformer import ACT_VOCAB, BATCH, LENGTH, Dense, LayerNorm, Pooler, constrain, dtype_of
 
 Array = jax.Array
 
@@ -34,7 +34,8 @@ class MaskedPredictionHead(nn.Module):
     h = LayerNorm(self.layer_norm_eps, dtype, pdtype, name="norm")(h)
     logits = Dense(self.vocab_size, ("embed", "vocab"), init_std=std, dtype=dtype,
                    param_dtype=pdtype, name="decoder")(h)
-    names = (None,) * (logits.ndim - 1) + (ACT_VOCAB,)
+    # [B, T, V] or [N, V]: the leading axis is the (sharded) batch, never replicated here.
+    names = (BATCH,) + (LENGTH,) * (logits.ndim - 2) + (ACT_VOCAB,)
     return constrain(logits.astype(jnp.float32), names)
 
 

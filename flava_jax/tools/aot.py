@@ -40,6 +40,7 @@ class StepReport:
   temp_bytes: int
   xla_flops_per_chip: float
   analytic_flops_per_step: float
+  error: str = ""  # set when the step does not fit on a chip
 
   @property
   def total_bytes(self) -> int:
@@ -108,7 +109,15 @@ def compile_steps(config: Any, devices: list[Any], kinds: tuple[str, ...] = BATC
     batch = abstract_batch(kind, config, model_config, dvae_config, config.global_batch,
                            sharding.batch_sharding(mesh))
     with jax.set_mesh(mesh):
-      compiled = step.jitted.lower(state, dvae_params, batch, rng).compile()
+      lowered = step.jitted.lower(state, dvae_params, batch, rng)
+    try:
+      compiled = lowered.compile()
+    except Exception as e:  # pylint: disable=broad-except
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      reports.append(StepReport(kind, config.global_batch, 0, 0, 0, 0, float("nan"), 0.0,
+                                error=str(e).split("\n")[0]))
+      continue
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -136,6 +145,9 @@ def format_report(reports: list[StepReport], topology: str, num_chips: int, mesh
   for r in reports:
     per_chip = r.analytic_flops_per_step / num_chips
     lines.append(f"[{r.kind}] global batch {r.batch}")
+    if r.error:
+      lines.append(f"  DOES NOT FIT: {r.error}")
+      continue
     lines.append(f"  memory per chip: arguments {_gib(r.argument_bytes)}, outputs "
                  f"{_gib(r.output_bytes)} (aliased {_gib(r.alias_bytes)}), temporaries "
                  f"{_gib(r.temp_bytes)}, total {_gib(r.total_bytes)}")
