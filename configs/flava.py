@@ -42,6 +42,7 @@ def model_config(arg: str) -> ml_collections.ConfigDict:
       param_dtype="float32",
       attention_impl="xla",
       remat_policy="none",
+      scan_unroll=1,
   ))
 
 

@@ -41,6 +41,7 @@ def test_default_variant_is_tiny():
     ({"pretraining_heads": 1}, TypeError, r"model\.pretraining_heads"),
     ({"attention_impl": "flash"}, ValueError, r"model\.attention_impl"),
     ({"remat_policy": "some"}, ValueError, r"model\.remat_policy"),
+    ({"scan_unroll": 0}, ValueError, r"model\.scan_unroll"),
     ({"multimodal": {"num_heads": 5}}, ValueError, r"model\.multimodal\.hidden_size"),
     ({"image": {"image_size": 100}}, ValueError, r"model\.image\.image_size"),
 ])
@@ -117,3 +118,27 @@ def test_model_runs_sharded_by_the_config_rules():
     got = jax.jit(forward)(sharded_params, *(jax.device_put(x, batch) for x in (pixels, ids, mask)))
   for g, e in zip(got, expected):
     np.testing.assert_allclose(np.asarray(g), np.asarray(e), atol=1e-5)
+
+
+@pytest.mark.parametrize("change", [dict(scan_unroll=2), dict(remat_policy="full"),
+                                    dict(remat_policy="dots_no_batch")])
+def test_compilation_options_do_not_change_the_numbers(change):
+  """Unrolled layer stacks and rematerialisation compute the same function and gradients."""
+  base = flava_jax.FlavaConfig.from_dict(flava_configs.get_config("tiny").model)
+  params = flava_jax.init_params(flava_jax.FlavaModel(base), jax.random.key(0))
+  rng = np.random.default_rng(0)
+  pixels = jnp.asarray(rng.normal(size=(2, 64, 64, 3)), jnp.float32)
+  ids = jnp.asarray(rng.integers(1, 1024, size=(2, 8)))
+
+  def loss(config):
+    model = flava_jax.FlavaModel(config)
+    def f(p):
+      out = model.apply({"params": p}, pixels, ids, jnp.ones_like(ids))
+      return jnp.sum(out.mmm_text_logits ** 2) + jnp.sum(out.image_embedding * out.text_embedding)
+    return jax.jit(jax.value_and_grad(f))(params)
+
+  ref_value, ref_grads = loss(base)
+  value, grads = loss(base.replace(**change))
+  np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)

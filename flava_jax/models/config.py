@@ -106,6 +106,9 @@ class FlavaConfig:
   attention_impl: str = "xla"
   # Rematerialisation of each transformer block: none | full | dots | dots_no_batch.
   remat_policy: str = "none"
+  # Layers per iteration of the scanned stacks (1: a loop over layers; >= num_layers: straight-
+  # line code, longer to compile, which XLA's cost analysis counts in full).
+  scan_unroll: int = 1
 
   def validate(self) -> "FlavaConfig":
     self.image.validate("model.image")
@@ -115,6 +118,8 @@ class FlavaConfig:
     _check_choice("model.param_dtype", self.param_dtype, DTYPES)
     _check_choice("model.attention_impl", self.attention_impl, ATTENTION_IMPLS)
     _check_choice("model.remat_policy", self.remat_policy, REMAT_POLICIES)
+    if self.scan_unroll < 1:
+      raise ValueError(f"model.scan_unroll must be >= 1, got {self.scan_unroll}")
     if self.projection_dim <= 0:
       raise ValueError(f"model.projection_dim must be positive, got {self.projection_dim}")
     return self

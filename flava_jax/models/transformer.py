@@ -190,6 +190,7 @@ class Encoder(nn.Module):
     stack = nn.scan(
         block, variable_axes={"params": 0}, split_rngs={"params": True},
         in_axes=(nn.broadcast,), length=self.config.num_layers,
+        unroll=min(self.model.scan_unroll, self.config.num_layers),
         metadata_params={nn.PARTITION_NAME: "layers"})
     x, _ = stack(self.config, self.model, name="layers")(x, mask)
     return x

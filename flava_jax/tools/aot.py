@@ -139,8 +139,13 @@ def _gib(n: float) -> str:
   return f"{n / 2**30:8.2f} GiB"
 
 
-def format_report(reports: list[StepReport], topology: str, num_chips: int, mesh: dict) -> str:
+def format_report(reports: list[StepReport], topology: str, num_chips: int, mesh: dict,
+                  scanned: bool = False) -> str:
   lines = [f"topology {topology}: {num_chips} chips, mesh {mesh}"]
+  if scanned:
+    lines.append("note: XLA counts a scanned layer stack's loop body once, so its FLOPs are low; "
+                 "--config.model.scan_unroll=99 unrolls the stacks for a full count (slower "
+                 "compile)")
   peak = PEAK_FLOPS.get(topology.split(":")[0])
   for r in reports:
     per_chip = r.analytic_flops_per_step / num_chips
@@ -171,7 +176,10 @@ def main(argv):
   kinds = BATCH_KINDS if f.kinds == ["all"] else tuple(f.kinds)
   reports, param_shardings = compile_steps(config, devices, kinds)
   mesh = dict(sharding.make_mesh(config.sharding.mesh, devices).shape)
-  print(format_report(reports, f.topology, len(devices), mesh))
+  model = config.model
+  layers = max(model.image.num_layers, model.text.num_layers, model.multimodal.num_layers)
+  print(format_report(reports, f.topology, len(devices), mesh,
+                      scanned=model.scan_unroll < layers))
   if f.shardings:
     print("parameter shardings (mesh axes per dimension):")
     for path, spec in sharding.describe(param_shardings).items():
