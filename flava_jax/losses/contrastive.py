@@ -57,15 +57,29 @@ def _data_axes(mesh: Mesh, axes: Sequence[str]) -> tuple[str, ...]:
   return tuple(a for a in axes if a in mesh.axis_names)
 
 
+def _resolve_mesh(mesh: Mesh | None, axes: Sequence[str]):
+  """The given mesh, else the one set with jax.set_mesh; None when there is no data parallelism."""
+  if mesh is None:
+    ambient = jax.sharding.get_abstract_mesh()
+    mesh = None if ambient.empty else ambient
+  if mesh is None or not _data_axes(mesh, axes):
+    return None
+  if all(mesh.shape[a] == 1 for a in _data_axes(mesh, axes)):
+    return None
+  return mesh
+
+
 def global_contrastive_loss(image: Array, text: Array, logit_scale: Array,
                             row_weights: Array | None = None, *, mesh: Mesh | None = None,
                             data_axes: Sequence[str] = DATA_AXES) -> Array:
   """GC over the global batch. image/text: [B, D] L2-normalised, batch sharded over data_axes;
   row_weights [B] drop rows (ITM negatives) while keeping their columns; logit_scale is the log
-  temperature (exp'd here). Without a mesh (or with a 1-device one) it is computed directly."""
+  temperature (exp'd here). `mesh` defaults to the one set with jax.set_mesh; without one (or
+  without data parallelism) the loss is computed directly."""
   if row_weights is None:
     row_weights = jnp.ones(image.shape[:1], jnp.float32)
-  if mesh is None or mesh.size == 1:
+  mesh = _resolve_mesh(mesh, data_axes)
+  if mesh is None:
     return contrastive_loss_single(image, text, logit_scale, row_weights)
   axes = _data_axes(mesh, data_axes)
   batch = P(axes)
@@ -90,7 +104,8 @@ def local_contrastive_loss(image: Array, text: Array, logit_scale: Array,
   the weighted mean over all rows of those per-shard losses."""
   if row_weights is None:
     row_weights = jnp.ones(image.shape[:1], jnp.float32)
-  if mesh is None or mesh.size == 1:
+  mesh = _resolve_mesh(mesh, data_axes)
+  if mesh is None:
     return contrastive_loss_single(image, text, logit_scale, row_weights)
   axes = _data_axes(mesh, data_axes)
   batch = P(axes)
