@@ -69,6 +69,31 @@ def _resolve_mesh(mesh: Mesh | None, axes: Sequence[str]):
   return mesh
 
 
+def _sharded_loss(image: Array, text: Array, logit_scale: Array, row_weights: Array | None,
+                  mesh: Mesh | None, data_axes: Sequence[str], gather: bool) -> Array:
+  if row_weights is None:
+    row_weights = jnp.ones(image.shape[:1], jnp.float32)
+  mesh = _resolve_mesh(mesh, data_axes)
+  if mesh is None:
+    return contrastive_loss_single(image, text, logit_scale, row_weights)
+  axes = _data_axes(mesh, data_axes)
+  batch = P(axes)
+
+  def per_device(image, text, logit_scale, row_weights):
+    if gather:
+      columns_image = jax.lax.all_gather(image, axes, axis=0, tiled=True)  # [B, D]
+      columns_text = jax.lax.all_gather(text, axes, axis=0, tiled=True)
+      first_row = jax.lax.axis_index(axes) * image.shape[0]
+    else:
+      columns_image, columns_text, first_row = image, text, jnp.int32(0)
+    sums = _block_loss(image, text, columns_image, columns_text, jnp.exp(logit_scale),
+                       row_weights, first_row)
+    return _finish(*(jax.lax.psum(s, axes) for s in sums))
+
+  return jax.shard_map(per_device, mesh=mesh, in_specs=(batch, batch, P(), batch),
+                       out_specs=P())(image, text, logit_scale.astype(jnp.float32), row_weights)
+
+
 def global_contrastive_loss(image: Array, text: Array, logit_scale: Array,
                             row_weights: Array | None = None, *, mesh: Mesh | None = None,
                             data_axes: Sequence[str] = DATA_AXES) -> Array:
@@ -76,25 +101,7 @@ def global_contrastive_loss(image: Array, text: Array, logit_scale: Array,
   row_weights [B] drop rows (ITM negatives) while keeping their columns; logit_scale is the log
   temperature (exp'd here). `mesh` defaults to the one set with jax.set_mesh; without one (or
   without data parallelism) the loss is computed directly."""
-  if row_weights is None:
-    row_weights = jnp.ones(image.shape[:1], jnp.float32)
-  mesh = _resolve_mesh(mesh, data_axes)
-  if mesh is None:
-    return contrastive_loss_single(image, text, logit_scale, row_weights)
-  axes = _data_axes(mesh, data_axes)
-  batch = P(axes)
-
-  def per_device(image, text, logit_scale, row_weights):
-    all_image = jax.lax.all_gather(image, axes, axis=0, tiled=True)  # [B, D]
-    all_text = jax.lax.all_gather(text, axes, axis=0, tiled=True)
-    first_row = jax.lax.axis_index(axes) * image.shape[0]
-    sums = _block_loss(image, text, all_image, all_text, jnp.exp(logit_scale), row_weights,
-                       first_row)
-    return _finish(*(jax.lax.psum(s, axes) for s in sums))
-
-  return jax.shard_map(per_device, mesh=mesh, in_specs=(batch, batch, P(), batch),
-                       out_specs=P())(
-                           image, text, logit_scale.astype(jnp.float32), row_weights)
+  return _sharded_loss(image, text, logit_scale, row_weights, mesh, data_axes, gather=True)
 
 
 def local_contrastive_loss(image: Array, text: Array, logit_scale: Array,
@@ -102,22 +109,7 @@ def local_contrastive_loss(image: Array, text: Array, logit_scale: Array,
                            data_axes: Sequence[str] = DATA_AXES) -> Array:
   """The ablation: each data-parallel shard contrasts its own rows only (no gather); the loss is
   the weighted mean over all rows of those per-shard losses."""
-  if row_weights is None:
-    row_weights = jnp.ones(image.shape[:1], jnp.float32)
-  mesh = _resolve_mesh(mesh, data_axes)
-  if mesh is None:
-    return contrastive_loss_single(image, text, logit_scale, row_weights)
-  axes = _data_axes(mesh, data_axes)
-  batch = P(axes)
-
-  def per_device(image, text, logit_scale, row_weights):
-    sums = _block_loss(image, text, image, text, jnp.exp(logit_scale), row_weights,
-                       jnp.int32(0))
-    return _finish(*(jax.lax.psum(s, axes) for s in sums))
-
-  return jax.shard_map(per_device, mesh=mesh, in_specs=(batch, batch, P(), batch),
-                       out_specs=P())(
-                           image, text, logit_scale.astype(jnp.float32), row_weights)
+  return _sharded_loss(image, text, logit_scale, row_weights, mesh, data_axes, gather=False)
 
 
 def contrastive_accuracy(image: Array, text: Array) -> Array:
