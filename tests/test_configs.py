@@ -120,10 +120,8 @@ def test_model_runs_sharded_by_the_config_rules():
     np.testing.assert_allclose(np.asarray(g), np.asarray(e), atol=1e-5)
 
 
-@pytest.mark.parametrize("change", [dict(scan_unroll=2), dict(remat_policy="full"),
-                                    dict(remat_policy="dots_no_batch")])
-def test_compilation_options_do_not_change_the_numbers(change):
-  """Unrolled layer stacks and rematerialisation compute the same function and gradients."""
+@pytest.fixture(scope="module")
+def compile_options_case():
   base = flava_jax.FlavaConfig.from_dict(flava_configs.get_config("tiny").model)
   params = flava_jax.init_params(flava_jax.FlavaModel(base), jax.random.key(0))
   rng = np.random.default_rng(0)
@@ -137,7 +135,14 @@ def test_compilation_options_do_not_change_the_numbers(change):
       return jnp.sum(out.mmm_text_logits ** 2) + jnp.sum(out.image_embedding * out.text_embedding)
     return jax.jit(jax.value_and_grad(f))(params)
 
-  ref_value, ref_grads = loss(base)
+  return base, loss, loss(base)
+
+
+@pytest.mark.parametrize("change", [dict(scan_unroll=2), dict(remat_policy="full"),
+                                    dict(remat_policy="dots_no_batch")])
+def test_compilation_options_do_not_change_the_numbers(change, compile_options_case):
+  """Unrolled layer stacks and rematerialisation compute the same function and gradients."""
+  base, loss, (ref_value, ref_grads) = compile_options_case
   value, grads = loss(base.replace(**change))
   np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5)
   for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):
