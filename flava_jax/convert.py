@@ -484,6 +484,7 @@ def dvae_from_transformers(src: Any, dtype: str = "float32") -> tuple[DVAE, dict
 def main(argv: Sequence[str]) -> None:
   from absl import flags  # pylint: disable=import-outside-toplevel
   from flava_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  from flava_jax.model_summary import num_parameters  # pylint: disable=import-outside-toplevel
 
   del argv
   f = flags.FLAGS
@@ -501,8 +502,7 @@ def main(argv: Sequence[str]) -> None:
         logging.info("no image codebook converted: %s", e)
     checkpoint.save_model(f.out, model.config, params, dvae.config if dvae else None,
                           dvae_params)
-    count = sum(np.size(x) for x in jax.tree_util.tree_leaves(params))
-    print(f"wrote {f.out}: FLAVA with {count:,} parameters"
+    print(f"wrote {f.out}: FLAVA with {num_parameters(params):,} parameters"
           + (", pretraining heads" if model.config.pretraining_heads else ", no heads")
           + (", dVAE encoder" if dvae else ""))
   else:

@@ -21,9 +21,13 @@ from flava_jax.models.dvae import DVAE, init_dvae_params, map_pixels
 from flava_jax.models.flava import FlavaModel, init_params
 
 
+def num_parameters(tree: Any) -> int:
+  return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(tree)))
+
+
 def count_parameters(params: Any) -> dict[str, int]:
-  return {name: int(sum(np.size(x) for x in jax.tree_util.tree_leaves(sub)))
-          for name, sub in params.items()}
+  """Parameters per top-level component."""
+  return {name: num_parameters(sub) for name, sub in params.items()}
 
 
 def run(config: Any, workdir: str, batch_size: int = 2, text_length: int = 16) -> dict[str, Any]:
@@ -40,7 +44,7 @@ def run(config: Any, workdir: str, batch_size: int = 2, text_length: int = 16) -
   print(f"FLAVA ({config.get('variant', '?')}): {sum(counts.values()):,} parameters")
   for name, count in counts.items():
     print(f"  {name:<20s} {count:>14,}")
-  dvae_count = sum(np.size(x) for x in jax.tree_util.tree_leaves(dvae_params))
+  dvae_count = num_parameters(dvae_params)
   print(f"dVAE tokenizer: {dvae_count:,} parameters (frozen during FLAVA pretraining)")
 
   data = np.random.default_rng(config.seed)

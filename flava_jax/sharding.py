@@ -85,7 +85,7 @@ def data_parallel_size(mesh: Mesh) -> int:
 
 
 def describe(shardings: Any) -> dict[str, str]:
-  """{param path: "shape -> spec"} for logs, the AOT tool and golden files."""
+  """{param path: str(spec)} (mesh axes per dimension) for logs, the AOT tool and golden files."""
   out = {}
   for path, sharding in jax.tree_util.tree_leaves_with_path(
       shardings, is_leaf=lambda x: isinstance(x, NamedSharding)):

@@ -26,9 +26,9 @@ from jax.sharding import Mesh
 
 from flava_jax import sharding
 from flava_jax.losses import flava as flava_losses
-from flava_jax.models.config import dataclass_from_dict
+from flava_jax.models.config import check_choice, dataclass_from_dict
 from flava_jax.models.dvae import DVAE
-from flava_jax.models.flava import LOGIT_SCALE_MAX, FlavaModel, init_params
+from flava_jax.models.flava import LOGIT_SCALE_MAX, FlavaModel, init_params, logical_axes
 
 Array = jax.Array
 
@@ -53,8 +53,7 @@ class OptimizerConfig:
   grad_clip_norm: float = 0.0  # 0 disables
 
   def __post_init__(self):
-    if self.decay not in ("cosine", "linear", "constant"):
-      raise ValueError(f"optimizer.decay={self.decay!r} is not cosine, linear or constant")
+    check_choice("optimizer.decay", self.decay, ("cosine", "linear", "constant"))
     if self.learning_rate <= 0:
       raise ValueError(f"optimizer.learning_rate must be positive, got {self.learning_rate}")
 
@@ -135,7 +134,6 @@ def create_train_state(model: FlavaModel, tx: optax.GradientTransformation, rng:
 
 def param_shardings(model: FlavaModel, mesh: Mesh, rules: sharding.Rules) -> Any:
   """NamedShardings of the model parameters alone."""
-  from flava_jax.models.flava import logical_axes  # pylint: disable=import-outside-toplevel
   return sharding.logical_to_shardings(logical_axes(model), mesh, rules)
 
 

@@ -11,7 +11,7 @@ import flava_jax
 from configs import flava as flava_configs
 from flava_jax import sharding, train
 from flava_jax.data.masking import IGNORE_INDEX
-from flava_jax.losses.flava import LossConfig
+from flava_jax.losses.flava import BATCH_KEYS, LossConfig
 
 BATCH = 16
 MESHES = [dict(data=8, fsdp=1, tensor=1), dict(data=4, fsdp=2, tensor=1),
@@ -46,9 +46,7 @@ def make_batch(kind, seed=0):
       input_ids_masked=np.where(chosen, 4, ids).astype(np.int32),
       attention_mask=mask,
       mlm_labels=np.where(chosen, ids, IGNORE_INDEX).astype(np.int32))
-  keep = {"paired": batch.keys(), "image": ("pixels", "dvae_pixels", "patch_mask"),
-          "text": ("input_ids_masked", "attention_mask", "mlm_labels")}[kind]
-  return {k: v for k, v in batch.items() if k in keep}
+  return {k: batch[k] for k in BATCH_KEYS[kind]}
 
 
 LOSS = LossConfig(itm_negative_rate=0.5)

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-IGNORE_INDEX = -100
+from flava_jax.losses.masked import IGNORE_INDEX
 
 
 @dataclasses.dataclass(frozen=True)

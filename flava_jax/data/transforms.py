@@ -15,9 +15,10 @@ import math
 import numpy as np
 from PIL import Image
 
+from flava_jax.models.dvae import map_pixels
+
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
-DVAE_EPS = 0.1  # the dVAE's logit-Laplace pixel margin
 
 
 class BadImage(ValueError):
@@ -93,7 +94,7 @@ def _encoder_view(image: Image.Image, size: int) -> np.ndarray:
 
 def _dvae_view(image: Image.Image, size: int) -> np.ndarray:
   pixels = np.asarray(image.resize((size, size), Image.Resampling.LANCZOS), np.float32) / 255.0
-  return (1 - 2 * DVAE_EPS) * pixels + DVAE_EPS
+  return map_pixels(pixels)
 
 
 def train_views(image: Image.Image, rng: np.random.Generator, cfg: ImageTransformConfig

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from flava_jax.losses.masked import token_cross_entropy
+from flava_jax.sharding import DATA_AXES
 
 Array = jax.Array
-DATA_AXES = ("data", "fsdp")
 
 
 def _block_loss(image: Array, text: Array, all_image: Array, all_text: Array, scale: Array,
@@ -111,9 +111,3 @@ def local_contrastive_loss(image: Array, text: Array, logit_scale: Array,
   the weighted mean over all rows of those per-shard losses."""
   return _sharded_loss(image, text, logit_scale, row_weights, mesh, data_axes, gather=False)
 
-
-def contrastive_accuracy(image: Array, text: Array) -> Array:
-  """Image->text top-1 over the (global) batch: a cheap metric, computed on gathered arrays."""
-  similarity = jnp.einsum("bd,nd->bn", image, text, preferred_element_type=jnp.float32)
-  return jnp.mean((jnp.argmax(similarity, axis=-1) == jnp.arange(image.shape[0]))
-                  .astype(jnp.float32))

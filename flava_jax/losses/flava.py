@@ -25,9 +25,17 @@ from jax.sharding import Mesh
 
 from flava_jax.losses import contrastive, itm
 from flava_jax.losses.masked import label_weights, masked_prediction_loss
+from flava_jax.models.config import check_choice
 
 Array = jax.Array
-BATCH_KINDS = ("paired", "image", "text")
+# The arrays each batch kind carries (the train step adds the dVAE codes from dvae_pixels).
+BATCH_KEYS = {
+    "paired": ("pixels", "dvae_pixels", "patch_mask", "input_ids", "input_ids_masked",
+               "attention_mask", "mlm_labels"),
+    "image": ("pixels", "dvae_pixels", "patch_mask"),
+    "text": ("input_ids_masked", "attention_mask", "mlm_labels"),
+}
+BATCH_KINDS = tuple(BATCH_KEYS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +52,7 @@ class LossConfig:
   contrastive: str = "global"  # "global" (all-gather over data-parallel devices) | "local"
 
   def __post_init__(self):
-    if self.contrastive not in ("global", "local"):
-      raise ValueError(f"loss.contrastive={self.contrastive!r} is not 'global' or 'local'")
+    check_choice("loss.contrastive", self.contrastive, ("global", "local"))
     if not 0 <= self.itm_negative_rate <= 1:
       raise ValueError(f"loss.itm_negative_rate={self.itm_negative_rate} is not in [0, 1]")
 

@@ -114,10 +114,10 @@ class FlavaConfig:
     self.image.validate("model.image")
     self.text.validate("model.text")
     self.multimodal.validate("model.multimodal")
-    _check_choice("model.dtype", self.dtype, DTYPES)
-    _check_choice("model.param_dtype", self.param_dtype, DTYPES)
-    _check_choice("model.attention_impl", self.attention_impl, ATTENTION_IMPLS)
-    _check_choice("model.remat_policy", self.remat_policy, REMAT_POLICIES)
+    check_choice("model.dtype", self.dtype, DTYPES)
+    check_choice("model.param_dtype", self.param_dtype, DTYPES)
+    check_choice("model.attention_impl", self.attention_impl, ATTENTION_IMPLS)
+    check_choice("model.remat_policy", self.remat_policy, REMAT_POLICIES)
     if self.scan_unroll < 1:
       raise ValueError(f"model.scan_unroll must be >= 1, got {self.scan_unroll}")
     if self.projection_dim <= 0:
@@ -171,8 +171,8 @@ class DVAEConfig:
                  "output_channels"):
       if getattr(self, name) <= 0:
         raise ValueError(f"dvae.{name} must be positive, got {getattr(self, name)}")
-    _check_choice("dvae.dtype", self.dtype, DTYPES)
-    _check_choice("dvae.param_dtype", self.param_dtype, DTYPES)
+    check_choice("dvae.dtype", self.dtype, DTYPES)
+    check_choice("dvae.param_dtype", self.param_dtype, DTYPES)
     return self
 
   @classmethod
@@ -183,7 +183,7 @@ class DVAEConfig:
     return dataclasses.asdict(self)
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
   if value not in choices:
     raise ValueError(f"{name}={value!r} is not one of {choices}")
 

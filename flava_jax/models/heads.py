@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 
 from flava_jax.models.config import FlavaConfig
-from flava_jax.models.transformer import ACT_VOCAB, BATCH, LENGTH, Dense, LayerNorm, Pooler, constrain, dtype_of
+from flava_jax.models.transformer import (
+    ACT_VOCAB, BATCH, LENGTH, Dense, LayerNorm, Pooler, constrain, dtype_of)
 
 Array = jax.Array
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from flava_jax import flops as flop_counts
 from flava_jax import sharding, train
-from flava_jax.losses.flava import BATCH_KINDS, LossConfig
+from flava_jax.losses.flava import BATCH_KEYS, BATCH_KINDS, LossConfig
 from flava_jax.models.config import DVAEConfig, FlavaConfig, dataclass_from_dict
 from flava_jax.models.dvae import DVAE, init_dvae_params
 from flava_jax.models.flava import FlavaModel
@@ -75,9 +75,7 @@ def abstract_batch(kind: str, config: Any, model_config: FlavaConfig, dvae_confi
       "attention_mask": ((batch_size, length), jnp.int32),
       "mlm_labels": ((batch_size, length), jnp.int32),
   }
-  keys = {"paired": spec.keys(), "image": ("pixels", "dvae_pixels", "patch_mask"),
-          "text": ("input_ids_masked", "attention_mask", "mlm_labels")}[kind]
-  return {k: jax.ShapeDtypeStruct(*spec[k], sharding=batch_sharding) for k in keys}
+  return {k: jax.ShapeDtypeStruct(*spec[k], sharding=batch_sharding) for k in BATCH_KEYS[kind]}
 
 
 def compile_steps(config: Any, devices: list[Any], kinds: tuple[str, ...] = BATCH_KINDS

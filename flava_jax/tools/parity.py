@@ -40,7 +40,8 @@ def random_inputs(hf_config: Any, batch: int = 2, length: int = 16, seed: int = 
   return dict(pixels=pixels, ids=ids, mask=mask, ids_masked=ids_masked, masked_pos=masked_pos)
 
 
-def _max_abs(ours: Any, theirs: Any) -> float:
+def max_abs_error(ours: Any, theirs: Any) -> float:
+  """max |ours - theirs| of a jax/numpy array and a torch tensor (or array) of the same shape."""
   ours = np.asarray(ours)
   theirs = theirs.detach().numpy() if hasattr(theirs, "detach") else np.asarray(theirs)
   if ours.shape != theirs.shape:
@@ -48,9 +49,9 @@ def _max_abs(ours: Any, theirs: Any) -> float:
   return float(np.max(np.abs(ours - theirs))) if ours.size else 0.0
 
 
-def compare(hf_model: Any, model: Any, params: Mapping, inputs: Mapping[str, np.ndarray]
-            ) -> dict[str, float]:
-  """Max abs error per output between a transformers FlavaForPreTraining and ours."""
+def reference_outputs(hf_model: Any, inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
+  """The transformers forward passes `compare` checks against: paired, image-only, text-only, and
+  the L2-normalised contrastive embeddings."""
   import torch  # pylint: disable=import-outside-toplevel
 
   t = {k: torch.tensor(v) for k, v in inputs.items()}
@@ -67,6 +68,19 @@ def compare(hf_model: Any, model: Any, params: Mapping, inputs: Mapping[str, np.
     normalize = torch.nn.functional.normalize
     image_embedding = normalize(flava.image_projection(paired.image_embeddings[:, 0]), dim=-1)
     text_embedding = normalize(flava.text_projection(paired.text_embeddings[:, 0]), dim=-1)
+  return dict(paired=paired, image_only=image_only, text_only=text_only,
+              image_embedding=image_embedding, text_embedding=text_embedding,
+              logit_scale=flava.logit_scale)
+
+
+def compare(hf_model: Any, model: Any, params: Mapping, inputs: Mapping[str, np.ndarray],
+            reference: Mapping[str, Any] | None = None) -> dict[str, float]:
+  """Max abs error per output between a transformers FlavaForPreTraining and ours.
+
+  `reference`: the result of reference_outputs(hf_model, inputs), when the caller has it already.
+  """
+  ref = reference if reference is not None else reference_outputs(hf_model, inputs)
+  paired, image_only, text_only = ref["paired"], ref["image_only"], ref["text_only"]
 
   @jax.jit
   def forward(params, pixels, ids, mask, masked_pos, ids_masked):
@@ -81,25 +95,27 @@ def compare(hf_model: Any, model: Any, params: Mapping, inputs: Mapping[str, np.
       jnp.asarray(inputs["ids_masked"]))
 
   errors = {}
-  for name, mine, ref in [("image", ours.image, paired.image_output),
-                          ("text", ours.text, paired.text_output),
-                          ("image_masked", ours.image_masked, paired.image_masked_output),
-                          ("text_masked", ours.text_masked, paired.text_masked_output),
-                          ("multimodal", ours.multimodal_masked,
-                           paired.multimodal_masked_output)]:
-    errors[f"{name}.last_hidden_state"] = _max_abs(mine.last_hidden_state, ref.last_hidden_state)
-    errors[f"{name}.pooled"] = _max_abs(mine.pooled, ref.pooler_output)
-    if ref.hidden_states is not None:  # the pre-final-LayerNorm states the fusion consumes
-      errors[f"{name}.pre_norm_hidden"] = _max_abs(mine.hidden_state, ref.hidden_states[-1])
-  errors["image_embedding"] = _max_abs(ours.image_embedding, image_embedding)
-  errors["text_embedding"] = _max_abs(ours.text_embedding, text_embedding)
-  errors["logit_scale"] = _max_abs(ours.logit_scale, flava.logit_scale)
-  errors["itm_logits"] = _max_abs(ours.itm_logits, paired.itm_logits)
-  errors["mmm_image_logits"] = _max_abs(ours.mmm_image_logits, paired.mmm_image_logits)
-  errors["mmm_text_logits"] = _max_abs(ours.mmm_text_logits, paired.mmm_text_logits)
+  for name, mine, theirs in [("image", ours.image, paired.image_output),
+                             ("text", ours.text, paired.text_output),
+                             ("image_masked", ours.image_masked, paired.image_masked_output),
+                             ("text_masked", ours.text_masked, paired.text_masked_output),
+                             ("multimodal", ours.multimodal_masked,
+                              paired.multimodal_masked_output)]:
+    errors[f"{name}.last_hidden_state"] = max_abs_error(mine.last_hidden_state,
+                                                        theirs.last_hidden_state)
+    errors[f"{name}.pooled"] = max_abs_error(mine.pooled, theirs.pooler_output)
+    if theirs.hidden_states is not None:  # the pre-final-LayerNorm states the fusion consumes
+      errors[f"{name}.pre_norm_hidden"] = max_abs_error(mine.hidden_state,
+                                                        theirs.hidden_states[-1])
+  errors["image_embedding"] = max_abs_error(ours.image_embedding, ref["image_embedding"])
+  errors["text_embedding"] = max_abs_error(ours.text_embedding, ref["text_embedding"])
+  errors["logit_scale"] = max_abs_error(ours.logit_scale, ref["logit_scale"])
+  errors["itm_logits"] = max_abs_error(ours.itm_logits, paired.itm_logits)
+  errors["mmm_image_logits"] = max_abs_error(ours.mmm_image_logits, paired.mmm_image_logits)
+  errors["mmm_text_logits"] = max_abs_error(ours.mmm_text_logits, paired.mmm_text_logits)
   # Without labels the reference applies the MIM head to [CLS_I] too; ours covers the patches.
-  errors["mim_logits"] = _max_abs(ours_image.mim_logits, image_only.mim_logits[:, 1:])
-  errors["mlm_logits"] = _max_abs(ours_text.mlm_logits, text_only.mlm_logits)
+  errors["mim_logits"] = max_abs_error(ours_image.mim_logits, image_only.mim_logits[:, 1:])
+  errors["mlm_logits"] = max_abs_error(ours_text.mlm_logits, text_only.mlm_logits)
   return errors
 
 

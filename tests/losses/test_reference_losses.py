@@ -35,13 +35,16 @@ def _reference_losses(hf, x, **kwargs):
   return {k: float(v) for k, v in out.loss_info.items() if v is not None}
 
 
+def _paired_batch(x):
+  return dict(pixels=jnp.asarray(x["pixels"].transpose(0, 2, 3, 1)),
+              patch_mask=jnp.asarray(x["masked_pos"]), input_ids=jnp.asarray(x["ids"]),
+              input_ids_masked=jnp.asarray(x["ids_masked"]),
+              attention_mask=jnp.asarray(x["mask"]), mlm_labels=jnp.asarray(x["mlm_labels"]))
+
+
 def _ours_paired(model, params, x):
-  batch = dict(pixels=jnp.asarray(x["pixels"].transpose(0, 2, 3, 1)),
-               patch_mask=jnp.asarray(x["masked_pos"]), input_ids=jnp.asarray(x["ids"]),
-               input_ids_masked=jnp.asarray(x["ids_masked"]),
-               attention_mask=jnp.asarray(x["mask"]), mlm_labels=jnp.asarray(x["mlm_labels"]))
   total, metrics = jax.jit(lambda p: flava_losses.paired_loss(
-      model, p, batch, jnp.asarray(x["codes"]), jax.random.key(0), CFG,
+      model, p, _paired_batch(x), jnp.asarray(x["codes"]), jax.random.key(0), CFG,
       itm_labels=jnp.asarray(x["itm_labels"])))(params)
   return float(total), {k: float(v) for k, v in metrics.items()}
 
@@ -86,11 +89,7 @@ def test_loss_weights_scale_the_total(tiny_hf_pretraining):
   x = _batch(tiny_hf_pretraining.config, [1, 0, 1, 1])
   _, parts = _ours_paired(model, params, x)
   cfg = flava_losses.LossConfig(global_contrastive=2.0, itm=0.0, mmm_image=0.5, mmm_text=1.0)
-  batch = dict(pixels=jnp.asarray(x["pixels"].transpose(0, 2, 3, 1)),
-               patch_mask=jnp.asarray(x["masked_pos"]), input_ids=jnp.asarray(x["ids"]),
-               input_ids_masked=jnp.asarray(x["ids_masked"]),
-               attention_mask=jnp.asarray(x["mask"]), mlm_labels=jnp.asarray(x["mlm_labels"]))
-  total, _ = flava_losses.paired_loss(model, params, batch, jnp.asarray(x["codes"]),
+  total, _ = flava_losses.paired_loss(model, params, _paired_batch(x), jnp.asarray(x["codes"]),
                                       jax.random.key(0), cfg,
                                       itm_labels=jnp.asarray(x["itm_labels"]))
   expected = 2 * parts["global_contrastive"] + 0.5 * parts["mmm_image"] + parts["mmm_text"]

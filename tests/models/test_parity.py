@@ -18,21 +18,16 @@ def _nhwc(pixels):
   return jnp.asarray(pixels.transpose(0, 2, 3, 1))
 
 
-def _np(x):
-  return x.detach().numpy() if hasattr(x, "detach") else np.asarray(x)
-
-
 def _assert_close(ours, theirs, tol, what):
-  ours, theirs = _np(ours), _np(theirs)
-  assert ours.shape == theirs.shape, (what, ours.shape, theirs.shape)
-  err = float(np.max(np.abs(ours - theirs)))
+  err = parity.max_abs_error(ours, theirs)  # raises on a shape mismatch
   assert err <= tol, f"{what}: max abs error {err:.3g} > {tol}"
 
 
 def _check_against_reference(hf_model, model, params, inputs, tol):
   """Every encoder state, pooled output, embedding and head logit, paired and unimodal; then the
   notebook-facing methods."""
-  errors = parity.compare(hf_model, model, params, inputs)
+  reference = parity.reference_outputs(hf_model, inputs)
+  errors = parity.compare(hf_model, model, params, inputs, reference)
   assert {"image.pre_norm_hidden", "text_masked.pre_norm_hidden", "mim_logits", "mlm_logits",
           "itm_logits", "mmm_image_logits", "mmm_text_logits"} <= set(errors)
   worst = {name: err for name, err in errors.items() if err > tol}
@@ -41,16 +36,8 @@ def _check_against_reference(hf_model, model, params, inputs, tol):
 
   x = inputs
   apply = lambda *a, **k: model.apply({"params": params}, *a, **k)  # noqa: E731
-  t = {k: torch.tensor(v) for k, v in x.items()}
-  with torch.no_grad():
-    paired = hf_model(input_ids=t["ids"], input_ids_masked=t["ids_masked"],
-                      pixel_values=t["pixels"], attention_mask=t["mask"],
-                      bool_masked_pos=t["masked_pos"], return_loss=False)
-    flava = hf_model.flava
-    image_embedding = torch.nn.functional.normalize(
-        flava.image_projection(paired.image_embeddings[:, 0]), dim=-1)
-    text_embedding = torch.nn.functional.normalize(
-        flava.text_projection(paired.text_embeddings[:, 0]), dim=-1)
+  paired = reference["paired"]
+  image_embedding, text_embedding = reference["image_embedding"], reference["text_embedding"]
 
   # The notebook-facing methods agree with the forward.
   _assert_close(apply(_nhwc(x["pixels"]), method="image_embedding"), image_embedding, tol,
