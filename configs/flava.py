@@ -60,6 +60,48 @@ def dvae_config(arg: str) -> ml_collections.ConfigDict:
       param_dtype="float32"))
 
 
+def data_config(arg: str) -> ml_collections.ConfigDict:
+  """The corpora mixed per step and their transforms (flava_jax/data/pipeline.py, DataConfig).
+
+  Default corpora: the embedded corpus (built on first use, no download). A real run names its
+  own, e.g. --config.data.corpora.paired.source=tfds --config.data.corpora.paired.name=
+  coco_captions --config.data.corpora.paired.fields.caption=captions/text, or our own shards
+  written by `python -m flava_jax.data.build` (source=array_record, paths=DIR).
+  """
+  full = arg == "full"
+  fields = dict(image="image", caption="caption", text="text", label="label")
+
+  def corpus(kind, weight):
+    return dict(kind=kind, weight=weight, source="embedded", name=kind, split="train", paths="",
+                data_dir="", fields=dict(fields))
+
+  # FLAVA's joint-training mixture: paired 0.7, image 0.15, text 0.15.
+  return ml_collections.ConfigDict(dict(
+      corpora=dict(paired=corpus("paired", 0.7), image=corpus("image", 0.15),
+                   text=corpus("text", 0.15)),
+      vocab_file="",  # "" = the embedded vocabulary; real runs: bert-base-uncased's vocab.txt
+      lowercase=True,
+      cache_dir="",
+      crop_scale=(0.9, 1.0),
+      crop_ratio=(3 / 4, 4 / 3),
+      horizontal_flip=False,
+      max_pixels=100_000_000,
+      max_text_bytes=1 << 20,
+      # BEiT block masks: 75 of 196 patches, blocks >= 16; tiny's 4x4 grid: 6 of 16, blocks >= 2.
+      mask_patches=75 if full else 6,
+      mask_min_block=16 if full else 2,
+      mask_min_aspect=0.3,
+      mlm_rate=0.15,
+      mlm_mask_fraction=0.8,
+      mlm_random_fraction=0.1,
+      worker_count=16 if full else 0,
+      worker_buffer_size=2,
+      read_threads=8 if full else 2,
+      read_buffer_size=64 if full else 16,
+      max_consecutive_skips=10_000,
+  ))
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = arg or "tiny"
   config = ml_collections.ConfigDict()
@@ -81,6 +123,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       learning_rate=1e-3, warmup_steps=10_000 if full else 20, decay="cosine",
       end_learning_rate_fraction=0.0, weight_decay=0.1, b1=0.9, b2=0.999, eps=1e-8,
       grad_clip_norm=0.0))
+  config.data = data_config(arg)
   # Mesh ("data", "fsdp", "tensor"); -1 takes the remaining devices.
   config.sharding = ml_collections.ConfigDict(dict(
       mesh=dict(data=-1, fsdp=1, tensor=1),

@@ -15,18 +15,15 @@ import math
 import numpy as np
 from PIL import Image
 
+from flava_jax.data.examples import Skip
 from flava_jax.models.dvae import map_pixels
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
 
-class BadImage(ValueError):
+class BadImage(Skip):
   """An image that cannot be decoded or is out of bounds; `reason` names the skip counter."""
-
-  def __init__(self, reason: str, detail: str = ""):
-    super().__init__(f"{reason}: {detail}" if detail else reason)
-    self.reason = reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +49,8 @@ def decode_rgb(data: bytes, max_pixels: int) -> Image.Image:
   except BadImage:
     raise
   except Exception as e:  # pylint: disable=broad-except  (PIL raises many types)
-    raise BadImage("undecodable", f"{type(e).__name__}: {e}") from e
+    reason = "truncated_image" if "truncated" in str(e).lower() else "undecodable"
+    raise BadImage(reason, f"{type(e).__name__}: {e}") from e
   if image.mode in ("I;16", "I;16B", "I;16L", "I"):
     scaled = np.asarray(image, np.float64)
     peak = 65535.0 if image.mode.startswith("I;16") or scaled.max() > 255 else 255.0

@@ -52,7 +52,7 @@ def test_truncated_and_oversized_images_are_refused():
   jpeg = _encode(Image.new("RGB", (64, 64), (10, 200, 30)), "JPEG")
   with pytest.raises(T.BadImage) as err:
     T.decode_rgb(jpeg[: len(jpeg) // 2], CFG.max_pixels)
-  assert err.value.reason == "undecodable"
+  assert err.value.reason == "truncated_image"
   with pytest.raises(T.BadImage) as err:
     T.decode_rgb(jpeg, max_pixels=1000)
   assert err.value.reason == "too_large"

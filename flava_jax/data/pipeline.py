@@ -1,0 +1,275 @@
+"""The training input pipeline: config -> an iterator of per-step batches, checkpointable.
+
+    corpus source (sources.py) -> this host's slice -> shuffle, repeat (reshuffled every epoch)
+      -> per-example transform with its own rng (preprocess.py; bad examples marked)
+      -> read threads -> batches that drop and count bad examples -> weighted per-step mixture
+      -> grain worker processes (data.worker_count) -> DataIterator (state, skip totals)
+
+`make_pipeline(config)` reads `config.data` plus the sizes it shares with the model (image size,
+patch grid, text lengths, batch, seed). `DataIterator.get_state()` is a JSON-able dict the trainer
+stores in its checkpoint; `set_state` resumes the exact batch sequence. `to_global` turns a host's
+batch into global jax Arrays laid out over the mesh's data-parallel axes.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+
+from flava_jax import sharding
+from flava_jax.data import embedded, masking, sources, transforms
+from flava_jax.data.mixture import (CORPUS_KEY, SKIPPED_KEY, SkipCountingBatchIterDataset,
+                                    WeightedMixtureIterDataset)
+from flava_jax.data.preprocess import KINDS, ExampleProcessor
+from flava_jax.data.tokenizer import Tokenizer
+from flava_jax.models.config import check_choice, dataclass_from_dict
+
+DVAE_DOWNSAMPLE = 8  # the dVAE turns s x s pixels into (s/8) x (s/8) codes
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusConfig:
+  """One corpus of the mixture: its kind, weight and source (sources.SourceConfig's fields)."""
+
+  kind: str = "paired"
+  weight: float = 1.0
+  source: str = "embedded"
+  name: str = ""
+  split: str = "train"
+  paths: str = ""
+  data_dir: str = ""
+  fields: dict = dataclasses.field(
+      default_factory=lambda: {k: k for k in sources.CANONICAL_FIELDS})
+
+  def source_config(self, cache_dir: str) -> sources.SourceConfig:
+    return sources.SourceConfig(source=self.source, name=self.name, split=self.split,
+                                paths=self.paths, data_dir=self.data_dir, cache_dir=cache_dir,
+                                fields=dict(self.fields))
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  corpora: dict = dataclasses.field(default_factory=dict)  # name -> CorpusConfig fields
+  vocab_file: str = ""  # a BERT vocab.txt; "" = the embedded corpus's own vocabulary
+  lowercase: bool = True
+  cache_dir: str = ""  # embedded corpus cache ("" = $FLAVA_JAX_CACHE or ~/.cache/flava_jax)
+  crop_scale: tuple = (0.9, 1.0)
+  crop_ratio: tuple = (3 / 4, 4 / 3)
+  horizontal_flip: bool = False
+  max_pixels: int = 100_000_000
+  max_text_bytes: int = 1 << 20
+  mask_patches: int = 75  # BEiT block masking: patches masked per image
+  mask_min_block: int = 16
+  mask_min_aspect: float = 0.3
+  mlm_rate: float = 0.15
+  mlm_mask_fraction: float = 0.8
+  mlm_random_fraction: float = 0.1
+  worker_count: int = 0  # grain worker processes (0: transform in this process)
+  worker_buffer_size: int = 2  # batches each worker keeps ready
+  read_threads: int = 8  # threads per process reading and transforming examples
+  read_buffer_size: int = 64  # examples those threads keep ready per corpus
+  max_consecutive_skips: int = 10_000
+
+
+def data_config(values: Mapping[str, Any], prefix: str = "data") -> tuple[DataConfig,
+                                                                        dict[str, CorpusConfig]]:
+  """Validated DataConfig and its corpora; bad fields are errors that name them."""
+  cfg = dataclass_from_dict(DataConfig, values, prefix)
+  corpora = {}
+  if not cfg.corpora:
+    raise ValueError(f"{prefix}.corpora is empty: name at least one corpus")
+  for name, fields in cfg.corpora.items():
+    where = f"{prefix}.corpora.{name}"
+    corpus = dataclass_from_dict(CorpusConfig, fields, where)
+    check_choice(f"{where}.kind", corpus.kind, KINDS)
+    check_choice(f"{where}.source", corpus.source, sources.SOURCE_KINDS)
+    if not corpus.weight > 0:
+      raise ValueError(f"{where}.weight={corpus.weight} must be positive")
+    unknown = set(corpus.fields) - set(sources.CANONICAL_FIELDS)
+    if unknown:
+      raise ValueError(f"{where}.fields has unknown names {sorted(unknown)}; "
+                       f"use {sources.CANONICAL_FIELDS}")
+    corpora[name] = corpus
+  for name in ("worker_count", "read_threads", "read_buffer_size", "worker_buffer_size"):
+    if getattr(cfg, name) < (0 if name == "worker_count" else 1):
+      raise ValueError(f"{prefix}.{name}={getattr(cfg, name)} is out of range")
+  return cfg, corpora
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+  """What the pipeline shares with the model and the recipe."""
+
+  image_size: int
+  patch_size: int
+  paired_text_length: int
+  text_length: int
+  text_vocab_size: int
+  text_pad_id: int
+  global_batch: int
+  seed: int
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def dvae_size(self) -> int:
+    return self.grid * DVAE_DOWNSAMPLE
+
+  @classmethod
+  def from_config(cls, config: Any) -> "Shapes":
+    return cls(image_size=config.model.image.image_size,
+               patch_size=config.model.image.patch_size,
+               paired_text_length=config.paired_text_length, text_length=config.text_length,
+               text_vocab_size=config.model.text.vocab_size,
+               text_pad_id=config.model.text.pad_token_id, global_batch=config.global_batch,
+               seed=config.seed)
+
+
+def load_tokenizer(cfg: DataConfig, shapes: Shapes | None = None) -> Tokenizer:
+  vocab = cfg.vocab_file or embedded.vocab_file(cfg.cache_dir)
+  tok = Tokenizer(vocab, lowercase=cfg.lowercase)
+  if shapes is not None:
+    if tok.vocab_size > shapes.text_vocab_size:
+      raise ValueError(f"data.vocab_file has {tok.vocab_size} tokens but "
+                       f"model.text.vocab_size is {shapes.text_vocab_size}")
+    if tok.pad_id != shapes.text_pad_id:
+      raise ValueError(f"data.vocab_file's [PAD] is id {tok.pad_id} but "
+                       f"model.text.pad_token_id is {shapes.text_pad_id}")
+  return tok
+
+
+def make_processor(kind: str, cfg: DataConfig, shapes: Shapes, tok: Tokenizer | None,
+                   train: bool = True) -> ExampleProcessor:
+  grid = shapes.grid
+  block = masking.BlockMaskConfig(grid_size=grid, num_masked=min(cfg.mask_patches, grid * grid),
+                                  min_block=cfg.mask_min_block, min_aspect=cfg.mask_min_aspect)
+  image = transforms.ImageTransformConfig(
+      image_size=shapes.image_size, dvae_size=shapes.dvae_size, crop_scale=tuple(cfg.crop_scale),
+      crop_ratio=tuple(cfg.crop_ratio), horizontal_flip=cfg.horizontal_flip,
+      max_pixels=cfg.max_pixels)
+  mlm = None
+  if tok is not None:
+    mlm = masking.TokenMaskConfig(vocab_size=tok.vocab_size, mask_id=tok.mask_id,
+                                  special_ids=tok.special_ids, rate=cfg.mlm_rate,
+                                  mask_fraction=cfg.mlm_mask_fraction,
+                                  random_fraction=cfg.mlm_random_fraction)
+  length = shapes.paired_text_length if kind == "paired" else shapes.text_length
+  return ExampleProcessor(kind=kind, image=image, block_mask=block,
+                          tokenizer=tok if kind != "image" else None, text_length=length,
+                          mlm=mlm if kind != "image" else None, max_text_bytes=cfg.max_text_bytes,
+                          train=train)
+
+
+def _stable_hash(name: str) -> int:
+  return int.from_bytes(name.encode("utf-8")[:8].ljust(8, b"\0"), "little") % (2**31)
+
+
+def corpus_examples(source: sources.Source, processor: ExampleProcessor, seed: int,
+                    process_index: int, process_count: int, shuffle: bool = True,
+                    repeat: bool = True) -> grain.MapDataset:
+  """This host's slice of one corpus, shuffled and repeated, each example transformed."""
+  if len(source) < process_count:
+    raise ValueError(f"{source.where}: {len(source)} records cannot feed {process_count} "
+                     "processes")
+  ds = grain.MapDataset.source(source)[process_index::process_count]
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  if repeat:
+    ds = ds.repeat()
+  return ds.random_map(processor, seed=seed + 1)
+
+
+class DataIterator:
+  """Per-step batches with their corpus, kind and skip counts; state is a JSON-able dict."""
+
+  def __init__(self, dataset: grain.IterDataset, kinds: Mapping[str, str]):
+    self._dataset = dataset
+    self._iterator = iter(dataset)
+    self.kinds = dict(kinds)
+    self.skipped = collections.Counter()  # "corpus/reason" -> examples skipped so far
+    self.batches = collections.Counter()  # corpus -> batches delivered so far
+
+  def __iter__(self) -> "DataIterator":
+    return self
+
+  def __next__(self) -> tuple[str, dict[str, np.ndarray]]:
+    """(corpus name, {key: host-local numpy array})."""
+    batch = next(self._iterator)
+    corpus = batch.pop(CORPUS_KEY)
+    for reason, count in batch.pop(SKIPPED_KEY).items():
+      self.skipped[f"{corpus}/{reason}"] += count
+    self.batches[corpus] += 1
+    return corpus, batch
+
+  def get_state(self) -> dict:
+    return {"grain": self._iterator.get_state(), "skipped": dict(self.skipped),
+            "batches": dict(self.batches)}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    self._iterator.set_state(state["grain"])
+    self.skipped = collections.Counter(state["skipped"])
+    self.batches = collections.Counter(state["batches"])
+
+  def close(self) -> None:
+    close = getattr(self._iterator, "close", None)
+    if close is not None:
+      close()
+
+
+def state_to_json(state: Mapping[str, Any]) -> str:
+  return json.dumps(state, sort_keys=True)
+
+
+def state_from_json(text: str) -> dict:
+  return json.loads(text)
+
+
+def make_pipeline(config: Any, process_index: int | None = None,
+                  process_count: int | None = None) -> DataIterator:
+  """The training pipeline for `config` (an ml_collections config with `data` and the sizes)."""
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  cfg, corpora = data_config(config.data)
+  shapes = Shapes.from_config(config)
+  if shapes.global_batch % process_count:
+    raise ValueError(f"global_batch={shapes.global_batch} is not divisible by the "
+                     f"{process_count} processes")
+  host_batch = shapes.global_batch // process_count
+  tok = None
+  if any(c.kind != "image" for c in corpora.values()):
+    tok = load_tokenizer(cfg, shapes)
+  streams, weights, kinds = {}, {}, {}
+  read_options = grain.ReadOptions(num_threads=cfg.read_threads,
+                                   prefetch_buffer_size=cfg.read_buffer_size)
+  for name, corpus in corpora.items():
+    where = f"data.corpora.{name}"
+    source = sources.open_source(corpus.source_config(cfg.cache_dir), where)
+    source.check(corpus.kind)
+    processor = make_processor(corpus.kind, cfg, shapes, tok)
+    seed = shapes.seed * 1_000_003 + _stable_hash(name)
+    examples = corpus_examples(source, processor, seed, process_index, process_count)
+    streams[name] = SkipCountingBatchIterDataset(
+        examples.to_iter_dataset(read_options), host_batch, name, cfg.max_consecutive_skips)
+    weights[name] = corpus.weight
+    kinds[name] = corpus.kind
+  dataset = WeightedMixtureIterDataset(streams, weights, seed=shapes.seed)
+  if cfg.worker_count > 0:
+    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size))
+  return DataIterator(dataset, kinds)
+
+
+def to_global(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+  """A host's rows -> global arrays split over the data-parallel axes (every process calls it)."""
+  batch_sharding = sharding.batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
+          for k, v in batch.items()}

@@ -1,0 +1,92 @@
+"""flava_jax's own ArrayRecord shards: one msgpack map per record.
+
+A record holds any of these fields (absent ones are simply missing):
+    image:   bytes, the encoded image file as it was found (JPEG, PNG, ...)
+    caption: str, the text paired with the image
+    label:   int, a class index (image folders, classification sets)
+    text:    str, a text-only example
+    id:      str, where the example came from (file name, key), for debugging and dedup
+
+Shards are `PREFIX-00000-of-00004.array_record`, written with group_size 1 so that every record
+can be read on its own (random access for grain's global shuffle).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import msgpack
+
+FIELDS = ("image", "caption", "label", "text", "id")
+SHARD_SUFFIX = ".array_record"
+
+
+def encode_record(example: dict[str, Any]) -> bytes:
+  unknown = set(example) - set(FIELDS)
+  if unknown:
+    raise ValueError(f"unknown record fields {sorted(unknown)}; records hold {FIELDS}")
+  return msgpack.packb({k: v for k, v in example.items() if v is not None}, use_bin_type=True)
+
+
+def decode_record(data: bytes) -> dict[str, Any]:
+  """bytes -> dict; raises ValueError for anything that is not one of our records."""
+  try:
+    record = msgpack.unpackb(data, raw=False, strict_map_key=True)
+  except Exception as e:  # pylint: disable=broad-except  (msgpack raises several types)
+    raise ValueError(f"not a msgpack record: {type(e).__name__}: {e}") from e
+  if not isinstance(record, dict):
+    raise ValueError(f"record is a {type(record).__name__}, not a map")
+  return record
+
+
+def shard_paths(prefix: str, num_shards: int) -> list[str]:
+  return [f"{prefix}-{i:05d}-of-{num_shards:05d}{SHARD_SUFFIX}" for i in range(num_shards)]
+
+
+def find_shards(pattern: str | Sequence[str]) -> list[str]:
+  """Shard paths from a directory, a glob, a single file or a list of those (sorted, unique)."""
+  patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+  paths = []
+  for p in patterns:
+    p = os.path.expanduser(p)
+    if os.path.isdir(p):
+      paths += glob.glob(os.path.join(p, f"*{SHARD_SUFFIX}*"))
+    else:
+      paths += glob.glob(p)
+  return sorted(set(paths))
+
+
+@dataclasses.dataclass
+class ShardWriter:
+  """Writes records round-robin over `num_shards` ArrayRecord files named after `prefix`."""
+
+  prefix: str
+  num_shards: int = 1
+
+  def __post_init__(self):
+    # Imported here so that reading code does not need the writer extension loaded.
+    from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
+    if self.num_shards < 1:
+      raise ValueError(f"num_shards={self.num_shards} must be >= 1")
+    os.makedirs(os.path.dirname(os.path.abspath(self.prefix)), exist_ok=True)
+    self.paths = shard_paths(self.prefix, self.num_shards)
+    self._writers = [ArrayRecordWriter(p, "group_size:1") for p in self.paths]
+    self.count = 0
+
+  def write(self, example: dict[str, Any]) -> None:
+    self._writers[self.count % self.num_shards].write(encode_record(example))
+    self.count += 1
+
+  def close(self) -> None:
+    for w in self._writers:
+      w.close()
+
+  def __enter__(self) -> "ShardWriter":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()

@@ -1,0 +1,251 @@
+"""Random-access sources behind one interface, named by the config (`data.corpora.NAME.source`).
+
+    embedded      the default corpus (embedded.py), built on first use; name = paired|image|text
+    array_record  our own shards (records.py; written by `python -m flava_jax.data.build`)
+    tfds          a prepared TFDS dataset read through tfds.data_source (ArrayRecord files);
+                  images are kept encoded (decoded later by the pipeline's workers)
+
+Every source returns canonical examples: {"image", "caption", "text", "label"} with the configured
+field of the underlying record under each canonical name (`fields`, nested TFDS features as
+"captions/text"). A record that cannot be read or parsed comes back as {"_skip": reason} so that
+the pipeline counts it instead of dying. Problems with the whole source (missing dataset, empty
+source, a field name that no record has) are errors at start-up that name the config field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from flava_jax.data import embedded, records
+from flava_jax.data.examples import Skip
+from flava_jax.models.config import check_choice
+
+CANONICAL_FIELDS = ("image", "caption", "text", "label")
+# What each corpus kind needs from its source (label is optional for image corpora).
+REQUIRED_FIELDS = {"paired": ("image", "caption"), "image": ("image",), "text": ("text",)}
+SOURCE_KINDS = ("embedded", "array_record", "tfds")
+_PROBE_RECORDS = 32  # records read at start-up to check the field names
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceConfig:
+  source: str = "embedded"
+  name: str = ""  # embedded: paired|image|text; tfds: the dataset name (e.g. coco_captions)
+  split: str = "train"
+  paths: str = ""  # array_record: a directory, glob or comma-separated list of shard files
+  data_dir: str = ""  # tfds: where the prepared dataset lives (default: TFDS's own default)
+  cache_dir: str = ""  # embedded: where it is built (default ~/.cache/flava_jax or $FLAVA_JAX_CACHE)
+  # canonical field -> field of the source's records ("" drops it)
+  fields: dict = dataclasses.field(default_factory=lambda: {k: k for k in CANONICAL_FIELDS})
+
+  def __post_init__(self):
+    check_choice("source", self.source, SOURCE_KINDS)
+    unknown = set(self.fields) - set(CANONICAL_FIELDS)
+    if unknown:
+      raise ValueError(f"fields has unknown canonical names {sorted(unknown)}; "
+                       f"use {CANONICAL_FIELDS}")
+
+
+def _lookup(record: Any, path: str) -> Any:
+  """record["a"]["b"] for path "a/b"; KeyError when absent."""
+  value = record
+  for key in path.split("/"):
+    if not isinstance(value, dict) or key not in value:
+      raise KeyError(path)
+    value = value[key]
+  return value
+
+
+class Source:
+  """len() and [i] -> canonical example dict; picklable for grain's worker processes."""
+
+  def __init__(self, cfg: SourceConfig, where: str):
+    self.cfg = cfg
+    self.where = where  # the config path, for messages
+    self._fields = {k: v for k, v in cfg.fields.items() if v}
+
+  def __len__(self) -> int:
+    raise NotImplementedError
+
+  def _raw(self, index: int) -> Any:
+    raise NotImplementedError
+
+  def _parse(self, raw: Any) -> dict:
+    return raw
+
+  def record(self, index: int) -> dict:
+    """The underlying record as a dict (raises on failure)."""
+    return self._parse(self._raw(index))
+
+  def __getitem__(self, index: int) -> dict:
+    try:
+      raw = self._raw(index)
+    except Exception as e:  # pylint: disable=broad-except  (storage layers raise many types)
+      logging.warning("%s: record %d unreadable: %s", self.where, index, e)
+      return {"_skip": "unreadable_record"}
+    try:
+      record = self._parse(raw)
+    except (ValueError, Skip) as e:
+      return {"_skip": getattr(e, "reason", "corrupt_record")}
+    out = {}
+    for name, path in self._fields.items():
+      try:
+        out[name] = _lookup(record, path)
+      except KeyError:
+        pass
+    return out
+
+  def check(self, kind: str) -> None:
+    """Start-up checks: not empty, and every field the kind needs found in some early record."""
+    n = len(self)
+    if n == 0:
+      raise ValueError(f"{self.where}: the source is empty ({self.describe()})")
+    needed = REQUIRED_FIELDS[kind]
+    for name in needed:
+      if not self._fields.get(name):
+        raise ValueError(f"{self.where}.fields.{name} is empty, but a {kind} corpus needs it")
+    found, keys = set(), set()
+    for i in range(min(n, _PROBE_RECORDS)):
+      try:
+        record = self.record(i)
+      except Exception:  # pylint: disable=broad-except  (bad records are counted later)
+        continue
+      keys |= set(_flat_keys(record))
+      for name in needed:
+        try:
+          _lookup(record, self._fields[name])
+          found.add(name)
+        except KeyError:
+          pass
+    for name in needed:
+      if name not in found:
+        raise ValueError(
+            f"{self.where}.fields.{name}={self._fields[name]!r}: no such field in the first "
+            f"{min(n, _PROBE_RECORDS)} records of {self.describe()}; their fields: "
+            f"{sorted(keys)}")
+
+  def describe(self) -> str:
+    raise NotImplementedError
+
+
+def _flat_keys(record: Any, prefix: str = "") -> list[str]:
+  if not isinstance(record, dict):
+    return [prefix] if prefix else []
+  out = []
+  for k, v in record.items():
+    out += _flat_keys(v, f"{prefix}/{k}" if prefix else str(k)) if isinstance(v, dict) else [
+        f"{prefix}/{k}" if prefix else str(k)]
+  return out
+
+
+class ArrayRecordSource(Source):
+  """Our own shards: msgpack records (records.py)."""
+
+  def __init__(self, cfg: SourceConfig, where: str, paths: list[str] | None = None):
+    super().__init__(cfg, where)
+    if paths is None:
+      if not cfg.paths:
+        raise ValueError(f"{where}.paths is empty: name the shard files, a glob or a directory")
+      paths = records.find_shards(cfg.paths.split(","))
+      if not paths:
+        raise ValueError(f"{where}.paths={cfg.paths!r} matches no ArrayRecord shard")
+    self.paths = paths
+    self._open()
+
+  def _open(self):
+    import grain  # pylint: disable=g-import-not-at-top
+    self._data = grain.sources.ArrayRecordDataSource(self.paths)
+
+  def __len__(self) -> int:
+    return len(self._data)
+
+  def _raw(self, index: int) -> bytes:
+    return self._data[index]
+
+  def _parse(self, raw: bytes) -> dict:
+    try:
+      return records.decode_record(raw)
+    except ValueError as e:
+      raise Skip("corrupt_record", str(e)) from e
+
+  def describe(self) -> str:
+    return f"{len(self.paths)} ArrayRecord shard(s) starting {self.paths[0]}"
+
+  def __getstate__(self):
+    return {"cfg": self.cfg, "where": self.where, "paths": self.paths}
+
+  def __setstate__(self, state):
+    self.__init__(state["cfg"], state["where"], state["paths"])
+
+
+class EmbeddedSource(ArrayRecordSource):
+  """The default corpus, built and cached on first use."""
+
+  def __init__(self, cfg: SourceConfig, where: str, paths: list[str] | None = None):
+    if paths is None:
+      if cfg.name not in embedded.PARTS:
+        raise ValueError(f"{where}.name={cfg.name!r}: the embedded corpus has parts "
+                         f"{embedded.PARTS}")
+      if cfg.split not in embedded.SPLITS:
+        raise ValueError(f"{where}.split={cfg.split!r}: the embedded corpus has splits "
+                         f"{embedded.SPLITS}")
+      paths = records.find_shards(embedded.shard_pattern(cfg.name, cfg.split, cfg.cache_dir))
+    super().__init__(cfg, where, paths)
+
+  def describe(self) -> str:
+    return f"embedded corpus {self.cfg.name}/{self.cfg.split}"
+
+
+class TfdsSource(Source):
+  """A prepared TFDS dataset (ArrayRecord file format) through tfds.data_source."""
+
+  def __init__(self, cfg: SourceConfig, where: str):
+    super().__init__(cfg, where)
+    if not cfg.name:
+      raise ValueError(f"{where}.name is empty: name the TFDS dataset (e.g. coco_captions)")
+    self._open()
+
+  def _open(self):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    cfg = self.cfg
+    decoders = {}
+    image_path = self._fields.get("image")
+    if image_path:  # keep images encoded: decoding happens in the pipeline's workers
+      node = decoders
+      keys = image_path.split("/")
+      for key in keys[:-1]:
+        node = node.setdefault(key, {})
+      node[keys[-1]] = tfds.decode.SkipDecoding()
+    try:
+      self._data = tfds.data_source(cfg.name, split=cfg.split, data_dir=cfg.data_dir or None,
+                                    download=False, decoders=decoders or None)
+    except Exception as e:  # pylint: disable=broad-except  (tfds raises many types)
+      raise ValueError(
+          f"{self.where}: TFDS dataset {cfg.name!r} split {cfg.split!r} cannot be opened from "
+          f"data_dir={cfg.data_dir or '(TFDS default)'}: {type(e).__name__}: {e}. Prepare it "
+          "first (tfds build --file_format=array_record) and set data_dir.") from e
+
+  def __len__(self) -> int:
+    return len(self._data)
+
+  def _raw(self, index: int) -> dict:
+    return self._data[index]
+
+  def describe(self) -> str:
+    return f"TFDS {self.cfg.name}/{self.cfg.split}"
+
+  def __getstate__(self):
+    return {"cfg": self.cfg, "where": self.where}
+
+  def __setstate__(self, state):
+    self.__init__(state["cfg"], state["where"])
+
+
+SOURCES = {"embedded": EmbeddedSource, "array_record": ArrayRecordSource, "tfds": TfdsSource}
+
+
+def open_source(cfg: SourceConfig, where: str) -> Source:
+  """Opens the source the config names; `where` is its config path (for error messages)."""
+  return SOURCES[cfg.source](cfg, where)
