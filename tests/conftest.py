@@ -2,12 +2,15 @@
 
 import os
 import sys
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# The embedded corpus is built once per test session (about 10 s), away from the user's cache.
+os.environ.setdefault("FLAVA_JAX_CACHE", tempfile.mkdtemp(prefix="flava_jax_test_cache."))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402

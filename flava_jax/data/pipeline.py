@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import grain
+from absl import flags
 import jax
 import numpy as np
 
@@ -263,6 +264,8 @@ def make_pipeline(config: Any, process_index: int | None = None,
     kinds[name] = corpus.kind
   dataset = WeightedMixtureIterDataset(streams, weights, seed=shapes.seed)
   if cfg.worker_count > 0:
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; notebooks never parse them
+      flags.FLAGS.mark_as_parsed()
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size))
   return DataIterator(dataset, kinds)

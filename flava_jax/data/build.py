@@ -1,0 +1,710 @@
+"""Builds flava_jax ArrayRecord shards (flava_jax.data.records) from plain files.
+
+    python -m flava_jax.data.build --kind=paired --input=captions.jsonl --out=DIR --num_shards=8
+    python -m flava_jax.data.build --kind=image --input=train/ --out=DIR      # class sub-folders
+    python -m flava_jax.data.build --kind=text --input=books/,wiki.jsonl --out=DIR
+
+What --input may be (several --input flags or comma-separated paths; globs are expanded):
+
+    paired  captions JSONL (.jsonl/.ndjson: one object per line with --image_field and
+            --caption_field; relative image paths are resolved against the captions file's
+            folder), CSV/TSV (.csv/.tsv with a header row naming the same fields), WebDataset
+            tars (.tar: members grouped by key, one image member plus a .txt caption or a .json
+            holding --caption_field), or a folder holding such files.
+    image   an image folder: with class sub-folders every sub-folder is a class (label = index
+            of its name in sorted order, names written to PREFIX.classes.json); without them the
+            images have no label. Or WebDataset tars (images only, no labels).
+    text    .txt files (or folders of them): blank-line separated paragraphs are joined into
+            examples of about --text_chars characters; or JSONL with a --text_field.
+
+Records: paired -> {image, caption, id}, image -> {image, label?, id}, text -> {text, id}; `id`
+says where the example came from. Every image is decoded once to check it, but the original file
+bytes are stored unchanged. Examples that cannot be used are skipped and counted by reason
+(flava_jax.data.examples.SKIP_REASONS); the summary printed at the end, and written to
+DIR/PREFIX.summary.json last (so its presence means the build finished), says what was written
+and what was skipped and why. Examples are written in a deterministic order (inputs as given,
+files in sorted order) round-robin over the shards. A command that cannot work (a missing
+input, an unknown format, an input that does not fit --kind, nothing written) is an error that
+names the problem, and leaves no shards behind.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import functools
+import glob
+import json
+import logging
+import os
+import posixpath
+import tarfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, BinaryIO
+
+from flava_jax.data.examples import Skip, as_image_bytes, as_text
+from flava_jax.data.records import SHARD_SUFFIX, ShardWriter
+from flava_jax.data.transforms import ImageTransformConfig, decode_rgb
+
+KINDS = ("paired", "image", "text")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif", "bmp", "webp", "tif", "tiff")
+CAPTION_EXTENSIONS = ("jsonl", "ndjson", "csv", "tsv")
+TAR_EXTENSIONS = ("tar", "tar.gz", "tgz")
+TEXT_EXTENSIONS = ("txt",)
+JSONL_EXTENSIONS = ("jsonl", "ndjson")
+
+DEFAULT_MAX_PIXELS = ImageTransformConfig.max_pixels
+DEFAULT_MAX_TEXT_BYTES = 65536
+DEFAULT_TEXT_CHARS = 2000
+# Ids of skipped examples kept per reason, so that a summary can point at real cases.
+SKIP_EXAMPLES_KEPT = 5
+
+# A source yields (id, fields); a field value may be a zero-argument callable that reads it
+# lazily and may raise Skip. A Skip in place of the fields dict counts an example that could not
+# even be parsed.
+Fields = dict[str, Any]
+Item = tuple[str, "Fields | Skip"]
+
+
+class BuildError(ValueError):
+  """The command as a whole cannot work: a missing input, an unknown format, nothing written."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildOptions:
+  max_pixels: int = DEFAULT_MAX_PIXELS
+  max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES
+  image_field: str = "image"
+  caption_field: str = "caption"
+  text_field: str = "text"
+  text_chars: int = DEFAULT_TEXT_CHARS
+
+
+@dataclasses.dataclass
+class Summary:
+  """What a build wrote and skipped; `format()` is the printed report, `to_dict()` the JSON."""
+
+  kind: str
+  out_dir: str
+  prefix: str
+  inputs: list[str] = dataclasses.field(default_factory=list)
+  written: int = 0
+  skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  paths: list[str] = dataclasses.field(default_factory=list)
+  classes: list[str] | None = None
+  # Files that are not data of this kind (a README in an image folder), counted by what they are.
+  ignored: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  skip_examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+  options: BuildOptions = dataclasses.field(default_factory=BuildOptions)
+
+  def skip(self, reason: str, example_id: str) -> None:
+    self.skipped[reason] += 1
+    kept = self.skip_examples.setdefault(reason, [])
+    if len(kept) < SKIP_EXAMPLES_KEPT:
+      kept.append(example_id)
+
+  @property
+  def summary_path(self) -> str:
+    return os.path.join(self.out_dir, f"{self.prefix}.summary.json")
+
+  @property
+  def classes_path(self) -> str:
+    return os.path.join(self.out_dir, f"{self.prefix}.classes.json")
+
+  def format(self) -> str:
+    shards = len(self.paths)
+    lines = [f"wrote {self.written} {self.kind} examples to {shards} shard"
+             f"{'s' if shards != 1 else ''} in {self.out_dir} "
+             f"({self.prefix}-*-of-{shards:05d}{SHARD_SUFFIX})"]
+    if self.classes is not None:
+      names = ", ".join(self.classes[:10]) + (", ..." if len(self.classes) > 10 else "")
+      lines.append(f"  {len(self.classes)} classes ({names}) in {self.classes_path}")
+    if 0 < self.written < shards:
+      lines.append(f"  {shards - self.written} of the shards are empty (fewer examples than "
+                   "shards)")
+    return "\n".join(lines + self.format_skipped())
+
+  def format_skipped(self) -> list[str]:
+    total = sum(self.skipped.values())
+    lines = [f"skipped {total} example{'s' if total != 1 else ''}" + (":" if total else "")]
+    width = max((len(r) for r in self.skipped), default=0)
+    for reason, count in sorted(self.skipped.items(), key=lambda kv: (-kv[1], kv[0])):
+      shown = self.skip_examples.get(reason, [])[:3]
+      more = ", ..." if count > len(shown) else ""
+      lines.append(f"  {reason:<{width}}  {count:>7}   e.g. {', '.join(shown)}{more}")
+    for what, count in sorted(self.ignored.items()):
+      lines.append(f"ignored {count} {what.replace('_', ' ')}")
+    return lines
+
+  def to_dict(self) -> dict[str, Any]:
+    return dict(kind=self.kind, written=self.written, skipped=dict(sorted(self.skipped.items())),
+                skip_examples=dict(sorted(self.skip_examples.items())),
+                shards=[os.path.basename(p) for p in self.paths], classes=self.classes,
+                ignored=dict(sorted(self.ignored.items())), inputs=self.inputs,
+                options=dataclasses.asdict(self.options))
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers.
+
+
+def _extension(path: str) -> str:
+  """'a/b.JPG' -> 'jpg'; 'x.tar.gz' -> 'tar.gz'; '' when there is none."""
+  name = os.path.basename(path).lower()
+  if name.endswith(".tar.gz"):
+    return "tar.gz"
+  return name.rpartition(".")[2] if "." in name else ""
+
+
+def _is_hidden(name: str) -> bool:
+  return name.startswith(".")
+
+
+def _sorted_walk(root: str) -> Iterator[str]:
+  """Every non-hidden file under `root`, in sorted order (directories sorted at every level)."""
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+    for name in sorted(filenames):
+      if not _is_hidden(name):
+        yield os.path.join(dirpath, name)
+
+
+def _read_file(path: str) -> bytes:
+  try:
+    with open(path, "rb") as f:
+      return f.read()
+  except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+    raise Skip("missing_image", path) from None
+  except OSError as e:
+    raise Skip("unreadable_record", f"{path}: {e}") from None
+
+
+def _decode_utf8(raw: bytes) -> str:
+  """Strict UTF-8, else surrogate escapes that _text_value turns back into the original bytes."""
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _text_value(value: Any) -> Any:
+  """A str holding surrogate escapes (bad bytes) -> those bytes, so as_text judges them."""
+  if isinstance(value, str):
+    try:
+      value.encode("utf-8")
+    except UnicodeEncodeError:
+      try:
+        return value.encode("utf-8", "surrogateescape")
+      except UnicodeEncodeError:  # surrogates that did not come from bad bytes ("\ud800" in JSON)
+        return value.encode("utf-8", "replace")
+  return value
+
+
+def _parse_json_object(raw: bytes) -> dict[str, Any]:
+  try:
+    obj = json.loads(_decode_utf8(raw))
+  except ValueError as e:
+    raise Skip("corrupt_record", f"not JSON: {e}") from None
+  if not isinstance(obj, dict):
+    raise Skip("corrupt_record", f"a JSON {type(obj).__name__}, not an object")
+  return obj
+
+
+def _jsonl_lines(path: str) -> Iterator[tuple[int, bytes]]:
+  """(line number, bytes) of every non-blank line; a UTF-8 byte order mark is dropped."""
+  with open(path, "rb") as f:
+    for number, line in enumerate(f, 1):
+      if number == 1:
+        line = line.removeprefix(b"\xef\xbb\xbf")
+      if line.strip():
+        yield number, line
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: each yields (id, fields) items in a deterministic order.
+
+
+def _image_folder_items(root: str, label: int | None, summary: Summary,
+                        id_root: str) -> Iterator[Item]:
+  for path in _sorted_walk(root):
+    if _extension(path) not in IMAGE_EXTENSIONS:
+      summary.ignored["non_image_files"] += 1
+      continue
+    fields: Fields = {"image": functools.partial(_read_file, path)}
+    if label is not None:
+      fields["label"] = label
+    yield os.path.relpath(path, id_root), fields
+
+
+def _captions_jsonl_items(path: str, opts: BuildOptions) -> Iterator[Item]:
+  base, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+  for number, line in _jsonl_lines(path):
+    item_id = f"{name}:{number}"
+    try:
+      obj = _parse_json_object(line)
+    except Skip as e:
+      yield item_id, e
+      continue
+    yield item_id, _paired_fields(obj.get(opts.caption_field), obj.get(opts.image_field), base)
+
+
+def _paired_fields(caption: Any, image: Any, base: str) -> Fields:
+  """Fields of a caption row; the image is read (lazily) from a path relative to `base`."""
+  if isinstance(image, str) and image.strip():
+    path = os.path.join(base, os.path.expanduser(image.strip()))
+    image = functools.partial(_read_file, path)
+  else:
+    image = None  # absent, empty or not a path: missing_image
+  return {"caption": caption, "image": image}
+
+
+def _captions_csv_items(path: str, opts: BuildOptions) -> Iterator[Item]:
+  base, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+  delimiter = "\t" if _extension(path) == "tsv" else ","
+  with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+    reader = csv.DictReader(f, delimiter=delimiter)
+    try:
+      columns = reader.fieldnames
+    except csv.Error as e:
+      raise BuildError(f"{path}: the header row does not parse: {e}") from None
+    if columns is None:  # an empty file
+      return
+    missing = [c for c in (opts.image_field, opts.caption_field) if c not in columns]
+    if missing:
+      raise BuildError(
+          f"{path} has no column {', '.join(map(repr, missing))} (its columns: "
+          f"{', '.join(map(repr, columns))}); name them with --image_field/--caption_field")
+    while True:
+      try:
+        row = next(reader)
+      except StopIteration:
+        return
+      except csv.Error as e:
+        yield f"{name}:{reader.line_num}", Skip("corrupt_record", str(e))
+        continue
+      yield (f"{name}:{reader.line_num}",
+             _paired_fields(row.get(opts.caption_field), row.get(opts.image_field), base))
+
+
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+  try:
+    f = tar.extractfile(member)
+    assert f is not None  # only regular files are grouped
+    return f.read()
+  except (tarfile.TarError, OSError, EOFError) as e:
+    raise Skip("unreadable_record", f"{member.name}: {e}") from None
+
+
+def _member_caption(tar: tarfile.TarFile, member: tarfile.TarInfo, field: str) -> Any:
+  return _parse_json_object(_read_member(tar, member)).get(field)
+
+
+def _tar_items(path: str, kind: str, opts: BuildOptions) -> Iterator[Item]:
+  """WebDataset samples: members grouped by key (folder + file name up to its first dot)."""
+  name = os.path.basename(path)
+  try:
+    tar = tarfile.open(path)
+  except (tarfile.TarError, OSError) as e:
+    raise BuildError(f"{path} is not a readable tar file: {e}") from None
+  with tar:
+    samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+    broken: Exception | None = None
+    try:
+      for member in tar:
+        directory, base = posixpath.split(member.name)
+        stem, dot, extension = base.partition(".")
+        if member.isfile() and dot and not _is_hidden(base):
+          samples.setdefault(posixpath.join(directory, stem), {}).setdefault(
+              extension.lower(), member)
+    except (tarfile.TarError, OSError, EOFError) as e:  # truncated: keep what was listed
+      broken = e
+    for key, members in samples.items():
+      image = next((m for ext, m in members.items() if ext in IMAGE_EXTENSIONS), None)
+      fields: Fields = {"image": None if image is None
+                        else functools.partial(_read_member, tar, image)}
+      if kind == "paired":
+        if "txt" in members:
+          fields["caption"] = functools.partial(_read_member, tar, members["txt"])
+        elif "json" in members:
+          fields["caption"] = functools.partial(_member_caption, tar, members["json"],
+                                                opts.caption_field)
+        else:
+          fields["caption"] = None
+      yield f"{name}/{key}", fields
+    if broken is not None:
+      logging.warning("%s is damaged after %d samples: %s", path, len(samples), broken)
+      yield f"{name}/<after {len(samples)} samples>", Skip("unreadable_record", str(broken))
+
+
+def _paragraphs(f: BinaryIO) -> Iterator[list[str]]:
+  """Blank-line separated paragraphs of a text file, each as its list of lines."""
+  lines: list[str] = []
+  for number, raw in enumerate(f):
+    if number == 0:
+      raw = raw.removeprefix(b"\xef\xbb\xbf")
+    line = _decode_utf8(raw).rstrip("\r\n")
+    if line.strip():
+      lines.append(line)
+    elif lines:
+      yield lines
+      lines = []
+  if lines:
+    yield lines
+
+
+def text_chunks(paragraphs: Iterable[list[str]], target_chars: int) -> Iterator[str]:
+  """Joins paragraphs until a chunk holds about `target_chars` characters.
+
+  Short paragraphs (headings, one-liners) would make poor examples on their own; a paragraph
+  longer than the target is split at its line breaks so that chunks stay near the target.
+  """
+  chunk: list[str] = []
+  size = 0
+  for lines in paragraphs:
+    paragraph = "\n".join(lines)
+    units = lines if len(paragraph) > target_chars else [paragraph]
+    for unit in units:
+      chunk.append(unit)
+      size += len(unit)
+      if size >= target_chars:
+        yield "\n\n".join(chunk)
+        chunk, size = [], 0
+  if chunk:
+    yield "\n\n".join(chunk)
+
+
+def _text_file_items(path: str, opts: BuildOptions, id_root: str) -> Iterator[Item]:
+  with open(path, "rb") as f:
+    for i, chunk in enumerate(text_chunks(_paragraphs(f), opts.text_chars)):
+      yield f"{os.path.relpath(path, id_root)}#{i}", {"text": chunk}
+
+
+def _text_jsonl_items(path: str, opts: BuildOptions, id_root: str) -> Iterator[Item]:
+  name = os.path.relpath(path, id_root)
+  for number, line in _jsonl_lines(path):
+    try:
+      yield f"{name}:{number}", {"text": _parse_json_object(line).get(opts.text_field)}
+    except Skip as e:
+      yield f"{name}:{number}", e
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning: which source reads each input. Every whole-command error is raised here, before a
+# shard is opened.
+
+Source = Callable[[], Iterator[Item]]
+
+
+def expand_inputs(inputs: str | Sequence[str]) -> list[str]:
+  """--input values -> existing paths: comma-separated lists split, ~ and globs expanded."""
+  values = [inputs] if isinstance(inputs, str) else list(inputs)
+  paths: list[str] = []
+  for value in values:
+    for part in value.split(","):
+      part = os.path.expanduser(part.strip())
+      if not part:
+        continue
+      if os.path.exists(part):
+        paths.append(part)
+      elif glob.has_magic(part) and glob.glob(part):
+        paths += sorted(glob.glob(part))
+      else:
+        raise BuildError(f"input path does not exist: {part}")
+  if not paths:
+    raise BuildError("no input given (--input=PATH)")
+  return paths
+
+
+def _wrong_kind(path: str, kind: str) -> BuildError:
+  """An error for an input of a recognised format that belongs to another --kind."""
+  extension = _extension(path)
+  if os.path.isdir(path):
+    what = "a folder"
+  elif extension in IMAGE_EXTENSIONS:
+    what = "an image file"
+  elif extension in TEXT_EXTENSIONS:
+    what = "a text file (--kind=text)"
+  elif extension in ("csv", "tsv"):
+    what = "a captions table (--kind=paired)"
+  elif extension in TAR_EXTENSIONS:
+    what = "a tar of WebDataset samples (--kind=paired or --kind=image)"
+  elif extension in JSONL_EXTENSIONS:
+    what = "a JSONL file (--kind=paired or --kind=text)"
+  else:
+    what = f"a file of unknown format ({'.' + extension if extension else 'no extension'})"
+  accepted = {"paired": "a captions .jsonl/.csv/.tsv, WebDataset .tar shards or a folder of them",
+              "image": "an image folder or WebDataset .tar shards",
+              "text": ".txt or .jsonl files or a folder of them"}[kind]
+  return BuildError(f"--kind={kind} cannot read {path}: it is {what}; --kind={kind} takes "
+                    f"{accepted}")
+
+
+def _paired_sources(path: str, opts: BuildOptions) -> list[Source]:
+  if os.path.isdir(path):
+    files = [os.path.join(path, n) for n in sorted(os.listdir(path)) if not _is_hidden(n)]
+    files = [f for f in files if os.path.isfile(f)
+             and _extension(f) in CAPTION_EXTENSIONS + TAR_EXTENSIONS]
+    if not files:
+      raise BuildError(f"{path} holds no captions file (.jsonl/.csv/.tsv) or .tar shard for "
+                       "--kind=paired (an image folder without captions is --kind=image)")
+    return [s for f in files for s in _paired_sources(f, opts)]
+  extension = _extension(path)
+  if extension in JSONL_EXTENSIONS:
+    return [functools.partial(_captions_jsonl_items, path, opts)]
+  if extension in ("csv", "tsv"):
+    return [functools.partial(_captions_csv_items, path, opts)]
+  if extension in TAR_EXTENSIONS:
+    return [functools.partial(_tar_items, path, "paired", opts)]
+  raise _wrong_kind(path, "paired")
+
+
+def _class_names(path: str) -> list[str] | None:
+  """Class sub-folder names of an image folder, or None for a flat one."""
+  names = sorted(n for n in os.listdir(path)
+                 if not _is_hidden(n) and os.path.isdir(os.path.join(path, n)))
+  if not names:
+    return None
+  loose = [n for n in os.listdir(path) if _extension(n) in IMAGE_EXTENSIONS
+           and os.path.isfile(os.path.join(path, n))]
+  if loose:
+    raise BuildError(f"{path} has class sub-folders ({', '.join(names[:5])}) and also "
+                     f"{len(loose)} images outside them (e.g. {sorted(loose)[0]}); move those "
+                     "into a class folder, or give the folders as separate flat inputs")
+  return names
+
+
+def _image_sources(paths: list[str], opts: BuildOptions, summary: Summary) -> list[Source]:
+  """Sources of all --kind=image inputs; class names of every class folder are merged."""
+  plans: list[tuple[str, str, list[str] | None]] = []  # (path, "folder"/"tar", classes)
+  for path in paths:
+    if os.path.isdir(path):
+      names = _class_names(path)
+      top = sorted(n for n in os.listdir(path) if not _is_hidden(n))
+      if names is None and not any(_extension(n) in IMAGE_EXTENSIONS for n in top):
+        tars = [os.path.join(path, n) for n in top if _extension(n) in TAR_EXTENSIONS]
+        if not tars:
+          raise BuildError(f"{path} holds no image files ({', '.join(IMAGE_EXTENSIONS)}), "
+                           "class sub-folders or .tar shards")
+        plans += [(t, "tar", None) for t in tars]
+      else:
+        plans.append((path, "folder", names))
+    elif _extension(path) in TAR_EXTENSIONS:
+      plans.append((path, "tar", None))
+    else:
+      raise _wrong_kind(path, "image")
+  labelled = [p for p, _, names in plans if names is not None]
+  if labelled and len(labelled) != len(plans):
+    unlabelled = [p for p, _, names in plans if names is None]
+    raise BuildError(f"some inputs have class sub-folders ({', '.join(labelled)}) and some have "
+                     f"no labels ({', '.join(unlabelled)}); build them into separate prefixes")
+  if labelled:
+    summary.classes = sorted({n for _, _, names in plans for n in names or ()})
+  sources: list[Source] = []
+  for path, what, names in plans:
+    if what == "tar":
+      sources.append(functools.partial(_tar_items, path, "image", opts))
+    elif names is None:
+      sources.append(functools.partial(_image_folder_items, path, None, summary, path))
+    else:
+      assert summary.classes is not None
+      sources += [functools.partial(_image_folder_items, os.path.join(path, n),
+                                    summary.classes.index(n), summary, path) for n in names]
+  return sources
+
+
+def _text_sources(path: str, opts: BuildOptions, summary: Summary) -> list[Source]:
+  if os.path.isdir(path):
+    sources = []
+    for file in _sorted_walk(path):
+      extension = _extension(file)
+      if extension in TEXT_EXTENSIONS:
+        sources.append(functools.partial(_text_file_items, file, opts, path))
+      elif extension in JSONL_EXTENSIONS:
+        sources.append(functools.partial(_text_jsonl_items, file, opts, path))
+      else:
+        summary.ignored["non_text_files"] += 1
+    if not sources:
+      raise BuildError(f"{path} holds no .txt or .jsonl files for --kind=text")
+    return sources
+  base = os.path.dirname(path)
+  if _extension(path) in TEXT_EXTENSIONS:
+    return [functools.partial(_text_file_items, path, opts, base)]
+  if _extension(path) in JSONL_EXTENSIONS:
+    return [functools.partial(_text_jsonl_items, path, opts, base)]
+  raise _wrong_kind(path, "text")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking and writing.
+
+
+def _resolve(value: Any) -> Any:
+  return value() if callable(value) else value
+
+
+def _checked_image(value: Any, max_pixels: int) -> bytes:
+  """The original bytes of an image that decodes within `max_pixels`, or Skip."""
+  data = as_image_bytes(_resolve(value))
+  decode_rgb(data, max_pixels)  # raises BadImage (a Skip); the decoded pixels are not kept
+  return data
+
+
+def make_record(kind: str, fields: Fields, opts: BuildOptions) -> dict[str, Any]:
+  """Source fields -> the record to write (without id), or Skip. Text is checked first: cheap."""
+  if kind == "paired":
+    caption = as_text(_text_value(_resolve(fields.get("caption"))), opts.max_text_bytes)
+    return {"image": _checked_image(fields.get("image"), opts.max_pixels), "caption": caption}
+  if kind == "image":
+    record = {"image": _checked_image(fields.get("image"), opts.max_pixels)}
+    if fields.get("label") is not None:
+      record["label"] = int(fields["label"])
+    return record
+  return {"text": as_text(_text_value(_resolve(fields.get("text"))), opts.max_text_bytes)}
+
+
+def _existing_outputs(prefix_path: str) -> list[str]:
+  return sorted(glob.glob(glob.escape(prefix_path) + f"-*-of-*{SHARD_SUFFIX}")
+                + [p for p in (f"{prefix_path}.summary.json", f"{prefix_path}.classes.json")
+                   if os.path.exists(p)])
+
+
+def _remove(paths: Iterable[str]) -> None:
+  for path in paths:
+    try:
+      os.remove(path)
+    except FileNotFoundError:
+      pass
+
+
+def _write_json(path: str, value: Any) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(value, f, indent=2, ensure_ascii=False)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def build(kind: str, inputs: str | Sequence[str], out_dir: str, *, num_shards: int = 1,
+          prefix: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+          max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES, image_field: str = "image",
+          caption_field: str = "caption", text_field: str = "text",
+          text_chars: int = DEFAULT_TEXT_CHARS, overwrite: bool = False) -> Summary:
+  """Converts `inputs` into `num_shards` shards `out_dir/PREFIX-*` (PREFIX defaults to kind).
+
+  Raises BuildError (a ValueError) when the command cannot work; single bad examples are
+  skipped and counted in the returned Summary instead.
+  """
+  if kind not in KINDS:
+    raise BuildError(f"kind={kind!r} is not one of {KINDS}")
+  if num_shards < 1:
+    raise BuildError(f"num_shards={num_shards} must be >= 1")
+  if max_pixels < 1 or max_text_bytes < 1 or text_chars < 1:
+    raise BuildError("max_pixels, max_text_bytes and text_chars must be positive")
+  prefix = prefix or kind
+  if os.sep in prefix or (os.altsep and os.altsep in prefix):
+    raise BuildError(f"prefix={prefix!r} must be a file name, not a path (use --out for the "
+                     "folder)")
+  opts = BuildOptions(max_pixels=max_pixels, max_text_bytes=max_text_bytes,
+                      image_field=image_field, caption_field=caption_field,
+                      text_field=text_field, text_chars=text_chars)
+  paths = expand_inputs(inputs)
+  summary = Summary(kind=kind, out_dir=out_dir, prefix=prefix,
+                    inputs=[os.path.abspath(p) for p in paths], options=opts)
+  if kind == "paired":
+    sources = [s for p in paths for s in _paired_sources(p, opts)]
+  elif kind == "image":
+    sources = _image_sources(paths, opts, summary)
+  else:
+    sources = [s for p in paths for s in _text_sources(p, opts, summary)]
+
+  prefix_path = os.path.join(out_dir, prefix)
+  existing = _existing_outputs(prefix_path)
+  if existing and not overwrite:
+    raise BuildError(f"{out_dir} already holds {len(existing)} files of prefix {prefix!r} "
+                     f"(e.g. {os.path.basename(existing[0])}); pass --overwrite, or choose "
+                     "another --prefix or --out")
+  _remove(existing)
+
+  writer = ShardWriter(prefix_path, num_shards)
+  try:
+    with writer:
+      for source in sources:
+        for item_id, fields in source():
+          try:
+            if isinstance(fields, Skip):
+              raise fields
+            record = make_record(kind, fields, opts)
+          except Skip as e:
+            summary.skip(e.reason, item_id)
+            continue
+          record["id"] = item_id
+          writer.write(record)
+          if writer.count % 10000 == 0:
+            logging.info("%s: %d examples written, %d skipped", prefix_path, writer.count,
+                         sum(summary.skipped.values()))
+  except BaseException:
+    _remove(writer.paths)  # no half-built shards without a summary
+    raise
+  summary.written, summary.paths = writer.count, list(writer.paths)
+  if not summary.written:
+    _remove(writer.paths)
+    hint = ""
+    if kind == "paired" and summary.skipped.keys() & {"missing_image", "missing_text"}:
+      hint = (f"\n(are the field names right? --image_field={image_field} "
+              f"--caption_field={caption_field})")
+    elif kind == "text" and "missing_text" in summary.skipped:
+      hint = f"\n(is the field name right? --text_field={text_field})"
+    raise BuildError(f"nothing written from {', '.join(paths)}; "
+                     + "\n".join(summary.format_skipped()) + hint)
+  if summary.classes is not None:
+    _write_json(summary.classes_path, summary.classes)
+  _write_json(summary.summary_path, summary.to_dict())
+  return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+
+def main(argv: Sequence[str]) -> None:
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  f = flags.FLAGS
+  if len(argv) > 1:
+    raise SystemExit(f"unexpected arguments {list(argv[1:])}; inputs are given with --input")
+  try:
+    summary = build(f.kind, f.input, f.out, num_shards=f.num_shards, prefix=f.prefix,
+                    max_pixels=f.max_pixels, max_text_bytes=f.max_text_bytes,
+                    image_field=f.image_field, caption_field=f.caption_field,
+                    text_field=f.text_field, text_chars=f.text_chars, overwrite=f.overwrite)
+  except BuildError as e:
+    raise SystemExit(f"error: {e}") from None
+  print(summary.format())
+  print(f"summary: {summary.summary_path}")
+
+
+def _define_flags() -> None:
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  flags.DEFINE_enum("kind", None, list(KINDS), "what the inputs hold")
+  flags.DEFINE_multi_string("input", None, "input paths (files, folders, globs); repeat the "
+                            "flag or separate paths by commas")
+  flags.DEFINE_string("out", None, "output folder")
+  flags.DEFINE_integer("num_shards", 1, "number of shards to write round-robin")
+  flags.DEFINE_string("prefix", None, "shard file name prefix (default: the kind)")
+  flags.DEFINE_integer("max_pixels", DEFAULT_MAX_PIXELS, "larger images are skipped (too_large)")
+  flags.DEFINE_integer("max_text_bytes", DEFAULT_MAX_TEXT_BYTES,
+                       "longer captions/texts are skipped (text_too_long)")
+  flags.DEFINE_string("image_field", "image", "image path field of captions JSONL/CSV/TSV")
+  flags.DEFINE_string("caption_field", "caption",
+                      "caption field of captions JSONL/CSV/TSV and WebDataset .json members")
+  flags.DEFINE_string("text_field", "text", "text field of --kind=text JSONL")
+  flags.DEFINE_integer("text_chars", DEFAULT_TEXT_CHARS,
+                       "paragraphs of .txt files are joined into examples of about this length")
+  flags.DEFINE_bool("overwrite", False, "replace shards of the same prefix already in --out")
+  flags.mark_flags_as_required(["kind", "input", "out"])
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=import-outside-toplevel
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,284 @@
+"""The training pipeline: batch contents per kind, the mixture, determinism, iterator state,
+per-host sharding, bad data counted by reason, and start-up errors."""
+
+import collections
+import io
+import json
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import flava
+from flava_jax import sharding
+from flava_jax.data import mixture, pipeline, preprocess, sources
+from flava_jax.losses.flava import BATCH_KEYS
+from flava_jax.losses.masked import IGNORE_INDEX
+from tests.data import helpers
+
+
+def tiny_config(**data):
+  config = flava.get_config("tiny")
+  for k, v in data.items():
+    config.data[k] = v
+  return config
+
+
+def take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def embedded_batches():
+  it = pipeline.make_pipeline(tiny_config(), 0, 1)
+  batches = take(it, 40)
+  it.close()
+  return batches
+
+
+def test_batches_hold_the_keys_shapes_and_ranges_of_their_kind(embedded_batches):
+  config = tiny_config()
+  size = config.model.image.image_size
+  grid = size // config.model.image.patch_size
+  seen = set()
+  for corpus, batch in embedded_batches:
+    kind = corpus  # the default corpora are named after their kinds
+    seen.add(kind)
+    assert set(batch) == set(BATCH_KEYS[kind]) | ({"input_ids"} if kind == "paired" else set())
+    assert all(len(v) == config.global_batch for v in batch.values())
+    if kind != "text":
+      assert batch["pixels"].shape[1:] == (size, size, 3) and batch["pixels"].dtype == np.float32
+      # CLIP normalisation of [0, 1] pixels
+      assert -1.8 < batch["pixels"].min() and batch["pixels"].max() < 2.2
+      assert batch["dvae_pixels"].shape[1:] == (grid * 8, grid * 8, 3)
+      assert 0.1 - 1e-6 <= batch["dvae_pixels"].min() and batch["dvae_pixels"].max() <= 0.9 + 1e-6
+      mask = batch["patch_mask"]
+      assert mask.dtype == bool and mask.shape[1] == grid * grid
+      assert (mask.sum(1) <= config.data.mask_patches).all() and mask.sum(1).mean() > 3
+    if kind != "image":
+      length = config.paired_text_length if kind == "paired" else config.text_length
+      att = batch["attention_mask"]
+      assert att.shape[1] == length and att.dtype == np.int32
+      assert (np.diff(att, axis=1) <= 0).all()  # right padded: ones, then zeros
+      labels, masked = batch["mlm_labels"], batch["input_ids_masked"]
+      assert ((labels == IGNORE_INDEX) | (att == 1)).all()  # padding never chosen
+      assert (masked[labels == IGNORE_INDEX] != 4).all() or kind == "text"
+      if kind == "paired":
+        ids = batch["input_ids"]
+        assert (masked[labels == IGNORE_INDEX] == ids[labels == IGNORE_INDEX]).all()
+        assert (labels[labels != IGNORE_INDEX] == ids[labels != IGNORE_INDEX]).all()
+  assert seen == {"paired", "image", "text"}
+  text = [b for c, b in embedded_batches if c != "image"]
+  chosen = np.mean([(b["mlm_labels"] != IGNORE_INDEX).sum() / (b["attention_mask"].sum() -
+                                                                 2 * len(b["attention_mask"]))
+                    for b in text])
+  assert 0.08 < chosen < 0.25  # about 15% of the real tokens
+
+
+def test_whole_words_are_masked_together():
+  config = tiny_config()
+  cfg, _ = pipeline.data_config(config.data)
+  shapes = pipeline.Shapes.from_config(config)
+  tok = pipeline.load_tokenizer(cfg, shapes)
+  proc = pipeline.make_processor("paired", cfg, shapes, tok)
+  caption = "a drawing of two tiny unbelievably purple diamonds"
+  _, _, starts = tok.encode(caption, shapes.paired_text_length)
+  assert starts.sum() < (tok.encode(caption, 16)[1].sum() - 2)  # some words have several pieces
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    out = proc({"image": helpers.jpeg(), "caption": caption}, rng)
+    chosen = out["mlm_labels"] != IGNORE_INDEX
+    word = np.cumsum(starts)
+    for w in np.unique(word[chosen]):
+      assert chosen[(word == w) & (out["attention_mask"] == 1) &
+                    (out["input_ids"] > 4)].all()
+
+
+def test_mixture_frequencies_follow_the_weights():
+  weights = {"image": 0.15, "paired": 0.7, "text": 0.15}
+  names = sorted(weights)
+  cumulative = np.cumsum([weights[n] for n in names])
+  n = 20_000
+  counts = collections.Counter(names[mixture.choose_corpus(0, s, cumulative)] for s in range(n))
+  for name, w in weights.items():
+    sigma = np.sqrt(n * w * (1 - w))
+    assert abs(counts[name] - n * w) < 4 * sigma, (name, counts)
+
+
+def test_pipeline_follows_the_seeded_corpus_sequence(embedded_batches):
+  names = ["image", "paired", "text"]
+  cumulative = np.cumsum([0.15, 0.7, 0.15])
+  expected = [names[mixture.choose_corpus(0, s, cumulative)] for s in range(40)]
+  assert [c for c, _ in embedded_batches] == expected
+
+
+def _same(a, b):
+  return a[0] == b[0] and a[1].keys() == b[1].keys() and all(
+      np.array_equal(a[1][k], b[1][k]) for k in a[1])
+
+
+def test_deterministic_under_a_seed(embedded_batches):
+  again = pipeline.make_pipeline(tiny_config(), 0, 1)
+  assert all(_same(x, y) for x, y in zip(take(again, 8), embedded_batches[:8]))
+  other = tiny_config()
+  other.seed = 1
+  moved = take(pipeline.make_pipeline(other, 0, 1), 8)
+  assert not all(_same(x, y) for x, y in zip(moved, embedded_batches[:8]))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_iterator_state_round_trip(workers):
+  config = tiny_config(worker_count=workers)
+  straight = pipeline.make_pipeline(config, 0, 1)
+  expected = take(straight, 12)
+  straight.close()
+  first = pipeline.make_pipeline(config, 0, 1)
+  head = take(first, 5)
+  state = json.loads(pipeline.state_to_json(first.get_state()))  # through JSON, as saved
+  first.close()
+  resumed = pipeline.make_pipeline(config, 0, 1)
+  resumed.set_state(state)
+  tail = take(resumed, 7)
+  resumed.close()
+  assert all(_same(x, y) for x, y in zip(head + tail, expected))
+  assert resumed.batches == straight.batches
+
+
+def _text_shards(tmp_path, n):
+  return helpers.write_shards(str(tmp_path / "docs"),
+                              [{"text": f"document number {i}", "id": str(i)} for i in range(n)])
+
+
+def test_each_host_reads_a_disjoint_part_and_together_all(tmp_path):
+  _text_shards(tmp_path, 30)
+  src = sources.open_source(sources.SourceConfig(source="array_record", paths=str(tmp_path)), "d")
+  identity = lambda example, rng: example  # noqa: E731
+  seen = []
+  for process in range(2):
+    ds = pipeline.corpus_examples(src, identity, seed=3, process_index=process, process_count=2)
+    epoch = [ds[i]["text"] for i in range(15)]
+    assert len(set(epoch)) == 15  # one epoch of this host's part, no repeats
+    assert sorted(ds[i]["text"] for i in range(15, 30)) == sorted(epoch)  # reshuffled repeat
+    assert [ds[i]["text"] for i in range(15, 30)] != epoch
+    seen.append(set(epoch))
+  assert not seen[0] & seen[1]
+  assert seen[0] | seen[1] == {f"document number {i}" for i in range(30)}
+
+
+def test_two_processes_build_global_batches(tmp_path):
+  _text_shards(tmp_path, 64)
+  config = tiny_config()
+  config.data.corpora = {"docs": dict(kind="text", weight=1.0, source="array_record",
+                                      paths=str(tmp_path))}
+  hosts = [pipeline.make_pipeline(config, p, 2) for p in range(2)]
+  local = [next(h)[1] for h in hosts]
+  assert local[0]["input_ids_masked"].shape[0] == config.global_batch // 2
+  mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1), jax.devices())
+  # One process here: its rows are the whole global batch.
+  whole = {k: np.concatenate([local[0][k], local[1][k]]) for k in local[0]}
+  arrays = pipeline.to_global(whole, mesh)
+  assert arrays["input_ids_masked"].shape == (config.global_batch, config.text_length)
+  assert arrays["input_ids_masked"].sharding.spec == sharding.batch_sharding(mesh).spec
+  np.testing.assert_array_equal(np.asarray(arrays["mlm_labels"]), whole["mlm_labels"])
+  with pytest.raises(ValueError, match="global_batch=16 is not divisible by the 3 processes"):
+    pipeline.make_pipeline(config, 0, 3)
+
+
+def _png16(size):
+  out = io.BytesIO()
+  Image.fromarray(np.full(size, 30000, np.uint16)).save(out, "PNG")
+  return out.getvalue()
+
+
+def test_bad_examples_are_counted_by_reason_and_good_ones_all_arrive(tmp_path):
+  good = [{"image": helpers.jpeg((i * 20, 90, 40)), "caption": f"good caption {i}"}
+          for i in range(12)]
+  good[1]["image"] = _png16((20, 20))  # converted, not skipped: 16-bit grayscale
+  good[2]["caption"] = "caf\xe9 au lait".encode("latin-1") + b" mostly ascii text"  # one bad byte
+  rgba = io.BytesIO()
+  Image.new("RGBA", (20, 20), (0, 0, 255, 128)).save(rgba, "PNG")
+  good[3]["image"] = rgba.getvalue()
+  jpeg = helpers.jpeg(size=(64, 64))
+  big = helpers.jpeg(size=(300, 300))
+  bad = {
+      "empty_image": {"image": b"", "caption": "zero bytes"},
+      "truncated_image": {"image": jpeg[: len(jpeg) // 2], "caption": "cut short"},
+      "undecodable": {"image": b"GIF89a not really an image", "caption": "garbage"},
+      "too_large": {"image": big, "caption": "too many pixels"},
+      "missing_image": {"caption": "no image at all"},
+      "empty_text": {"image": jpeg, "caption": "   \n "},
+      "non_utf8_text": {"image": jpeg, "caption": bytes(range(128, 200))},
+      "text_too_long": {"image": jpeg, "caption": "word " * 2000},
+      "missing_text": {"image": jpeg},
+      "corrupt_record": b"\xc1\xc1\xc1 not msgpack",
+  }
+  helpers.write_shards(str(tmp_path / "mixed"), good + list(bad.values()), num_shards=3)
+  config = tiny_config(max_pixels=200 * 200, max_text_bytes=4000)
+  config.global_batch = 4
+  config.data.corpora = {"web": dict(kind="paired", weight=1.0, source="array_record",
+                                     paths=str(tmp_path))}
+  it = pipeline.make_pipeline(config, 0, 1)
+  tok = pipeline.load_tokenizer(pipeline.data_config(config.data)[0])
+  first_epoch = take(it, 3)
+  captions = [tok.decode(ids) for _, b in first_epoch for ids in b["input_ids"]]
+  assert len(captions) == 12 and len(set(captions)) == 12  # every good example, once
+  assert sum("good caption" in c for c in captions) == 11
+  assert any("au lait mostly ascii" in c for c in captions)  # the bad byte replaced, kept
+  take(it, 3)  # a second epoch: every bad record has now been met at least once
+  counts = {k.split("/")[1]: v for k, v in it.skipped.items()}
+  assert all(k.startswith("web/") for k in it.skipped)
+  assert set(counts) == set(bad)
+  assert all(1 <= v <= 2 for v in counts.values()), counts
+
+
+def test_a_corpus_with_nothing_good_stops_with_a_clear_error(tmp_path):
+  helpers.write_shards(str(tmp_path / "bad"), [{"image": b"", "caption": "x"}] * 5)
+  config = tiny_config(max_consecutive_skips=50)
+  config.data.corpora = {"junk": dict(kind="paired", weight=1.0, source="array_record",
+                                      paths=str(tmp_path))}
+  with pytest.raises(mixture.TooManySkips, match=r"corpus 'junk'.*empty_image"):
+    next(pipeline.make_pipeline(config, 0, 1))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("corpora.paired.colour", "red", r"unknown field\(s\) data\.corpora\.paired\.colour"),
+    ("corpora.paired.kind", "video", r"data\.corpora\.paired\.kind='video' is not one of"),
+    ("corpora.paired.weight", 0.0, r"data\.corpora\.paired\.weight=0\.0 must be positive"),
+    ("corpora.text.source", "s3", r"data\.corpora\.text\.source='s3'"),
+    ("worker_count", "four", r"field 'worker_count'"),
+    ("corpora.image.name", "photos", r"data\.corpora\.image\.name='photos'"),
+    ("corpora.text.fields.text", "body", r"data\.corpora\.text\.fields\.text='body'"),
+])
+def test_bad_configs_fail_at_start_up_naming_the_field(field, value, message):
+  config = tiny_config()
+  node = config.data
+  *path, last = field.split(".")
+  for key in path:
+    node = node[key]
+  with pytest.raises((ValueError, TypeError), match=message):
+    node[last] = value  # ml_collections itself refuses a wrong type
+    pipeline.make_pipeline(config, 0, 1)
+
+
+def test_vocabulary_larger_than_the_model_is_refused():
+  config = tiny_config()
+  config.model.text.vocab_size = 512
+  with pytest.raises(ValueError, match="model.text.vocab_size is 512"):
+    pipeline.make_pipeline(config, 0, 1)
+
+
+def test_eval_processing_keeps_labels_and_whole_images():
+  config = tiny_config()
+  cfg, _ = pipeline.data_config(config.data)
+  shapes = pipeline.Shapes.from_config(config)
+  proc = pipeline.make_processor("image", cfg, shapes, None, train=False)
+  image = Image.new("RGB", (40, 20), (255, 0, 0))
+  image.paste((0, 0, 255), (20, 0, 40, 20))  # left red, right blue: no crop keeps both halves
+  data = io.BytesIO()
+  image.save(data, "PNG")
+  out = proc({"image": data.getvalue(), "label": 7}, None)
+  assert out["label"] == 7 and not out["patch_mask"].any()
+  dvae = out["dvae_pixels"]
+  assert dvae[:, :4, 0].mean() > 0.8 and dvae[:, -4:, 2].mean() > 0.8
+  assert preprocess.pick_one(np.array([b"a", b"b"], object), None) == b"a"
