@@ -85,6 +85,7 @@ def data_config(arg: str) -> ml_collections.ConfigDict:
       crop_scale=(0.9, 1.0),
       crop_ratio=(3 / 4, 4 / 3),
       horizontal_flip=False,
+      fast_decode=False,  # True: decode big JPEGs at the scale the crop needs (faster, approximate)
       max_pixels=100_000_000,
       max_text_bytes=1 << 20,
       # BEiT block masks: 75 of 196 patches, blocks >= 16; tiny's 4x4 grid: 6 of 16, blocks >= 2.

@@ -25,6 +25,7 @@ import optax
 from jax.sharding import Mesh
 
 from flava_jax import sharding
+from flava_jax.data.transforms import model_pixels
 from flava_jax.losses import flava as flava_losses
 from flava_jax.models.config import check_choice, dataclass_from_dict
 from flava_jax.models.dvae import DVAE
@@ -152,6 +153,7 @@ def make_loss_fn(model: FlavaModel, dvae: DVAE | None, loss_cfg: flava_losses.Lo
     raise ValueError(f"batch kind {kind!r} is not one of {flava_losses.BATCH_KINDS}")
 
   def loss_fn(params, dvae_params, batch, rng):
+    batch = model_pixels(batch)  # uint8 views from the pipeline -> normalised float inputs
     codes = None
     if kind != "text":
       if dvae is None:

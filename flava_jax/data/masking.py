@@ -42,17 +42,19 @@ def _add_block(mask: np.ndarray, budget: int, cfg: BlockMaskConfig, rng: np.rand
   height, width = mask.shape
   max_aspect = cfg.max_aspect or 1 / cfg.min_aspect
   log_aspect = (math.log(cfg.min_aspect), math.log(max_aspect))
-  for _ in range(cfg.attempts):
+  # One draw per call for all attempts: (area, aspect, top, left) uniforms.
+  draws = rng.random((cfg.attempts, 4))
+  for u_area, u_aspect, u_top, u_left in draws.tolist():
     # Between min_block and the budget; when the budget is below min_block the draw lies in
     # [budget, min_block] and the budget check below decides (as BEiT's generator behaves).
-    area = cfg.min_block + (budget - cfg.min_block) * rng.random()
-    aspect = math.exp(rng.uniform(*log_aspect))
+    area = cfg.min_block + (budget - cfg.min_block) * u_area
+    aspect = math.exp(log_aspect[0] + (log_aspect[1] - log_aspect[0]) * u_aspect)
     h = int(round(math.sqrt(area * aspect)))
     w = int(round(math.sqrt(area / aspect)))
     if h >= height or w >= width:  # the block must fit strictly inside the grid
       continue
-    top = int(rng.integers(0, height - h + 1))
-    left = int(rng.integers(0, width - w + 1))
+    top = int(u_top * (height - h + 1))
+    left = int(u_left * (width - w + 1))
     window = mask[top:top + h, left:left + w]
     added = h * w - int(window.sum())
     if 0 < added <= budget:
@@ -108,21 +110,26 @@ def mask_tokens(ids: np.ndarray, rng: np.random.Generator, cfg: TokenMaskConfig,
   unit (all of its pieces). Special tokens and padding are never chosen.
   """
   ids = np.asarray(ids)
-  eligible = ~np.isin(ids, np.asarray(cfg.special_ids, ids.dtype))
+  eligible = np.ones(ids.shape, bool)
+  for special in cfg.special_ids:  # a few comparisons beat np.isin on short rows
+    eligible &= ids != special
+  chosen_draw, action = rng.random((2,) + ids.shape)
   if cfg.whole_word:
     if word_starts is None:
       raise ValueError("whole-word masking needs word_starts")
     starts = np.asarray(word_starts, bool) & eligible
     word_index = np.cumsum(starts) - 1  # the word each position belongs to (-1 before any)
-    chosen_words = rng.random(int(starts.sum())) < cfg.rate
-    chosen = eligible & (word_index >= 0) & chosen_words[np.maximum(word_index, 0)]
+    # A word is chosen by the draw at its first piece.
+    chosen_words = chosen_draw[starts] < cfg.rate
+    chosen = eligible & (word_index >= 0) & chosen_words[np.maximum(word_index, 0)] if (
+        chosen_words.size) else np.zeros(ids.shape, bool)
   else:
-    chosen = eligible & (rng.random(ids.shape) < cfg.rate)
+    chosen = eligible & (chosen_draw < cfg.rate)
   labels = np.where(chosen, ids, IGNORE_INDEX)
-  action = rng.random(ids.shape)
   to_mask = chosen & (action < cfg.mask_fraction)
   to_random = chosen & (action >= cfg.mask_fraction) & (
       action < cfg.mask_fraction + cfg.random_fraction)
   masked = np.where(to_mask, cfg.mask_id, ids)
-  masked = np.where(to_random, rng.integers(0, cfg.vocab_size, ids.shape), masked)
+  if to_random.any():
+    masked = np.where(to_random, rng.integers(0, cfg.vocab_size, ids.shape), masked)
   return masked.astype(ids.dtype), labels.astype(np.int32)

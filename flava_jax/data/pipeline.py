@@ -64,6 +64,7 @@ class DataConfig:
   crop_scale: tuple = (0.9, 1.0)
   crop_ratio: tuple = (3 / 4, 4 / 3)
   horizontal_flip: bool = False
+  fast_decode: bool = False  # JPEG DCT-domain downscaling of large images (transforms.py)
   max_pixels: int = 100_000_000
   max_text_bytes: int = 1 << 20
   mask_patches: int = 75  # BEiT block masking: patches masked per image
@@ -99,7 +100,7 @@ def data_config(values: Mapping[str, Any], prefix: str = "data") -> tuple[DataCo
                        f"use {sources.CANONICAL_FIELDS}")
     corpora[name] = corpus
   for name in ("worker_count", "read_threads", "read_buffer_size", "worker_buffer_size"):
-    if getattr(cfg, name) < (0 if name == "worker_count" else 1):
+    if getattr(cfg, name) < (0 if name in ("worker_count", "read_threads") else 1):
       raise ValueError(f"{prefix}.{name}={getattr(cfg, name)} is out of range")
   return cfg, corpora
 
@@ -156,6 +157,7 @@ def make_processor(kind: str, cfg: DataConfig, shapes: Shapes, tok: Tokenizer | 
   image = transforms.ImageTransformConfig(
       image_size=shapes.image_size, dvae_size=shapes.dvae_size, crop_scale=tuple(cfg.crop_scale),
       crop_ratio=tuple(cfg.crop_ratio), horizontal_flip=cfg.horizontal_flip,
+      fast_decode=cfg.fast_decode,
       max_pixels=cfg.max_pixels)
   mlm = None
   if tok is not None:

@@ -64,11 +64,11 @@ class ExampleProcessor:
 
   def _image_features(self, example: dict, rng: np.random.Generator) -> dict:
     data = as_image_bytes(pick_one(example.get("image"), rng))
-    image = transforms.decode_rgb(data, self.image.max_pixels)
     if self.train:
-      pixels, dvae_pixels = transforms.train_views(image, rng, self.image)
+      pixels, dvae_pixels = transforms.train_views_from_bytes(data, rng, self.image)
       patch_mask = masking.block_mask(rng, self.block_mask).reshape(-1)
     else:
+      image = transforms.decode_rgb(data, self.image.max_pixels)
       pixels, dvae_pixels = transforms.eval_views(image, self.image)
       patch_mask = np.zeros(self.block_mask.grid_size**2, bool)
     return {"pixels": pixels, "dvae_pixels": dvae_pixels, "patch_mask": patch_mask}

@@ -5,7 +5,8 @@
     text batch:   MLM
 
 Batches are dicts of arrays with a leading batch axis (static shapes):
-    paired: pixels [B,H,W,3], patch_mask [B,P] bool, input_ids, input_ids_masked, attention_mask,
+    paired: pixels [B,H,W,3] (normalised float; the pipeline ships uint8 and the train step
+            converts it, data/transforms.model_pixels), patch_mask [B,P] bool, input_ids, input_ids_masked, attention_mask,
             mlm_labels [B,L] (IGNORE_INDEX where no target)
     image:  pixels, patch_mask
     text:   input_ids_masked, attention_mask, mlm_labels

@@ -12,7 +12,7 @@ from PIL import Image
 
 from configs import flava
 from flava_jax import sharding
-from flava_jax.data import mixture, pipeline, preprocess, sources
+from flava_jax.data import mixture, pipeline, preprocess, sources, transforms
 from flava_jax.losses.flava import BATCH_KEYS
 from flava_jax.losses.masked import IGNORE_INDEX
 from tests.data import helpers
@@ -48,11 +48,14 @@ def test_batches_hold_the_keys_shapes_and_ranges_of_their_kind(embedded_batches)
     assert set(batch) == set(BATCH_KEYS[kind]) | ({"input_ids"} if kind == "paired" else set())
     assert all(len(v) == config.global_batch for v in batch.values())
     if kind != "text":
-      assert batch["pixels"].shape[1:] == (size, size, 3) and batch["pixels"].dtype == np.float32
-      # CLIP normalisation of [0, 1] pixels
-      assert -1.8 < batch["pixels"].min() and batch["pixels"].max() < 2.2
+      # uint8 views; the train step normalises them (transforms.model_pixels)
+      assert batch["pixels"].shape[1:] == (size, size, 3) and batch["pixels"].dtype == np.uint8
       assert batch["dvae_pixels"].shape[1:] == (grid * 8, grid * 8, 3)
-      assert 0.1 - 1e-6 <= batch["dvae_pixels"].min() and batch["dvae_pixels"].max() <= 0.9 + 1e-6
+      assert batch["dvae_pixels"].dtype == np.uint8
+      assert batch["pixels"].min() < 60 and batch["pixels"].max() > 200  # shapes on a background
+      finished = transforms.model_pixels(batch)
+      assert -1.8 < finished["pixels"].min() and finished["pixels"].max() < 2.2
+      assert 0.1 - 1e-6 <= finished["dvae_pixels"].min() <= finished["dvae_pixels"].max() <= 0.9 + 1e-6
       mask = batch["patch_mask"]
       assert mask.dtype == bool and mask.shape[1] == grid * grid
       assert (mask.sum(1) <= config.data.mask_patches).all() and mask.sum(1).mean() > 3
@@ -280,5 +283,5 @@ def test_eval_processing_keeps_labels_and_whole_images():
   out = proc({"image": data.getvalue(), "label": 7}, None)
   assert out["label"] == 7 and not out["patch_mask"].any()
   dvae = out["dvae_pixels"]
-  assert dvae[:, :4, 0].mean() > 0.8 and dvae[:, -4:, 2].mean() > 0.8
+  assert dvae[:, :4, 0].mean() > 240 and dvae[:, -4:, 2].mean() > 240
   assert preprocess.pick_one(np.array([b"a", b"b"], object), None) == b"a"

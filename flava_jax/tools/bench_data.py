@@ -1,0 +1,127 @@
+"""Input pipeline throughput: examples/s per corpus and for the mixture, from JPEG bytes.
+
+    python -m flava_jax.tools.bench_data --config=configs/flava.py:full
+    python -m flava_jax.tools.bench_data --config=configs/flava.py:full --workers=16 --batch=256
+
+It writes a synthetic corpus of photo-like JPEGs (default 640x480, COCO's typical size) with
+captions, plus the embedded text, into a temporary directory, then runs the configured transforms
+(crop, the encoder and dVAE views, block masks, tokenisation, MLM masking) through the real
+pipeline:
+- each corpus alone in this process with one read thread: examples/s on one core;
+- the weighted mixture with --workers grain worker processes: examples/s in total and per worker.
+Both with and without `fast_decode` (JPEG DCT-domain downscaling) unless --fast_decode is given.
+Figures only: nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import time
+
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+from PIL import Image
+
+from flava_jax.data import embedded, pipeline, records
+
+config_flags.DEFINE_config_file("config", "configs/flava.py:full", "model/data config")
+flags.DEFINE_integer("batch", 64, "examples per batch (per step)")
+flags.DEFINE_integer("batches", 12, "batches timed per measurement (after one warm-up batch)")
+flags.DEFINE_integer("workers", 0, "grain worker processes for the mixture (0: os.cpu_count())")
+flags.DEFINE_integer("examples", 256, "distinct synthetic images written")
+flags.DEFINE_string("image_size", "640x480", "WIDTHxHEIGHT of the synthetic JPEGs")
+flags.DEFINE_enum("fast_decode", "both", ["both", "true", "false"], "which decode paths to time")
+
+CAPTION_WORDS = ("a man riding a wave on top of a surfboard in the ocean near a sandy beach with "
+                 "two dogs and a red bus parked next to an old brick building").split()
+
+
+def photo_jpeg(rng: np.random.Generator, width: int, height: int) -> bytes:
+  """Smooth colour fields plus fine noise: JPEG sizes and decode costs like real photos."""
+  coarse = rng.integers(0, 256, (max(height // 24, 2), max(width // 24, 2), 3), dtype=np.uint8)
+  image = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC),
+                     np.int16)
+  image = image + rng.integers(-12, 13, image.shape)
+  out = io.BytesIO()
+  Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(out, "JPEG", quality=90)
+  return out.getvalue()
+
+
+def write_corpus(root: str, examples: int, width: int, height: int) -> dict[str, str]:
+  """Shards for a paired, an image and a text corpus; returns {kind: directory}."""
+  rng = np.random.default_rng(0)
+  dirs = {kind: os.path.join(root, kind) for kind in ("paired", "image", "text")}
+  with records.ShardWriter(os.path.join(dirs["paired"], "p"), 4) as paired, \
+      records.ShardWriter(os.path.join(dirs["image"], "i"), 4) as image:
+    for i in range(examples):
+      data = photo_jpeg(rng, width, height)
+      words = rng.choice(CAPTION_WORDS, size=int(rng.integers(8, 16)))
+      paired.write({"image": data, "caption": " ".join(words)})
+      image.write({"image": data, "label": i % 10})
+  with records.ShardWriter(os.path.join(dirs["text"], "t"), 4) as text:
+    for chunk in embedded.text_examples():
+      text.write({"text": chunk})
+  return dirs
+
+
+def _config(base, dirs: dict[str, str], kinds: tuple[str, ...], batch: int, workers: int,
+            threads: int, fast_decode: bool):
+  config = base.copy_and_resolve_references()
+  config.global_batch = batch
+  weights = {"paired": 0.7, "image": 0.15, "text": 0.15}
+  config.data.corpora = {k: dict(kind=k, weight=weights[k], source="array_record",
+                                 paths=dirs[k]) for k in kinds}
+  config.data.worker_count = workers
+  config.data.read_threads = threads
+  config.data.fast_decode = fast_decode
+  return config
+
+
+def measure(config, batches: int) -> tuple[float, dict[str, int]]:
+  """(examples/s, batches per corpus) over `batches` batches after one warm-up batch."""
+  it = pipeline.make_pipeline(config, 0, 1)
+  try:
+    next(it)
+    it.batches.clear()
+    start = time.perf_counter()
+    rows = 0
+    for _ in range(batches):
+      _, batch = next(it)
+      rows += len(next(iter(batch.values())))
+    seconds = time.perf_counter() - start
+  finally:
+    it.close()
+  return rows / seconds, dict(it.batches)
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  width, height = (int(v) for v in f.image_size.lower().split("x"))
+  workers = f.workers or os.cpu_count() or 1
+  decodes = {"both": (False, True), "true": (True,), "false": (False,)}[f.fast_decode]
+  cfg = f.config
+  print(f"config {cfg.variant}: images {cfg.model.image.image_size} px (dVAE view "
+        f"{cfg.model.image.image_size // cfg.model.image.patch_size * 8} px), paired text "
+        f"{cfg.paired_text_length} tokens, text {cfg.text_length} tokens; JPEGs {width}x{height};"
+        f" batch {f.batch}; {os.cpu_count()} cores")
+  with tempfile.TemporaryDirectory(prefix="flava_bench_data.") as root:
+    dirs = write_corpus(root, f.examples, width, height)
+    for fast in decodes:
+      print(f"\nfast_decode={fast}")
+      print(f"  {'corpus':<10}{'processes':>10}{'examples/s':>13}{'per core':>11}")
+      for kind in ("paired", "image", "text"):
+        rate, _ = measure(_config(cfg, dirs, (kind,), f.batch, 0, 1, fast), f.batches)
+        print(f"  {kind:<10}{1:>10}{rate:>13.1f}{rate:>11.1f}")
+      rate, counts = measure(
+          _config(cfg, dirs, ("paired", "image", "text"), f.batch, workers, 1, fast),
+          max(f.batches, 2 * workers))
+      print(f"  {'mixture':<10}{workers:>10}{rate:>13.1f}{rate / workers:>11.1f}"
+            f"   batches {counts}")
+
+
+if __name__ == "__main__":
+  app.run(main)
