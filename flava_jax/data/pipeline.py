@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -176,6 +177,43 @@ def _stable_hash(name: str) -> int:
   return int.from_bytes(name.encode("utf-8")[:8].ljust(8, b"\0"), "little") % (2**31)
 
 
+class EpochShuffle(grain.MapDataset):
+  """The parent in a new random order every epoch, repeated without end (or one epoch).
+
+  Epoch e's order is a permutation drawn from (seed, e) and kept for the epoch; it costs a few
+  microseconds per element where grain's Feistel index shuffle costs about half a millisecond,
+  at 8 bytes per record of this host's slice per worker.
+  """
+
+  def __init__(self, parent: grain.MapDataset, seed: int, repeat: bool = True):
+    super().__init__(parent)
+    self._size = len(parent)
+    self._seed = seed
+    self._repeat = repeat
+    # The last two epochs' orders (read threads straddle an epoch boundary), replaced as one
+    # tuple so that concurrent readers never see one epoch's order under another's number.
+    self._orders = ()
+
+  def __len__(self) -> int:
+    return sys.maxsize if self._repeat else self._size
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    epoch, position = divmod(index, self._size)
+    if not self._repeat and epoch:
+      raise IndexError(index)
+    orders = self._orders
+    order = next((o for e, o in orders if e == epoch), None)
+    if order is None:
+      order = np.random.default_rng([self._seed, epoch]).permutation(self._size)
+      self._orders = ((epoch, order),) + orders[:1]
+    return self._parent[int(order[position])]
+
+  def __str__(self) -> str:
+    return f"EpochShuffle(seed={self._seed}, repeat={self._repeat})"
+
+
 def corpus_examples(source: sources.Source, processor: ExampleProcessor, seed: int,
                     process_index: int, process_count: int, shuffle: bool = True,
                     repeat: bool = True) -> grain.MapDataset:
@@ -185,8 +223,8 @@ def corpus_examples(source: sources.Source, processor: ExampleProcessor, seed: i
                      "processes")
   ds = grain.MapDataset.source(source)[process_index::process_count]
   if shuffle:
-    ds = ds.shuffle(seed=seed)
-  if repeat:
+    ds = EpochShuffle(ds, seed, repeat)
+  elif repeat:
     ds = ds.repeat()
   return ds.random_map(processor, seed=seed + 1)
 
