@@ -229,12 +229,16 @@ def corpus_examples(source: sources.Source, processor: ExampleProcessor, seed: i
   return ds.random_map(processor, seed=seed + 1)
 
 
-class DataIterator:
-  """Per-step batches with their corpus, kind and skip counts; state is a JSON-able dict."""
+class DataIterator(grain.DatasetIterator):
+  """Per-step batches with their corpus, kind and skip counts; state is a JSON-able dict.
+
+  A grain DatasetIterator, so grain's Orbax handler saves it in a checkpoint as it is:
+  `ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator), ...)`.
+  """
 
   def __init__(self, dataset: grain.IterDataset, kinds: Mapping[str, str]):
-    self._dataset = dataset
     self._iterator = iter(dataset)
+    super().__init__(self._iterator)
     self.kinds = dict(kinds)
     self.skipped = collections.Counter()  # "corpus/reason" -> examples skipped so far
     self.batches = collections.Counter()  # corpus -> batches delivered so far
@@ -261,9 +265,8 @@ class DataIterator:
     self.batches = collections.Counter(state["batches"])
 
   def close(self) -> None:
-    close = getattr(self._iterator, "close", None)
-    if close is not None:
-      close()
+    """Stops grain's worker processes (also done when the iterator is collected)."""
+    super().close()
 
 
 def state_to_json(state: Mapping[str, Any]) -> str:

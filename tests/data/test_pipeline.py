@@ -317,3 +317,25 @@ def test_pipeline_batches_feed_the_sharded_loss(embedded_batches):
       loss, metrics = loss_fn(params, dvae_params, pipeline.to_global(batch, mesh),
                               jax.random.key(2))
       assert np.isfinite(float(loss)) and float(loss) > 1.0, (kind, metrics)
+
+
+def test_iterator_state_goes_into_an_orbax_checkpoint_with_the_model(tmp_path):
+  import grain  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  config = tiny_config()
+  expected = take(pipeline.make_pipeline(config, 0, 1), 7)
+  it = pipeline.make_pipeline(config, 0, 1)
+  take(it, 4)
+  params = {"w": np.arange(6.0, dtype=np.float32).reshape(2, 3)}
+  with ocp.CheckpointManager(str(tmp_path / "ckpt")) as manager:
+    manager.save(4, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                            data=grain.checkpoint.CheckpointSave(it)))
+    manager.wait_until_finished()
+  it.close()
+  fresh = pipeline.make_pipeline(config, 0, 1)
+  with ocp.CheckpointManager(str(tmp_path / "ckpt")) as manager:
+    restored = manager.restore(4, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(params), data=grain.checkpoint.CheckpointRestore(fresh)))
+  np.testing.assert_array_equal(restored["params"]["w"], params["w"])
+  assert all(_same(x, y) for x, y in zip(take(fresh, 3), expected[4:]))
+  assert sum(fresh.batches.values()) == 7  # the counters came back with the state
