@@ -76,7 +76,7 @@ class DataConfig:
   mlm_random_fraction: float = 0.1
   worker_count: int = 0  # grain worker processes (0: transform in this process)
   worker_buffer_size: int = 2  # batches each worker keeps ready
-  read_threads: int = 8  # threads per process reading and transforming examples
+  read_threads: int = 8  # threads per process reading and transforming examples (0: none)
   read_buffer_size: int = 64  # examples those threads keep ready per corpus
   max_consecutive_skips: int = 10_000
 

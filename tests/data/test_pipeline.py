@@ -339,3 +339,17 @@ def test_iterator_state_goes_into_an_orbax_checkpoint_with_the_model(tmp_path):
   np.testing.assert_array_equal(restored["params"]["w"], params["w"])
   assert all(_same(x, y) for x, y in zip(take(fresh, 3), expected[4:]))
   assert sum(fresh.batches.values()) == 7  # the counters came back with the state
+
+
+@pytest.mark.parametrize("variant", ["tiny", "full"])
+def test_the_configs_data_sections_are_valid(variant):
+  config = flava.get_config(variant)
+  cfg, corpora = pipeline.data_config(config.data)
+  assert {c.kind for c in corpora.values()} == {"paired", "image", "text"}
+  weights = {name: c.weight for name, c in corpora.items()}
+  assert weights == {"paired": 0.7, "image": 0.15, "text": 0.15}
+  shapes = pipeline.Shapes.from_config(config)
+  block = pipeline.make_processor("image", cfg, shapes, None).block_mask
+  assert block.grid_size ** 2 == (config.model.image.image_size // 16) ** 2
+  if variant == "full":
+    assert (block.num_masked, block.min_block, shapes.dvae_size) == (75, 16, 112)
