@@ -113,15 +113,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   full = arg == "full"
   # Global batch per step (one corpus per step) and the text lengths SPEC.md gives: paired captions
   # 77 tokens, text-only corpora 512.
-  config.global_batch = 8192 if full else 16
+  config.global_batch = 8192 if full else 32
   config.paired_text_length = 77 if full else 16
   config.text_length = 512 if full else 32
-  config.total_steps = 100_000 if full else 200
+  config.total_steps = 100_000 if full else 400
+  config.log_every_steps = 100 if full else 50
+  config.checkpoint = ml_collections.ConfigDict(dict(
+      every_steps=2000 if full else 200, keep=3, async_save=True))
+  # After training: zero-shot retrieval on the embedded corpus's held-out pairs.
+  config.eval = ml_collections.ConfigDict(dict(retrieval=True))
   config.loss = ml_collections.ConfigDict(dict(
       global_contrastive=1.0, mmm_image=1.0, mmm_text=1.0, itm=1.0, mim=1.0, mlm=1.0,
       itm_negative_rate=0.1, contrastive="global"))
   config.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=1e-3, warmup_steps=10_000 if full else 20, decay="cosine",
+      learning_rate=1e-3, warmup_steps=10_000 if full else 40, decay="cosine",
       end_learning_rate_fraction=0.0, weight_decay=0.1, b1=0.9, b2=0.999, eps=1e-8,
       grad_clip_norm=0.0))
   config.data = data_config(arg)

@@ -87,3 +87,25 @@ def train_flops_per_example(cfg: FlavaConfig, kind: str, text_length: int,
 def contrastive_flops(cfg: FlavaConfig, global_batch: int) -> float:
   """The [B, B] similarity matrices of the global contrastive loss (both directions, fwd+bwd)."""
   return 3 * 2 * 2 * global_batch * global_batch * cfg.projection_dim
+
+
+# Dense bf16 peak per device, by the start of jax's device_kind (lower case). MFU is reported
+# against these; devices not listed (CPUs) get no MFU.
+PEAK_FLOPS = {"tpu v5p": 459e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v4": 275e12,
+              "tpu v6 lite": 918e12, "nvidia h100": 989e12, "nvidia h200": 989e12,
+              "nvidia a100": 312e12}
+
+
+def peak_flops_per_device(device) -> float | None:
+  kind = getattr(device, "device_kind", "").lower()
+  return next((v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), None)
+
+
+def train_step_flops(cfg: FlavaConfig, dvae: DVAEConfig, kind: str, global_batch: int,
+                     text_length: int) -> float:
+  """Analytic FLOPs of one train step of batch kind `kind` (the whole global batch)."""
+  dvae_view = cfg.image.grid_size * dvae.downsample
+  total = global_batch * train_flops_per_example(cfg, kind, text_length, dvae, dvae_view)
+  if kind == "paired":
+    total += contrastive_flops(cfg, global_batch)
+  return total

@@ -3,8 +3,8 @@
     python -m flava_jax.main --config=configs/flava.py:tiny --workdir=/tmp/flava
 
 Parses flags, joins the other processes of a multi-host run, logs the topology and hands over to
-the library. Until the training loop exists it builds the configured model, checks a forward pass
-and writes the initial model (flava_jax.model_summary).
+the library: FLAVA pretraining on the configured corpora (flava_jax.trainer), resumed from the
+workdir's checkpoints when there are some, then held-out zero-shot retrieval.
 """
 
 import os
@@ -28,7 +28,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import jax  # pylint: disable=import-outside-toplevel
-  from flava_jax import model_summary  # pylint: disable=import-outside-toplevel
+  from flava_jax import trainer  # pylint: disable=import-outside-toplevel
 
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # library INFO chatter (orbax) only when asked: -v 0
@@ -37,7 +37,7 @@ def main(argv):
   logging.warning("process %d of %d; %d local / %d global devices (%s)", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
-  model_summary.run(flags.FLAGS.config, flags.FLAGS.workdir)
+  trainer.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -184,7 +184,7 @@ def test_two_processes_build_global_batches(tmp_path):
   assert arrays["input_ids_masked"].shape == (config.global_batch, config.text_length)
   assert arrays["input_ids_masked"].sharding.spec == sharding.batch_sharding(mesh).spec
   np.testing.assert_array_equal(np.asarray(arrays["mlm_labels"]), whole["mlm_labels"])
-  with pytest.raises(ValueError, match="global_batch=16 is not divisible by the 3 processes"):
+  with pytest.raises(ValueError, match="global_batch=32 is not divisible by the 3 processes"):
     pipeline.make_pipeline(config, 0, 3)
 
 

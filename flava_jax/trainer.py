@@ -1,0 +1,248 @@
+"""FLAVA pretraining: the loop `python -m flava_jax.main` runs.
+
+    train_and_evaluate(config, workdir) -> final metrics
+
+One step = one batch from one corpus (the data mixture decides), through that kind's jitted,
+donated train step. Metrics are fetched one step late (the host never waits for the device),
+written as progress lines, to WORKDIR/metrics.jsonl and to TensorBoard event files. The train
+state, the data iterator's state and the step go into one Orbax checkpoint every
+`checkpoint.every_steps` and at the end; starting again with the same workdir resumes exactly
+(the step rng is folded from the seed and the step). SIGTERM (TPU preemption) saves and exits.
+A NaN/Inf loss stops the run naming the step and the loss; the last good checkpoint stays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+from flava_jax import evaluate, flops, sharding, train
+from flava_jax.data import pipeline
+from flava_jax.losses.flava import LossConfig
+from flava_jax.models.config import DVAEConfig, FlavaConfig, dataclass_from_dict
+from flava_jax.models.dvae import DVAE, init_dvae_params
+from flava_jax.models.flava import FlavaModel
+
+CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+
+
+class NonFiniteLoss(RuntimeError):
+  pass
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  every_steps: int = 1000
+  keep: int = 3
+  async_save: bool = True
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (notebooks): no handler
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+class MetricWriter:
+  """Progress lines on stdout, WORKDIR/metrics.jsonl and TensorBoard events (process 0 only)."""
+
+  def __init__(self, workdir: str, total_steps: int):
+    self.total_steps = total_steps
+    self.enabled = jax.process_index() == 0
+    self._jsonl = None
+    self._tb = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a", encoding="utf-8")
+      try:
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      except ImportError:
+        logging.warning("tensorboardX is not installed: no TensorBoard events")
+    self._start = time.time()
+    self._start_step = None
+
+  def write(self, step: int, metrics: dict[str, float], progress: bool = True) -> None:
+    if not self.enabled:
+      return
+    self._jsonl.write(json.dumps({"step": step, **metrics}, sort_keys=True) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in metrics.items():
+        if isinstance(v, (int, float)) and math.isfinite(v):
+          self._tb.add_scalar(k, v, step)
+    if progress:
+      if self._start_step is None:
+        self._start_step, self._start = step, time.time()
+      done = step - self._start_step
+      eta = (time.time() - self._start) / done * (self.total_steps - step) if done > 0 else 0
+      shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())
+                       if k.endswith("loss") or k in ("examples_per_s", "mfu", "learning_rate"))
+      print(f"step {step}/{self.total_steps} {shown} eta {eta:.0f}s", flush=True)
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _build(config: Any):
+  model = FlavaModel(FlavaConfig.from_dict(config.model))
+  dvae = DVAE(DVAEConfig.from_dict(config.dvae))
+  return model, dvae
+
+
+def _check_batch(config: Any, mesh) -> None:
+  dp = sharding.data_parallel_size(mesh)
+  if config.global_batch % dp:
+    raise ValueError(f"global_batch={config.global_batch} is not divisible by the data-parallel "
+                     f"size {dp} (mesh {dict(mesh.shape)})")
+
+
+def _manager(workdir: str, cfg: CheckpointConfig) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep,
+                                         enable_async_checkpointing=cfg.async_save)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
+                               options=options)
+
+
+def _restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
+                    data: pipeline.DataIterator) -> tuple[Any, int] | None:
+  """The newest readable checkpoint (falling back to older ones with a warning), or None."""
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data=grain.checkpoint.CheckpointRestore(data)))
+      return restored["state"], step
+    except Exception as e:  # pylint: disable=broad-except  (Orbax raises many types)
+      logging.warning("checkpoint at step %d cannot be restored (%s: %s); trying an older one",
+                      step, type(e).__name__, e)
+  return None
+
+
+def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
+  """Trains for config.total_steps (resuming from workdir), then evaluates; returns metrics."""
+  mesh = sharding.make_mesh(config.sharding.mesh)
+  _check_batch(config, mesh)
+  rules = sharding.rules_from_config(config.sharding.rules)
+  model, dvae = _build(config)
+  loss_cfg = dataclass_from_dict(LossConfig, config.loss, "loss")
+  tx = train.make_optimizer(config.optimizer, config.total_steps)
+  ckpt_cfg = dataclass_from_dict(CheckpointConfig, config.checkpoint, "checkpoint")
+  data = pipeline.make_pipeline(config)  # start-up errors of the data come before any compile
+
+  rng = jax.random.key(config.seed)
+  state, shardings = train.create_train_state(model, tx, rng, mesh, rules)
+  dvae_view = model.config.image.grid_size * dvae.config.downsample
+  dvae_params = init_dvae_params(dvae, jax.random.fold_in(rng, 1), image_size=dvae_view)
+  manager = _manager(workdir, ckpt_cfg)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          state)
+  restored = _restore_latest(manager, abstract, data)
+  if restored is not None:
+    state, start = restored
+    print(f"resumed from step {start} in {workdir}", flush=True)
+  local_batch = config.global_batch // sharding.data_parallel_size(mesh)
+  steps = {kind: train.make_train_step(model, dvae, tx, loss_cfg, mesh, rules, kind, shardings,
+                                       local_batch)
+           for kind in sorted(set(data.kinds.values()))}
+  schedule = train.learning_rate_schedule(
+      dataclass_from_dict(train.OptimizerConfig, config.optimizer, "optimizer"),
+      config.total_steps)
+  step_flops = {kind: flops.train_step_flops(
+      model.config, dvae.config, kind, config.global_batch,
+      config.paired_text_length if kind == "paired" else config.text_length) for kind in steps}
+  peak = flops.peak_flops_per_device(jax.devices()[0])
+  writer = MetricWriter(workdir, config.total_steps)
+  step_rng = jax.random.fold_in(rng, 2)
+  first = int(jax.device_get(state.step))
+  pending = None  # (step, corpus, device metrics, start time) fetched one step late
+
+  def flush(pending_item, now):
+    step, corpus, metrics, started = pending_item
+    host = jax.device_get(metrics)
+    loss = float(host["loss"])
+    if not math.isfinite(loss):
+      raise NonFiniteLoss(f"step {step}: {corpus} loss is {loss} "
+                          f"({ {k: float(v) for k, v in host.items()} }); the last good "
+                          "checkpoint is kept")
+    if step % config.log_every_steps == 0 or step == config.total_steps:
+      seconds = max(now - started, 1e-9)
+      kind = data.kinds[corpus]
+      out = {f"{corpus}/{k}": float(v) for k, v in host.items()}
+      out.update(examples_per_s=config.global_batch / seconds,
+                 learning_rate=float(schedule(step - 1)),
+                 tflops_per_device=step_flops[kind] / seconds / jax.device_count() / 1e12)
+      if peak:
+        out["mfu"] = step_flops[kind] / seconds / jax.device_count() / peak
+      out.update({f"skipped/{k}": v for k, v in data.skipped.items()})
+      writer.write(step, out)
+
+  with _Preemption() as preemption:
+    step = first
+    while step < config.total_steps:
+      corpus, batch = next(data)
+      started = time.time()
+      state, metrics = steps[data.kinds[corpus]](state, dvae_params,
+                                                 pipeline.to_global(batch, mesh), step_rng)
+      step += 1
+      if pending is not None:
+        flush(pending, started)
+      pending = (step, corpus, metrics, started)
+      if step % ckpt_cfg.every_steps == 0 or step == config.total_steps or preemption.requested:
+        flush(pending, time.time())
+        pending = None
+        manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data)),
+            force=True)
+      if preemption.requested:
+        manager.wait_until_finished()
+        print(f"SIGTERM: saved step {step} and stopped", flush=True)
+        data.close()
+        writer.close()
+        return {"stopped_at": step}
+    if pending is not None:
+      flush(pending, time.time())
+  manager.wait_until_finished()
+  data.close()
+  results = {}
+  if config.eval.retrieval:
+    results = evaluate.zero_shot_retrieval(config, model, state.params)
+    writer.write(step, {f"eval/{k}": v for k, v in results.items()}, progress=False)
+    print(f"held-out zero-shot retrieval ({results['examples']} pairs, chance R@1 "
+          f"{results['chance_r@1']:.4f}): image->text R@1 {results['i2t_r@1']:.4f}, "
+          f"text->image R@1 {results['t2i_r@1']:.4f}, R@5 {results['i2t_r@5']:.3f} / "
+          f"{results['t2i_r@5']:.3f}", flush=True)
+  writer.close()
+  return results
