@@ -151,8 +151,13 @@ def _restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
   return None
 
 
-def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
-  """Trains for config.total_steps (resuming from workdir), then evaluates; returns metrics."""
+def train_and_evaluate(config: Any, workdir: str, stop_after: int | None = None
+                       ) -> dict[str, float]:
+  """Trains for config.total_steps (resuming from workdir), then evaluates; returns metrics.
+
+  stop_after: save a checkpoint and return after this many steps of this call (as a preempted
+  run does); a later call with the same workdir carries on.
+  """
   mesh = sharding.make_mesh(config.sharding.mesh)
   _check_batch(config, mesh)
   rules = sharding.rules_from_config(config.sharding.rules)
@@ -187,6 +192,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
   writer = MetricWriter(workdir, config.total_steps)
   step_rng = jax.random.fold_in(rng, 2)
   first = int(jax.device_get(state.step))
+  stop_at = config.total_steps if stop_after is None else min(first + stop_after,
+                                                               config.total_steps)
   pending = None  # (step, corpus, device metrics, start time) fetched one step late
 
   def flush(pending_item, now):
@@ -220,18 +227,20 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
       if pending is not None:
         flush(pending, started)
       pending = (step, corpus, metrics, started)
-      if step % ckpt_cfg.every_steps == 0 or step == config.total_steps or preemption.requested:
+      stopping = preemption.requested or step == stop_at
+      if step % ckpt_cfg.every_steps == 0 or step == config.total_steps or stopping:
         flush(pending, time.time())
         pending = None
         manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data)),
             force=True)
-      if preemption.requested:
+      if stopping and step < config.total_steps:
         manager.wait_until_finished()
-        print(f"SIGTERM: saved step {step} and stopped", flush=True)
+        why = "SIGTERM" if preemption.requested else "stop_after"
+        print(f"{why}: saved step {step} and stopped", flush=True)
         data.close()
         writer.close()
-        return {"stopped_at": step}
+        return {"stopped_at": step, "state": state}
     if pending is not None:
       flush(pending, time.time())
   manager.wait_until_finished()
@@ -245,4 +254,5 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
           f"text->image R@1 {results['t2i_r@1']:.4f}, R@5 {results['i2t_r@5']:.3f} / "
           f"{results['t2i_r@5']:.3f}", flush=True)
   writer.close()
+  results["state"] = state
   return results

@@ -16,6 +16,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Compiled programs are cached for the session: tests that build the same step (the trainer's
+# resume test runs the same training three times) compile it once.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="flava_jax_test_xla."))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 import pytest  # noqa: E402
 
