@@ -171,6 +171,11 @@ def train_and_evaluate(config: Any, workdir: str, stop_after: int | None = None
   state, shardings = train.create_train_state(model, tx, rng, mesh, rules)
   dvae_view = model.config.image.grid_size * dvae.config.downsample
   dvae_params = init_dvae_params(dvae, jax.random.fold_in(rng, 1), image_size=dvae_view)
+  if jax.process_index() == 0:
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    print(f"FLAVA {config.get('variant', '')}: {count:,} parameters; mesh {dict(mesh.shape)} on "
+          f"{jax.device_count()} {jax.devices()[0].platform} device(s); corpora "
+          f"{data.kinds}; global batch {config.global_batch}", flush=True)
   manager = _manager(workdir, ckpt_cfg)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           state)
