@@ -128,7 +128,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=1e-3, warmup_steps=10_000 if full else 40, decay="cosine",
       end_learning_rate_fraction=0.0, weight_decay=0.1, b1=0.9, b2=0.999, eps=1e-8,
-      grad_clip_norm=0.0))
+      grad_clip_norm=0.0, mu_dtype="float32"))
   config.data = data_config(arg)
   # Mesh ("data", "fsdp", "tensor"); -1 takes the remaining devices.
   config.sharding = ml_collections.ConfigDict(dict(

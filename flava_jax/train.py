@@ -52,9 +52,11 @@ class OptimizerConfig:
   b2: float = 0.999
   eps: float = 1e-8
   grad_clip_norm: float = 0.0  # 0 disables
+  mu_dtype: str = "float32"  # Adam's first moment; bfloat16 halves its memory
 
   def __post_init__(self):
     check_choice("optimizer.decay", self.decay, ("cosine", "linear", "constant"))
+    check_choice("optimizer.mu_dtype", self.mu_dtype, ("float32", "bfloat16"))
     if self.learning_rate <= 0:
       raise ValueError(f"optimizer.learning_rate must be positive, got {self.learning_rate}")
 
@@ -98,7 +100,8 @@ def make_optimizer(cfg: OptimizerConfig | Mapping[str, Any], total_steps: int
   if not isinstance(cfg, OptimizerConfig):
     cfg = dataclass_from_dict(OptimizerConfig, cfg, "optimizer")
   tx = optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                   weight_decay=cfg.weight_decay, mask=decay_mask)
+                   weight_decay=cfg.weight_decay, mask=decay_mask,
+                   mu_dtype=jnp.dtype(cfg.mu_dtype))
   if cfg.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
   return tx

@@ -47,3 +47,15 @@ def test_batch_not_divisible_by_the_data_parallel_size_fails_at_start_up(tmp_pat
   config.global_batch = 12
   with pytest.raises(ValueError, match="global_batch=12 is not divisible by the data-parallel"):
     trainer.train_and_evaluate(config, str(tmp_path))
+
+
+def test_bf16_first_moment_option():
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from flava_jax import train  # pylint: disable=import-outside-toplevel
+  params = {"kernel": jnp.ones((4, 4)), "bias": jnp.ones((4,))}
+  for dtype in ("float32", "bfloat16"):
+    tx = train.make_optimizer(dict(learning_rate=1e-3, warmup_steps=1, mu_dtype=dtype), 10)
+    mu = tx.init(params)[0].mu
+    assert mu["kernel"].dtype == jnp.dtype(dtype) and mu["bias"].dtype == jnp.dtype(dtype)
+  with pytest.raises(ValueError, match="optimizer.mu_dtype='float16'"):
+    train.make_optimizer(dict(mu_dtype="float16"), 10)
