@@ -66,9 +66,10 @@ def abstract_batch(kind: str, config: Any, model_config: FlavaConfig, dvae_confi
   if length > model_config.text.max_position_embeddings:
     raise ValueError(f"text length {length} exceeds model.text.max_position_embeddings")
   spec = {
-      "pixels": ((batch_size, img.image_size, img.image_size, img.num_channels), jnp.float32),
+      # uint8 views, as the data pipeline ships them (the step normalises them)
+      "pixels": ((batch_size, img.image_size, img.image_size, img.num_channels), jnp.uint8),
       "dvae_pixels": ((batch_size, dvae_size, dvae_size, dvae_config.input_channels),
-                      jnp.float32),
+                      jnp.uint8),
       "patch_mask": ((batch_size, img.num_patches), jnp.bool_),
       "input_ids": ((batch_size, length), jnp.int32),
       "input_ids_masked": ((batch_size, length), jnp.int32),

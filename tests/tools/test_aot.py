@@ -10,6 +10,7 @@ from flava_jax.tools import aot
 
 def test_tiny_steps_compile_for_a_v5p_slice():
   config = flava_configs.get_config("tiny")
+  config.global_batch = 16  # 4 per chip: the ratios below are calibrated for it
   devices = aot.tpu_devices("v5p:2x2x1")
   assert len(devices) == 4 and "TPU" in devices[0].device_kind
   reports, param_shardings = aot.compile_steps(config, devices)
