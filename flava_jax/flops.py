@@ -8,7 +8,7 @@ counts useful work).
 
 from __future__ import annotations
 
-from flava_jax.models.config import DVAEConfig, EncoderConfig, FlavaConfig
+from flava_jax.models.config import DVAEConfig, EncoderConfig, FlavaConfig, dvae_view_size
 
 
 def encoder_flops(cfg: EncoderConfig, tokens: int) -> float:
@@ -104,8 +104,8 @@ def peak_flops_per_device(device) -> float | None:
 def train_step_flops(cfg: FlavaConfig, dvae: DVAEConfig, kind: str, global_batch: int,
                      text_length: int) -> float:
   """Analytic FLOPs of one train step of batch kind `kind` (the whole global batch)."""
-  dvae_view = cfg.image.grid_size * dvae.downsample
-  total = global_batch * train_flops_per_example(cfg, kind, text_length, dvae, dvae_view)
+  total = global_batch * train_flops_per_example(cfg, kind, text_length, dvae,
+                                                 dvae_view_size(cfg.image, dvae))
   if kind == "paired":
     total += contrastive_flops(cfg, global_batch)
   return total

@@ -23,14 +23,14 @@ from typing import Any
 
 import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
 from flava_jax import evaluate, flops, sharding, train
+from flava_jax.model_summary import num_parameters
 from flava_jax.data import pipeline
 from flava_jax.losses.flava import LossConfig
-from flava_jax.models.config import DVAEConfig, FlavaConfig, dataclass_from_dict
+from flava_jax.models.config import DVAEConfig, FlavaConfig, dataclass_from_dict, dvae_view_size
 from flava_jax.models.dvae import DVAE, init_dvae_params
 from flava_jax.models.flava import FlavaModel
 
@@ -163,17 +163,17 @@ def train_and_evaluate(config: Any, workdir: str, stop_after: int | None = None
   rules = sharding.rules_from_config(config.sharding.rules)
   model, dvae = _build(config)
   loss_cfg = dataclass_from_dict(LossConfig, config.loss, "loss")
-  tx = train.make_optimizer(config.optimizer, config.total_steps)
+  optimizer_cfg = dataclass_from_dict(train.OptimizerConfig, config.optimizer, "optimizer")
+  tx = train.make_optimizer(optimizer_cfg, config.total_steps)
   ckpt_cfg = dataclass_from_dict(CheckpointConfig, config.checkpoint, "checkpoint")
   data = pipeline.make_pipeline(config)  # start-up errors of the data come before any compile
 
   rng = jax.random.key(config.seed)
   state, shardings = train.create_train_state(model, tx, rng, mesh, rules)
-  dvae_view = model.config.image.grid_size * dvae.config.downsample
-  dvae_params = init_dvae_params(dvae, jax.random.fold_in(rng, 1), image_size=dvae_view)
+  dvae_params = init_dvae_params(dvae, jax.random.fold_in(rng, 1),
+                                 image_size=dvae_view_size(model.config.image, dvae.config))
   if jax.process_index() == 0:
-    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-    print(f"FLAVA {config.get('variant', '')}: {count:,} parameters; mesh {dict(mesh.shape)} on "
+    print(f"FLAVA {config.get('variant', '')}: {num_parameters(state.params):,} parameters; mesh {dict(mesh.shape)} on "
           f"{jax.device_count()} {jax.devices()[0].platform} device(s); corpora "
           f"{data.kinds}; global batch {config.global_batch}", flush=True)
   manager = _manager(workdir, ckpt_cfg)
@@ -187,9 +187,7 @@ def train_and_evaluate(config: Any, workdir: str, stop_after: int | None = None
   steps = {kind: train.make_train_step(model, dvae, tx, loss_cfg, mesh, rules, kind, shardings,
                                        local_batch)
            for kind in sorted(set(data.kinds.values()))}
-  schedule = train.learning_rate_schedule(
-      dataclass_from_dict(train.OptimizerConfig, config.optimizer, "optimizer"),
-      config.total_steps)
+  schedule = train.learning_rate_schedule(optimizer_cfg, config.total_steps)
   step_flops = {kind: flops.train_step_flops(
       model.config, dvae.config, kind, config.global_batch,
       config.paired_text_length if kind == "paired" else config.text_length) for kind in steps}
@@ -246,8 +244,7 @@ def train_and_evaluate(config: Any, workdir: str, stop_after: int | None = None
         data.close()
         writer.close()
         return {"stopped_at": step, "state": state}
-    if pending is not None:
-      flush(pending, time.time())
+  # The last step always checkpoints, which flushes its metrics.
   manager.wait_until_finished()
   data.close()
   results = {}

@@ -44,10 +44,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, BinaryIO
 
 from flava_jax.data.examples import Skip, as_image_bytes, as_text
+from flava_jax.data.preprocess import KINDS
 from flava_jax.data.records import SHARD_SUFFIX, ShardWriter
 from flava_jax.data.transforms import ImageTransformConfig, decode_rgb
 
-KINDS = ("paired", "image", "text")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif", "bmp", "webp", "tif", "tiff")
 CAPTION_EXTENSIONS = ("jsonl", "ndjson", "csv", "tsv")
 TAR_EXTENSIONS = ("tar", "tar.gz", "tgz")

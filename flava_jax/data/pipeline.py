@@ -31,10 +31,8 @@ from flava_jax.data.mixture import (CORPUS_KEY, SKIPPED_KEY, SkipCountingBatchIt
                                     WeightedMixtureIterDataset)
 from flava_jax.data.preprocess import KINDS, ExampleProcessor
 from flava_jax.data.tokenizer import Tokenizer
-from flava_jax.models.config import check_choice, dataclass_from_dict
-
-DVAE_DOWNSAMPLE = 8  # the dVAE turns s x s pixels into (s/8) x (s/8) codes
-
+from flava_jax.models.config import (DVAEConfig, FlavaConfig, check_choice, dataclass_from_dict,
+                                     dvae_view_size)
 
 @dataclasses.dataclass(frozen=True)
 class CorpusConfig:
@@ -112,6 +110,7 @@ class Shapes:
 
   image_size: int
   patch_size: int
+  dvae_size: int  # pixels per side of the dVAE's view (one code per patch)
   paired_text_length: int
   text_length: int
   text_vocab_size: int
@@ -123,14 +122,11 @@ class Shapes:
   def grid(self) -> int:
     return self.image_size // self.patch_size
 
-  @property
-  def dvae_size(self) -> int:
-    return self.grid * DVAE_DOWNSAMPLE
-
   @classmethod
   def from_config(cls, config: Any) -> "Shapes":
-    return cls(image_size=config.model.image.image_size,
-               patch_size=config.model.image.patch_size,
+    image = FlavaConfig.from_dict(config.model).image
+    return cls(image_size=image.image_size, patch_size=image.patch_size,
+               dvae_size=dvae_view_size(image, DVAEConfig.from_dict(config.dvae)),
                paired_text_length=config.paired_text_length, text_length=config.text_length,
                text_vocab_size=config.model.text.vocab_size,
                text_pad_id=config.model.text.pad_token_id, global_batch=config.global_batch,
@@ -165,7 +161,8 @@ def make_processor(kind: str, cfg: DataConfig, shapes: Shapes, tok: Tokenizer | 
     mlm = masking.TokenMaskConfig(vocab_size=tok.vocab_size, mask_id=tok.mask_id,
                                   special_ids=tok.special_ids, rate=cfg.mlm_rate,
                                   mask_fraction=cfg.mlm_mask_fraction,
-                                  random_fraction=cfg.mlm_random_fraction)
+                                  random_fraction=cfg.mlm_random_fraction,
+                                  whole_word=kind == "paired")  # MMM-text: whole words
   length = shapes.paired_text_length if kind == "paired" else shapes.text_length
   return ExampleProcessor(kind=kind, image=image, block_mask=block,
                           tokenizer=tok if kind != "image" else None, text_length=length,

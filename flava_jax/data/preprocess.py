@@ -20,8 +20,9 @@ import numpy as np
 from flava_jax.data import masking, transforms
 from flava_jax.data.examples import Skip, as_image_bytes, as_text
 from flava_jax.data.tokenizer import Tokenizer
+from flava_jax.losses.flava import BATCH_KINDS
 
-KINDS = ("paired", "image", "text")
+KINDS = BATCH_KINDS  # a corpus is of the kind of batch it makes
 
 
 def pick_one(value: Any, rng: np.random.Generator | None) -> Any:
@@ -73,12 +74,12 @@ class ExampleProcessor:
       patch_mask = np.zeros(self.block_mask.grid_size**2, bool)
     return {"pixels": pixels, "dvae_pixels": dvae_pixels, "patch_mask": patch_mask}
 
-  def _text_features(self, text: str, rng: np.random.Generator, whole_word: bool) -> dict:
+  def _text_features(self, text: str, rng: np.random.Generator) -> dict:
     ids, attention_mask, word_starts = self.tokenizer.encode(text, self.text_length)
     out = {"attention_mask": attention_mask}
     if self.train:
-      cfg = dataclasses.replace(self.mlm, whole_word=whole_word)
-      masked, labels = masking.mask_tokens(ids, rng, cfg, word_starts if whole_word else None)
+      masked, labels = masking.mask_tokens(ids, rng, self.mlm,
+                                           word_starts if self.mlm.whole_word else None)
       out.update(input_ids_masked=masked, mlm_labels=labels)
     if self.kind == "paired" or not self.train:
       out["input_ids"] = ids
@@ -89,13 +90,13 @@ class ExampleProcessor:
     out = {}
     if self.kind == "text":
       text = as_text(example.get("text"), self.max_text_bytes)
-      out.update(self._text_features(text, rng, whole_word=False))
+      out.update(self._text_features(text, rng))
     else:
       if self.kind == "paired":  # the caption first: it is cheap to reject
         caption = as_text(pick_one(example.get("caption"), rng), self.max_text_bytes)
       out.update(self._image_features(example, rng))
       if self.kind == "paired":
-        out.update(self._text_features(caption, rng, whole_word=True))
+        out.update(self._text_features(caption, rng))
     if not self.train and example.get("label") is not None:
       out["label"] = np.int32(example["label"])
     return out

@@ -131,12 +131,13 @@ class Source:
 
 
 def _flat_keys(record: Any, prefix: str = "") -> list[str]:
+  """Field paths of a (nested) record, as `fields` names them: "captions/text"."""
   if not isinstance(record, dict):
-    return [prefix] if prefix else []
+    return []
   out = []
   for k, v in record.items():
-    out += _flat_keys(v, f"{prefix}/{k}" if prefix else str(k)) if isinstance(v, dict) else [
-        f"{prefix}/{k}" if prefix else str(k)]
+    path = f"{prefix}/{k}" if prefix else str(k)
+    out += _flat_keys(v, path) if isinstance(v, dict) else [path]
   return out
 
 

@@ -183,6 +183,11 @@ class DVAEConfig:
     return dataclasses.asdict(self)
 
 
+def dvae_view_size(image: ImageConfig, dvae: DVAEConfig) -> int:
+  """Pixels per side of the dVAE's view: one code per image patch (FLAVA: 14 x 8 = 112)."""
+  return image.grid_size * dvae.downsample
+
+
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
   if value not in choices:
     raise ValueError(f"{name}={value!r} is not one of {choices}")

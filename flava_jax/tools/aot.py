@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from flava_jax import flops as flop_counts
 from flava_jax import sharding, train
 from flava_jax.losses.flava import BATCH_KEYS, BATCH_KINDS, LossConfig
-from flava_jax.models.config import DVAEConfig, FlavaConfig, dataclass_from_dict
+from flava_jax.models.config import (DVAEConfig, FlavaConfig, dataclass_from_dict,
+                                      dvae_view_size)
 from flava_jax.models.dvae import DVAE, init_dvae_params
 from flava_jax.models.flava import FlavaModel
 
@@ -61,7 +62,7 @@ def tpu_devices(topology: str) -> list[Any]:
 def abstract_batch(kind: str, config: Any, model_config: FlavaConfig, dvae_config: DVAEConfig,
                    batch_size: int, batch_sharding: Any) -> dict[str, jax.ShapeDtypeStruct]:
   img = model_config.image
-  dvae_size = img.grid_size * dvae_config.downsample
+  dvae_size = dvae_view_size(img, dvae_config)
   length = config.paired_text_length if kind == "paired" else config.text_length
   if length > model_config.text.max_position_embeddings:
     raise ValueError(f"text length {length} exceeds model.text.max_position_embeddings")
@@ -95,7 +96,7 @@ def compile_steps(config: Any, devices: list[Any], kinds: tuple[str, ...] = BATC
   tx = train.make_optimizer(config.optimizer, config.total_steps)
   state, state_shardings = train.abstract_train_state(model, tx, mesh, rules)
   replicated = sharding.replicated(mesh)
-  dvae_size = model_config.image.grid_size * dvae_config.downsample
+  dvae_size = dvae_view_size(model_config.image, dvae_config)
   dvae_params = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
       jax.eval_shape(lambda: init_dvae_params(dvae, jax.random.key(0), dvae_size)))
@@ -121,10 +122,8 @@ def compile_steps(config: Any, devices: list[Any], kinds: tuple[str, ...] = BATC
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     length = config.paired_text_length if kind == "paired" else config.text_length
-    analytic = config.global_batch * flop_counts.train_flops_per_example(
-        model_config, kind, length, dvae_config, dvae_size)
-    if kind == "paired":
-      analytic += flop_counts.contrastive_flops(model_config, config.global_batch)
+    analytic = flop_counts.train_step_flops(model_config, dvae_config, kind,
+                                            config.global_batch, length)
     reports.append(StepReport(
         kind=kind, batch=config.global_batch, argument_bytes=memory.argument_size_in_bytes,
         output_bytes=memory.output_size_in_bytes, alias_bytes=memory.alias_size_in_bytes,
