@@ -117,6 +117,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.paired_text_length = 77 if full else 16
   config.text_length = 512 if full else 32
   config.total_steps = 100_000 if full else 400
+  # Micro-batches per step: the gradients of global_batch / grad_accum rows at a time, one update.
+  config.grad_accum = 1
   config.log_every_steps = 100 if full else 50
   config.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=2000 if full else 200, keep=3, async_save=True))
@@ -128,8 +130,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=1e-3, warmup_steps=10_000 if full else 40, decay="cosine",
       end_learning_rate_fraction=0.0, weight_decay=0.1, b1=0.9, b2=0.999, eps=1e-8,
-      grad_clip_norm=0.0, mu_dtype="float32"))
+      grad_clip_norm=0.0, mu_dtype="float32",
+      trainable=()))  # top-level parameter groups that train; () = all (stage configs narrow it)
   config.data = data_config(arg)
+  # Where the weights start (flava_jax/warm_start.py): "" = random. Each takes a training workdir,
+  # a model directory from `python -m flava_jax.convert` or a transformers directory.
+  config.init = ml_collections.ConfigDict(dict(
+      model_from="",  # every FLAVA parameter (e.g. a converted facebook/flava-full)
+      image_from="",  # image encoder + MIM head (a configs/mim.py run)
+      text_from="",   # text encoder + MLM head (a configs/mlm.py run)
+      dvae_from="",   # the frozen MIM/MMM target tokenizer (a configs/dvae.py run)
+  ))
   # Mesh ("data", "fsdp", "tensor"); -1 takes the remaining devices.
   config.sharding = ml_collections.ConfigDict(dict(
       mesh=dict(data=-1, fsdp=1, tensor=1),

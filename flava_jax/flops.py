@@ -56,6 +56,32 @@ def dvae_encoder_flops(cfg: DVAEConfig, image_size: int) -> float:
   return flops
 
 
+def dvae_decoder_flops(cfg: DVAEConfig, image_size: int) -> float:
+  """Forward FLOPs of the dVAE decoder producing one image of `image_size` pixels per side."""
+  size = image_size // cfg.downsample
+  flops = 2 * size * size * cfg.vocab_size * cfg.decoder_init_size  # 1x1 input conv
+  width_in = cfg.decoder_init_size
+  for group in range(cfg.num_groups):
+    width = cfg.hidden_size * 2**(cfg.num_groups - 1 - group)
+    hidden = width // 4
+    for block in range(cfg.blocks_per_group):
+      n_in = width_in if block == 0 else width
+      if n_in != width:
+        flops += 2 * size * size * n_in * width  # 1x1 identity path
+      flops += 2 * size * size * (n_in * hidden + 9 * (hidden * hidden + hidden * hidden
+                                                       + hidden * width))
+    width_in = width
+    if group < cfg.num_groups - 1:
+      size *= 2
+  flops += 2 * size * size * width_in * 2 * cfg.output_channels  # 1x1 output conv
+  return float(flops)
+
+
+def dvae_train_flops(cfg: DVAEConfig, image_size: int) -> float:
+  """FLOPs of one training example of the dVAE: 3x the encoder and decoder forwards."""
+  return 3.0 * (dvae_encoder_flops(cfg, image_size) + dvae_decoder_flops(cfg, image_size))
+
+
 def train_flops_per_example(cfg: FlavaConfig, kind: str, text_length: int,
                             dvae: DVAEConfig | None = None, dvae_image_size: int = 0) -> float:
   """FLOPs of one training example of batch kind paired | image | text."""

@@ -68,7 +68,11 @@ def rules_from_config(rules: Sequence[Sequence[Any]]) -> Rules:
 
 def logical_to_shardings(logical: Any, mesh: Mesh, rules: Rules) -> Any:
   """A tree of PartitionSpecs of logical names -> NamedShardings on `mesh`."""
-  return nn.logical_to_mesh_sharding(logical, mesh, list(rules))
+  # Spec by spec: flax's tree-level helper would read optax's empty MaskedNode (a tuple) as a
+  # spec, and frozen parameter groups leave those in the optimizer state.
+  return jax.tree_util.tree_map(
+      lambda spec: nn.logical_to_mesh_sharding(spec, mesh, list(rules)), logical,
+      is_leaf=lambda x: isinstance(x, P) or x is None)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

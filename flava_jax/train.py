@@ -14,6 +14,7 @@ an input of the step, never part of the optimizer state.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -53,8 +54,16 @@ class OptimizerConfig:
   eps: float = 1e-8
   grad_clip_norm: float = 0.0  # 0 disables
   mu_dtype: str = "float32"  # Adam's first moment; bfloat16 halves its memory
+  # Top-level parameter groups that train (e.g. ("text_encoder", "mlm_head")); () = all. The
+  # others get no update, no weight decay and no optimizer state.
+  trainable: tuple[str, ...] = ()
 
   def __post_init__(self):
+    trainable = self.trainable
+    if isinstance(trainable, str) or not all(isinstance(t, str) for t in trainable):
+      raise TypeError(f"optimizer.trainable must be a tuple of parameter group names, got "
+                      f"{trainable!r}")
+    object.__setattr__(self, "trainable", tuple(trainable))
     check_choice("optimizer.decay", self.decay, ("cosine", "linear", "constant"))
     check_choice("optimizer.mu_dtype", self.mu_dtype, ("float32", "bfloat16"))
     if self.learning_rate <= 0:
@@ -104,36 +113,90 @@ def make_optimizer(cfg: OptimizerConfig | Mapping[str, Any], total_steps: int
                    mu_dtype=jnp.dtype(cfg.mu_dtype))
   if cfg.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
+  if cfg.trainable:
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
+                               functools.partial(_trainable_labels, cfg.trainable))
   return tx
 
 
-def _init_boxed(model: FlavaModel, tx: optax.GradientTransformation):
+def _trainable_labels(trainable: tuple[str, ...], params: Any) -> Any:
+  unknown = sorted(set(trainable) - set(params))
+  if unknown:
+    raise ValueError(f"optimizer.trainable names {unknown}, which the model does not have; its "
+                     f"parameter groups: {sorted(params)}")
+  return {k: jax.tree.map(lambda _, k=k: "train" if k in trainable else "frozen", v)
+          for k, v in params.items()}
+
+
+def _init(init_params_fn: Callable[[Array], Any], tx: optax.GradientTransformation):
   def init(rng):
-    params = init_params(model, rng, boxed=True)
+    params = init_params_fn(rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
   return init
 
 
+def abstract_state(init_params_fn: Callable[[Array], Any], tx: optax.GradientTransformation,
+                   param_shardings: Any, mesh: Mesh) -> tuple[TrainState, Any]:
+  """(state of ShapeDtypeStructs carrying their shardings, the shardings): nothing allocated.
+
+  Optimizer-state leaves shaped like a parameter (Adam's moments) take its sharding; the rest
+  (step counts) are replicated.
+  """
+  shapes = jax.eval_shape(_init(init_params_fn, tx), jax.random.key(0))
+  replicated = sharding.replicated(mesh)
+  opt = _like_params(shapes.opt_state, shapes.params, param_shardings, replicated)
+  shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt)
+  abstract = jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+  return abstract, shardings
+
+
+def create_state(init_params_fn: Callable[[Array], Any], tx: optax.GradientTransformation,
+                 param_shardings: Any, mesh: Mesh, rng: Array, rules: sharding.Rules = ()
+                 ) -> tuple[TrainState, Any]:
+  """A freshly initialised state, created directly in its sharded layout."""
+  _, shardings = abstract_state(init_params_fn, tx, param_shardings, mesh)
+  init = jax.jit(_init(init_params_fn, tx), out_shardings=shardings)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
+    state = init(rng)
+  return state, shardings
+
+
 def abstract_train_state(model: FlavaModel, tx: optax.GradientTransformation, mesh: Mesh,
                          rules: sharding.Rules) -> tuple[TrainState, Any]:
-  """(state of ShapeDtypeStructs carrying their shardings, the shardings): nothing allocated."""
-  boxed = jax.eval_shape(_init_boxed(model, tx), jax.random.key(0))
-  shardings = sharding.logical_to_shardings(nn.get_partition_spec(boxed), mesh, rules)
-  abstract = jax.tree_util.tree_map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      nn.meta.unbox(boxed), shardings)
-  return abstract, shardings
+  """The FLAVA train state, abstract (see abstract_state)."""
+  return abstract_state(lambda r: init_params(model, r), tx,
+                        param_shardings(model, mesh, rules), mesh)
 
 
 def create_train_state(model: FlavaModel, tx: optax.GradientTransformation, rng: Array,
                        mesh: Mesh, rules: sharding.Rules) -> tuple[TrainState, Any]:
-  """A randomly initialised state, created directly in its sharded layout."""
-  _, shardings = abstract_train_state(model, tx, mesh, rules)
-  init_boxed = _init_boxed(model, tx)
-  init = jax.jit(lambda r: nn.meta.unbox(init_boxed(r)), out_shardings=shardings)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
-    state = init(rng)
-  return state, shardings
+  """A randomly initialised FLAVA train state, created directly in its sharded layout."""
+  return create_state(lambda r: init_params(model, r), tx, param_shardings(model, mesh, rules),
+                      mesh, rng, rules)
+
+
+def _dict_keys(path: tuple) -> tuple[str, ...]:
+  return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def _like_params(tree: Any, param_shapes: Any, param_values: Any, default: Any) -> Any:
+  """Maps each leaf of `tree` (an optimizer state) to the value of the parameter whose key path
+  ends its own path with the same shape (mu/nu of that parameter), else to `default`."""
+  by_path = {}
+  for (path, shape), (_, value) in zip(jax.tree_util.tree_leaves_with_path(param_shapes),
+                                       jax.tree_util.tree_leaves_with_path(param_values)):
+    by_path[_dict_keys(path)] = (shape.shape, value)
+
+  def one(path, leaf):
+    keys = _dict_keys(path)
+    for start in range(len(keys)):
+      hit = by_path.get(keys[start:])
+      if hit is not None and hit[0] == leaf.shape:
+        return hit[1]
+    return default
+
+  return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def param_shardings(model: FlavaModel, mesh: Mesh, rules: sharding.Rules) -> Any:
@@ -177,22 +240,91 @@ def make_loss_fn(model: FlavaModel, dvae: DVAE | None, loss_cfg: flava_losses.Lo
   return loss_fn
 
 
+def microbatches(batch: Mapping[str, Array], grad_accum: int, mesh: Mesh) -> dict[str, Array]:
+  """[B, ...] -> [grad_accum, B / grad_accum, ...]; micro-batch j holds rows j, j + k, j + 2k...
+
+  Taking every k-th row keeps each micro-batch spread over all data-parallel devices (each
+  device's rows are contiguous), so no row moves between devices.
+  """
+  batch_axis = sharding.batch_sharding(mesh)
+
+  def split(x):
+    rows = x.shape[0]
+    if rows % grad_accum:
+      raise ValueError(f"a batch of {rows} rows does not split into grad_accum={grad_accum} "
+                       "micro-batches")
+    x = x.reshape(rows // grad_accum, grad_accum, *x.shape[1:])
+    x = jax.lax.with_sharding_constraint(x, batch_axis)
+    return jnp.moveaxis(x, 1, 0)
+
+  return {k: split(v) for k, v in batch.items()}
+
+
+def accumulated_value_and_grad(loss_fn: Callable, params: Any, batch: Mapping[str, Array],
+                               rng: Array, grad_accum: int, mesh: Mesh
+                               ) -> tuple[tuple[Array, dict], Any]:
+  """Mean loss, metrics and gradients over `grad_accum` micro-batches, one at a time (lax.scan).
+
+  Gradients accumulate in float32 in the parameters' layout; micro-batch j draws its
+  randomness from fold_in(rng, j). Losses that normalise per batch (the contrastive loss over
+  its micro-batch, masked-token means) see micro-batches, as in any accumulation.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if grad_accum == 1:
+    return grad_fn(params, batch, rng)
+  micro = microbatches(batch, grad_accum, mesh)
+  batch_axis = sharding.batch_sharding(mesh)
+
+  def body(carry, inputs):
+    grads_sum, loss_sum, metrics_sum = carry
+    index, one = inputs
+    one = {k: jax.lax.with_sharding_constraint(v, batch_axis) for k, v in one.items()}
+    (loss, metrics), grads = grad_fn(params, one, jax.random.fold_in(rng, index))
+    add = lambda a, b: a + b.astype(a.dtype)
+    return (jax.tree.map(add, grads_sum, grads), loss_sum + loss,
+            jax.tree.map(add, metrics_sum, metrics)), None
+
+  (loss_shape, metrics_shape), _ = jax.eval_shape(
+      grad_fn, params, jax.tree.map(lambda x: x[0], micro), rng)
+  zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
+  init = (zeros(params), jnp.zeros((), jnp.float32), zeros(metrics_shape))
+  del loss_shape
+  (grads, loss, metrics), _ = jax.lax.scan(body, init, (jnp.arange(grad_accum), micro))
+  scale = 1.0 / grad_accum
+  grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads, params)
+  return (loss * scale, jax.tree.map(lambda m: m * scale, metrics)), grads
+
+
+def apply_gradients(tx: optax.GradientTransformation, state: TrainState, grads: Any,
+                    metrics: dict[str, Array]) -> tuple[TrainState, dict[str, Array]]:
+  """One optimizer update; adds the l2 norms of grads, params and updates to the metrics."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = clamp_logit_scale(optax.apply_updates(state.params, updates))
+  metrics = dict(metrics, grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
+                 update_norm=optax.global_norm(updates))
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
 def make_train_step(model: FlavaModel, dvae: DVAE | None, tx: optax.GradientTransformation,
                     loss_cfg: flava_losses.LossConfig, mesh: Mesh, rules: sharding.Rules,
-                    kind: str, state_shardings: Any, local_batch: int):
-  """step(state, dvae_params, batch, rng) -> (state, metrics); jitted, state donated."""
-  loss_fn = make_loss_fn(model, dvae, loss_cfg, kind, mesh, local_batch)
+                    kind: str, state_shardings: Any, local_batch: int, grad_accum: int = 1):
+  """step(state, dvae_params, batch, rng) -> (state, metrics); jitted, state donated.
+
+  local_batch: rows per data-parallel shard of the whole step; with grad_accum > 1 the step
+  runs grad_accum micro-batches of local_batch / grad_accum rows each and applies one update.
+  """
+  if grad_accum < 1 or local_batch % grad_accum:
+    raise ValueError(f"grad_accum={grad_accum} must be >= 1 and divide the {local_batch} rows "
+                     "each data-parallel shard holds")
+  loss_fn = make_loss_fn(model, dvae, loss_cfg, kind, mesh, local_batch // grad_accum)
 
   def step(state: TrainState, dvae_params, batch, rng):
     rng = jax.random.fold_in(rng, state.step)
     with nn.logical_axis_rules(list(rules)):
-      (loss, metrics), grads = jax.value_and_grad(
-          lambda p: loss_fn(p, dvae_params, batch, rng), has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = clamp_logit_scale(optax.apply_updates(state.params, updates))
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
-                   param_norm=optax.global_norm(params), update_norm=optax.global_norm(updates))
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+      (loss, metrics), grads = accumulated_value_and_grad(
+          lambda p, b, r: loss_fn(p, dvae_params, b, r), state.params, batch, rng, grad_accum,
+          mesh)
+    return apply_gradients(tx, state, grads, dict(metrics, loss=loss))
 
   replicated = sharding.replicated(mesh)
   jitted = jax.jit(step, in_shardings=(state_shardings, replicated,

@@ -14,6 +14,7 @@ A NaN/Inf loss stops the run naming the step and the loss; the last good checkpo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -26,7 +27,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from flava_jax import evaluate, flops, sharding, train
+from flava_jax import evaluate, flops, sharding, train, warm_start
 from flava_jax.model_summary import num_parameters
 from flava_jax.data import pipeline
 from flava_jax.losses.flava import LossConfig
@@ -36,6 +37,7 @@ from flava_jax.models.flava import FlavaModel
 
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
+RUN_CONFIG = "run_config.json"  # the config a workdir was trained with
 
 
 class NonFiniteLoss(RuntimeError):
@@ -116,17 +118,51 @@ class MetricWriter:
       self._tb.close()
 
 
-def _build(config: Any):
-  model = FlavaModel(FlavaConfig.from_dict(config.model))
-  dvae = DVAE(DVAEConfig.from_dict(config.dvae))
-  return model, dvae
+# Top-level fields of a training config; sections are checked by their own dataclasses.
+_SCALARS = dict(variant=str, seed=int, global_batch=int, paired_text_length=int,
+                text_length=int, total_steps=int, log_every_steps=int, grad_accum=int)
 
 
-def _check_batch(config: Any, mesh) -> None:
+def check_fields(config: Any, sections: tuple[str, ...]) -> None:
+  """Unknown top-level fields and ill-typed or non-positive scalars fail by name."""
+  known = set(_SCALARS) | set(sections)
+  unknown = sorted(set(config.keys()) - known)
+  if unknown:
+    raise ValueError(f"unknown config field(s) {', '.join(unknown)}; known fields: "
+                     f"{', '.join(sorted(known))}")
+  missing = sorted(set(sections) - set(config.keys()))
+  if missing:
+    raise ValueError(f"config has no {', '.join(missing)} section")
+  for name, kind in _SCALARS.items():
+    if name not in config:
+      continue
+    value = config[name]
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+      raise TypeError(f"config.{name} must be an int, got {value!r}")
+    if kind is str and not isinstance(value, str):
+      raise TypeError(f"config.{name} must be a string, got {value!r}")
+  for name in ("global_batch", "total_steps", "log_every_steps", "text_length",
+               "paired_text_length"):
+    if name in config and config[name] <= 0:
+      raise ValueError(f"config.{name} must be positive, got {config[name]}")
+  if config.get("grad_accum", 1) < 1:
+    raise ValueError(f"config.grad_accum must be >= 1, got {config.grad_accum}")
+
+
+FLAVA_SECTIONS = ("model", "dvae", "checkpoint", "eval", "loss", "optimizer", "data", "sharding",
+                  "init")
+
+
+def check_batch(config: Any, mesh) -> None:
   dp = sharding.data_parallel_size(mesh)
   if config.global_batch % dp:
     raise ValueError(f"global_batch={config.global_batch} is not divisible by the data-parallel "
                      f"size {dp} (mesh {dict(mesh.shape)})")
+  accum = config.get("grad_accum", 1)
+  if (config.global_batch // dp) % accum:
+    raise ValueError(f"grad_accum={accum} does not divide the {config.global_batch // dp} rows "
+                     f"each of the {dp} data-parallel shards holds (global_batch="
+                     f"{config.global_batch})")
 
 
 def _manager(workdir: str, cfg: CheckpointConfig) -> ocp.CheckpointManager:
@@ -148,52 +184,55 @@ def _restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
     except Exception as e:  # pylint: disable=broad-except  (Orbax raises many types)
       logging.warning("checkpoint at step %d cannot be restored (%s: %s); trying an older one",
                       step, type(e).__name__, e)
+      print(f"warning: checkpoint at step {step} cannot be restored ({type(e).__name__}); "
+            "trying an older one", flush=True)
   return None
 
 
-def train_and_evaluate(config: Any, workdir: str, stop_after: int | None = None
-                       ) -> dict[str, float]:
-  """Trains for config.total_steps (resuming from workdir), then evaluates; returns metrics.
-
-  stop_after: save a checkpoint and return after this many steps of this call (as a preempted
-  run does); a later call with the same workdir carries on.
-  """
-  mesh = sharding.make_mesh(config.sharding.mesh)
-  _check_batch(config, mesh)
-  rules = sharding.rules_from_config(config.sharding.rules)
-  model, dvae = _build(config)
-  loss_cfg = dataclass_from_dict(LossConfig, config.loss, "loss")
-  optimizer_cfg = dataclass_from_dict(train.OptimizerConfig, config.optimizer, "optimizer")
-  tx = train.make_optimizer(optimizer_cfg, config.total_steps)
-  ckpt_cfg = dataclass_from_dict(CheckpointConfig, config.checkpoint, "checkpoint")
-  data = pipeline.make_pipeline(config)  # start-up errors of the data come before any compile
-
-  rng = jax.random.key(config.seed)
-  state, shardings = train.create_train_state(model, tx, rng, mesh, rules)
-  dvae_params = init_dvae_params(dvae, jax.random.fold_in(rng, 1),
-                                 image_size=dvae_view_size(model.config.image, dvae.config))
+def save_run_config(config: Any, workdir: str) -> None:
   if jax.process_index() == 0:
-    print(f"FLAVA {config.get('variant', '')}: {num_parameters(state.params):,} parameters; mesh {dict(mesh.shape)} on "
-          f"{jax.device_count()} {jax.devices()[0].platform} device(s); corpora "
-          f"{data.kinds}; global batch {config.global_batch}", flush=True)
-  manager = _manager(workdir, ckpt_cfg)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          state)
-  restored = _restore_latest(manager, abstract, data)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, RUN_CONFIG), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort")
+              else json.dumps(dict(config), indent=2, default=str))
+
+
+@dataclasses.dataclass
+class Run:
+  """What the step loop needs: a sharded state, one jitted step per batch kind, the data."""
+
+  config: Any
+  workdir: str
+  mesh: Any
+  data: pipeline.DataIterator
+  state: Any
+  abstract_state: Any
+  steps: dict[str, Any]           # kind -> step(state, batch, rng) -> (state, metrics)
+  step_flops: dict[str, float]    # kind -> FLOPs of one step at the global batch
+  schedule: Any
+  checkpoint: CheckpointConfig
+  rng: Any
+  on_fresh_start: Any = None      # state -> state, when no checkpoint is resumed (config.init)
+  host_batch: Any = None          # host batch -> the part the steps read (before the transfer)
+
+
+def run_loop(run: Run, stop_after: int | None = None) -> tuple[Any, int, bool]:
+  """Resumes, trains to config.total_steps (or stop_after more steps), checkpoints.
+
+  Returns (state, step reached, stopped early).
+  """
+  config, data = run.config, run.data
+  manager = _manager(run.workdir, run.checkpoint)
+  restored = _restore_latest(manager, run.abstract_state, data)
+  state = run.state
   if restored is not None:
     state, start = restored
-    print(f"resumed from step {start} in {workdir}", flush=True)
-  local_batch = config.global_batch // sharding.data_parallel_size(mesh)
-  steps = {kind: train.make_train_step(model, dvae, tx, loss_cfg, mesh, rules, kind, shardings,
-                                       local_batch)
-           for kind in sorted(set(data.kinds.values()))}
-  schedule = train.learning_rate_schedule(optimizer_cfg, config.total_steps)
-  step_flops = {kind: flops.train_step_flops(
-      model.config, dvae.config, kind, config.global_batch,
-      config.paired_text_length if kind == "paired" else config.text_length) for kind in steps}
+    print(f"resumed from step {start} in {run.workdir}", flush=True)
+  elif run.on_fresh_start is not None:
+    state = run.on_fresh_start(state)
   peak = flops.peak_flops_per_device(jax.devices()[0])
-  writer = MetricWriter(workdir, config.total_steps)
-  step_rng = jax.random.fold_in(rng, 2)
+  writer = MetricWriter(run.workdir, config.total_steps)
+  step_rng = jax.random.fold_in(run.rng, 2)
   first = int(jax.device_get(state.step))
   stop_at = config.total_steps if stop_after is None else min(first + stop_after,
                                                                config.total_steps)
@@ -212,49 +251,125 @@ def train_and_evaluate(config: Any, workdir: str, stop_after: int | None = None
       kind = data.kinds[corpus]
       out = {f"{corpus}/{k}": float(v) for k, v in host.items()}
       out.update(examples_per_s=config.global_batch / seconds,
-                 learning_rate=float(schedule(step - 1)),
-                 tflops_per_device=step_flops[kind] / seconds / jax.device_count() / 1e12)
+                 learning_rate=float(run.schedule(step - 1)),
+                 tflops_per_device=run.step_flops[kind] / seconds / jax.device_count() / 1e12)
       if peak:
-        out["mfu"] = step_flops[kind] / seconds / jax.device_count() / peak
+        out["mfu"] = run.step_flops[kind] / seconds / jax.device_count() / peak
       out.update({f"skipped/{k}": v for k, v in data.skipped.items()})
       writer.write(step, out)
 
+  stopped = False
   with _Preemption() as preemption:
     step = first
     while step < config.total_steps:
       corpus, batch = next(data)
+      if run.host_batch is not None:
+        batch = run.host_batch(batch)
       started = time.time()
-      state, metrics = steps[data.kinds[corpus]](state, dvae_params,
-                                                 pipeline.to_global(batch, mesh), step_rng)
+      state, metrics = run.steps[data.kinds[corpus]](state, pipeline.to_global(batch, run.mesh),
+                                                     step_rng)
       step += 1
       if pending is not None:
         flush(pending, started)
       pending = (step, corpus, metrics, started)
       stopping = preemption.requested or step == stop_at
-      if step % ckpt_cfg.every_steps == 0 or step == config.total_steps or stopping:
+      if step % run.checkpoint.every_steps == 0 or step == config.total_steps or stopping:
         flush(pending, time.time())
         pending = None
         manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data)),
             force=True)
+        if jax.process_index() == 0:
+          print(f"checkpoint {step} saving", flush=True)
       if stopping and step < config.total_steps:
-        manager.wait_until_finished()
         why = "SIGTERM" if preemption.requested else "stop_after"
+        manager.wait_until_finished()
         print(f"{why}: saved step {step} and stopped", flush=True)
-        data.close()
-        writer.close()
-        return {"stopped_at": step, "state": state}
+        stopped = True
+        break
   # The last step always checkpoints, which flushes its metrics.
   manager.wait_until_finished()
+  manager.close()
   data.close()
+  writer.close()
+  return state, step, stopped
+
+
+def write_metrics(workdir: str, step: int, metrics: dict[str, float]) -> None:
+  writer = MetricWriter(workdir, step)
+  writer.write(step, metrics, progress=False)
+  writer.close()
+
+
+def train_and_evaluate(config: Any, workdir: str, stop_after: int | None = None
+                       ) -> dict[str, Any]:
+  """Trains for config.total_steps (resuming from workdir), then evaluates; returns metrics.
+
+  stop_after: save a checkpoint and return after this many steps of this call (as a preempted
+  run does); a later call with the same workdir carries on.
+  """
+  check_fields(config, FLAVA_SECTIONS)
+  mesh = sharding.make_mesh(config.sharding.mesh)
+  check_batch(config, mesh)
+  rules = sharding.rules_from_config(config.sharding.rules)
+  model = FlavaModel(FlavaConfig.from_dict(config.model))
+  dvae = DVAE(DVAEConfig.from_dict(config.dvae))
+  loss_cfg = dataclass_from_dict(LossConfig, config.loss, "loss")
+  optimizer_cfg = dataclass_from_dict(train.OptimizerConfig, config.optimizer, "optimizer")
+  ckpt_cfg = dataclass_from_dict(CheckpointConfig, config.checkpoint, "checkpoint")
+  init_cfg = dataclass_from_dict(warm_start.InitConfig, config.init, "init")  # paths checked
+  tx = train.make_optimizer(optimizer_cfg, config.total_steps)
+  data = pipeline.make_pipeline(config)  # start-up errors of the data come before any compile
+  save_run_config(config, workdir)
+
+  rng = jax.random.key(config.seed)
+  state, shardings = train.create_train_state(model, tx, rng, mesh, rules)
+  dvae_params = init_dvae_params(dvae, jax.random.fold_in(rng, 1),
+                                 image_size=dvae_view_size(model.config.image, dvae.config))
+  if init_cfg.dvae_from:
+    dvae_params, _ = warm_start.replace_parts(
+        dvae_params, warm_start.read_dvae_params(init_cfg.dvae_from), ("encoder",),
+        "init.dvae_from")
+  if jax.process_index() == 0:
+    print(f"FLAVA {config.get('variant', '')}: {num_parameters(state.params):,} parameters; "
+          f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
+          f"device(s); corpora {data.kinds}; global batch {config.global_batch}"
+          + (f" in {config.grad_accum} micro-batches" if config.get("grad_accum", 1) > 1
+             else "")
+          + (f"; dVAE from {init_cfg.dvae_from}" if init_cfg.dvae_from
+             else "; dVAE random (init.dvae_from not set)"), flush=True)
+
+  def fresh_start(state):
+    params, notes = warm_start.initial_params(state.params, init_cfg)
+    for note in notes:
+      print(f"init: {note}", flush=True)
+    return state.replace(params=params)
+
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          state)
+  local_batch = config.global_batch // sharding.data_parallel_size(mesh)
+  steps = {}
+  for kind in sorted(set(data.kinds.values())):
+    step_fn = train.make_train_step(model, dvae, tx, loss_cfg, mesh, rules, kind, shardings,
+                                    local_batch, config.get("grad_accum", 1))
+    steps[kind] = functools.partial(lambda f, s, b, r: f(s, dvae_params, b, r), step_fn)
+  step_flops = {kind: flops.train_step_flops(
+      model.config, dvae.config, kind, config.global_batch,
+      config.paired_text_length if kind == "paired" else config.text_length) for kind in steps}
+  run = Run(config=config, workdir=workdir, mesh=mesh, data=data, state=state,
+            abstract_state=abstract, steps=steps, step_flops=step_flops,
+            schedule=train.learning_rate_schedule(optimizer_cfg, config.total_steps),
+            checkpoint=ckpt_cfg, rng=rng, on_fresh_start=fresh_start)
+  state, step, stopped = run_loop(run, stop_after)
+  if stopped:
+    return {"stopped_at": step, "state": state}
   results = {}
-  if config.eval.retrieval:
+  if config.eval.retrieval and "paired" in data.kinds.values():
     results = evaluate.zero_shot_retrieval(config, model, state.params)
-    writer.write(step, {f"eval/{k}": v for k, v in results.items()}, progress=False)
+    write_metrics(workdir, step, {f"eval/{k}": v for k, v in results.items()})
     print(f"held-out zero-shot retrieval ({results['examples']} pairs, chance R@1 "
           f"{results['chance_r@1']:.4f}): image->text R@1 {results['i2t_r@1']:.4f}, "
           f"text->image R@1 {results['t2i_r@1']:.4f}, R@5 {results['i2t_r@5']:.3f} / "
           f"{results['t2i_r@5']:.3f}", flush=True)
-  writer.close()
   results["state"] = state
   return results

@@ -1,0 +1,197 @@
+"""Starting a run from earlier weights: `config.init` (FLAVA stages, the frozen dVAE).
+
+    init.model_from  every FLAVA parameter (a converted model, a transformers directory, a workdir)
+    init.image_from  the image encoder and MIM head (e.g. a MIM stage's workdir)
+    init.text_from   the text encoder and MLM head (e.g. an MLM stage's workdir)
+    init.dvae_from   the frozen dVAE: a dVAE training workdir (python -m flava_jax.train_dvae),
+                     a converted model holding one, or a transformers directory with a codebook
+
+A source is one of three kinds of directory, told apart by what it holds:
+  - a training workdir (`checkpoints/`): the parameters of its newest checkpoint;
+  - a flava_jax model directory (`flava_jax_model.json`, written by `python -m flava_jax.convert`);
+  - a transformers save_pretrained directory (`config.json`), converted on the fly.
+Every path is checked at start-up, before anything compiles; errors name the config field.
+Parts are copied by name and must match the run's shapes exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from flava_jax import checkpoint
+
+CHECKPOINT_DIR = "checkpoints"
+STATE_ITEM = "state"
+
+# What image_from / text_from take from a source's FLAVA parameters.
+IMAGE_PARTS = ("image_encoder", "mim_head")
+TEXT_PARTS = ("text_encoder", "mlm_head")
+
+
+@dataclasses.dataclass(frozen=True)
+class InitConfig:
+  model_from: str = ""
+  image_from: str = ""
+  text_from: str = ""
+  dvae_from: str = ""
+
+  def __post_init__(self):
+    if self.model_from and (self.image_from or self.text_from):
+      raise ValueError("init.model_from sets every parameter: leave init.image_from and "
+                       "init.text_from empty when it is given")
+    for name in ("model_from", "image_from", "text_from", "dvae_from"):
+      path = getattr(self, name)
+      if path:
+        source_kind(path, f"init.{name}")  # a missing or unrecognised directory fails here
+
+
+def source_kind(path: str, field: str) -> str:
+  """'workdir', 'model' or 'transformers'; a clear error naming `field` otherwise."""
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{field}={path!r}: no such directory")
+  if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
+    if not _checkpoint_steps(path):
+      raise FileNotFoundError(f"{field}={path!r}: the workdir has no finished checkpoint yet")
+    return "workdir"
+  if os.path.exists(os.path.join(path, checkpoint.MODEL_JSON)):
+    return "model"
+  if os.path.exists(os.path.join(path, "config.json")):
+    return "transformers"
+  raise FileNotFoundError(
+      f"{field}={path!r} is neither a training workdir ({CHECKPOINT_DIR}/), a flava_jax model "
+      f"directory ({checkpoint.MODEL_JSON}) nor a transformers directory (config.json)")
+
+
+def _checkpoint_steps(workdir: str) -> list[int]:
+  """Finished checkpoint steps, newest first (Orbax writes unfinished ones under tmp names)."""
+  root = os.path.join(workdir, CHECKPOINT_DIR)
+  steps = [int(n) for n in os.listdir(root)
+           if n.isdigit() and os.path.isdir(os.path.join(root, n, STATE_ITEM))]
+  return sorted(steps, reverse=True)
+
+
+def read_workdir_params(workdir: str, field: str) -> Any:
+  """The parameters of a workdir's newest readable checkpoint, as host numpy arrays.
+
+  Read without a target, so any device count can read what any other wrote.
+  """
+  errors = []
+  for step in _checkpoint_steps(workdir):
+    path = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, str(step), STATE_ITEM)
+    try:
+      reader = ocp.PyTreeCheckpointer()
+      tree = reader.metadata(path).item_metadata
+      args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+      return reader.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))["params"]
+    except Exception as e:  # pylint: disable=broad-except  (Orbax raises many types)
+      errors.append(f"step {step}: {type(e).__name__}: {e}")
+  raise ValueError(f"{field}={workdir!r}: no readable checkpoint ({'; '.join(errors)})")
+
+
+def _is_dvae_tree(params: Mapping) -> bool:
+  return "encoder" in params and "image_encoder" not in params
+
+
+def read_flava_params(path: str, field: str) -> Any:
+  kind = source_kind(path, field)
+  if kind == "workdir":
+    params = read_workdir_params(path, field)
+    if _is_dvae_tree(params):
+      raise ValueError(f"{field}={path!r} is a dVAE workdir; use it as init.dvae_from")
+    return params
+  if kind == "model":
+    return checkpoint.load_model(path).params
+  from flava_jax import convert  # pylint: disable=import-outside-toplevel
+  return convert.from_transformers(path)[1]
+
+
+def read_dvae_params(path: str, field: str = "init.dvae_from") -> Any:
+  kind = source_kind(path, field)
+  if kind == "workdir":
+    params = read_workdir_params(path, field)
+    if not _is_dvae_tree(params):
+      raise ValueError(f"{field}={path!r} is a FLAVA workdir, not a dVAE one "
+                       "(python -m flava_jax.train_dvae writes those)")
+    return params
+  if kind == "model":
+    loaded = checkpoint.load_model(path)
+    if loaded.dvae_params is None:
+      raise ValueError(f"{field}={path!r}: this model directory holds no dVAE")
+    return loaded.dvae_params
+  from flava_jax import convert  # pylint: disable=import-outside-toplevel
+  return convert.dvae_from_transformers(path)[1]
+
+
+def _flat(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(_flat(v, prefix + (k,)))
+    else:
+      out[prefix + (k,)] = v
+  return out
+
+
+def replace_parts(target: Mapping, source: Mapping, parts: tuple[str, ...] | None, field: str
+                  ) -> tuple[dict, int]:
+  """`target` with the leaves under `parts` (all when None) taken from `source`.
+
+  Returns (new tree, number of leaves copied). Leaves keep the target's sharding. Missing
+  leaves, extra leaves and shape differences are errors naming `field` and the leaf.
+  """
+  flat_target, flat_source = _flat(target), _flat(source)
+  wanted = [p for p in flat_target if parts is None or p[0] in parts]
+  if parts is not None:
+    absent = [part for part in parts if not any(p[0] == part for p in flat_source)]
+    if absent:
+      raise ValueError(f"{field}: the source has no {', '.join(absent)} parameters")
+  missing = [p for p in wanted if p not in flat_source]
+  extra = [p for p in flat_source if (parts is None or p[0] in parts) and p not in flat_target]
+  if missing or extra:
+    raise ValueError(f"{field}: parameters do not match this model: missing "
+                     f"{['/'.join(p) for p in missing[:5]]}, unexpected "
+                     f"{['/'.join(p) for p in extra[:5]]}")
+  new = dict(flat_target)
+  for p in wanted:
+    old, value = flat_target[p], flat_source[p]
+    if tuple(np.shape(value)) != tuple(old.shape):
+      raise ValueError(f"{field}: {'/'.join(p)} has shape {tuple(np.shape(value))} in the "
+                       f"source and {tuple(old.shape)} in this model (config.model differs)")
+    new[p] = jax.device_put(np.asarray(value, dtype=old.dtype), old.sharding)
+  return _unflat(new), len(wanted)
+
+
+def _unflat(flat: Mapping[tuple[str, ...], Any]) -> dict:
+  out: dict = {}
+  for path, value in flat.items():
+    node = out
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = value
+  return out
+
+
+def initial_params(params: Mapping, cfg: InitConfig) -> tuple[dict, list[str]]:
+  """FLAVA parameters after config.init (model_from, then image_from, text_from); the log lines."""
+  notes = []
+  if cfg.model_from:
+    source = read_flava_params(cfg.model_from, "init.model_from")
+    parts = tuple(k for k in params if k in source)  # a FlavaModel source has no heads
+    params, n = replace_parts(params, source, parts, "init.model_from")
+    kept = sorted(set(params) - set(parts))
+    notes.append(f"{n} parameter arrays from {cfg.model_from}"
+                 + (f" ({', '.join(kept)} not in the source: random)" if kept else ""))
+  for field, parts in (("image_from", IMAGE_PARTS), ("text_from", TEXT_PARTS)):
+    path = getattr(cfg, field)
+    if path:
+      params, n = replace_parts(params, read_flava_params(path, f"init.{field}"), parts,
+                                f"init.{field}")
+      notes.append(f"{'/'.join(parts)} ({n} arrays) from {path}")
+  return params, notes
