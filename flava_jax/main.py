@@ -37,6 +37,10 @@ def main(argv):
   logging.warning("process %d of %d; %d local / %d global devices (%s)", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
+  try:
+    trainer.check_config(flags.FLAGS.config)
+  except (ValueError, TypeError, FileNotFoundError) as e:
+    raise app.UsageError(f"bad config: {e}") from None
   trainer.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 

@@ -119,11 +119,15 @@ def make_optimizer(cfg: OptimizerConfig | Mapping[str, Any], total_steps: int
   return tx
 
 
-def _trainable_labels(trainable: tuple[str, ...], params: Any) -> Any:
+def check_trainable(trainable: tuple[str, ...], params: Any) -> None:
   unknown = sorted(set(trainable) - set(params))
   if unknown:
     raise ValueError(f"optimizer.trainable names {unknown}, which the model does not have; its "
                      f"parameter groups: {sorted(params)}")
+
+
+def _trainable_labels(trainable: tuple[str, ...], params: Any) -> Any:
+  check_trainable(trainable, params)
   return {k: jax.tree.map(lambda _, k=k: "train" if k in trainable else "frozen", v)
           for k, v in params.items()}
 

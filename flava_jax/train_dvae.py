@@ -158,15 +158,29 @@ def evaluate_dvae(config: Any, dvae: DVAE, params: Any, examples: int) -> dict[s
           "examples": len(pixels)}
 
 
+def check_config(config: Any) -> None:
+  """Start-up checks of a dVAE training config (no data read, no compile); errors name fields."""
+  trainer.check_fields(config, DVAE_SECTIONS)
+  FlavaConfig.from_dict(config.model)
+  if not DVAEConfig.from_dict(config.dvae).decoder:
+    raise ValueError("dvae.decoder must be True to train the dVAE")
+  dataclass_from_dict(DVAETrainingConfig, config.dvae_training, "dvae_training")
+  dataclass_from_dict(train.OptimizerConfig, config.optimizer, "optimizer")
+  dataclass_from_dict(trainer.CheckpointConfig, config.checkpoint, "checkpoint")
+  _, corpora = pipeline.data_config(config.data)
+  for name, corpus in corpora.items():
+    if corpus.kind == "text":
+      raise ValueError(f"data.corpora.{name} is a text corpus; the dVAE trains on images "
+                       "(image or paired corpora)")
+  trainer.check_batch(config, sharding.make_mesh(config.sharding.mesh))
+
+
 def train_dvae(config: Any, workdir: str, stop_after: int | None = None) -> dict[str, Any]:
   """Trains the dVAE for config.total_steps (resuming from workdir); held-out figures at the end."""
-  trainer.check_fields(config, DVAE_SECTIONS)
+  check_config(config)
   mesh = sharding.make_mesh(config.sharding.mesh)
-  trainer.check_batch(config, mesh)
   rules = sharding.rules_from_config(config.sharding.rules)
   dvae_cfg = DVAEConfig.from_dict(config.dvae)
-  if not dvae_cfg.decoder:
-    raise ValueError("dvae.decoder must be True to train the dVAE")
   dvae = DVAE(dvae_cfg)
   image_size = dvae_view_size(FlavaConfig.from_dict(config.model).image, dvae_cfg)
   training = dataclass_from_dict(DVAETrainingConfig, config.dvae_training, "dvae_training")
@@ -174,10 +188,6 @@ def train_dvae(config: Any, workdir: str, stop_after: int | None = None) -> dict
   ckpt_cfg = dataclass_from_dict(trainer.CheckpointConfig, config.checkpoint, "checkpoint")
   tx = train.make_optimizer(optimizer_cfg, config.total_steps)
   data = pipeline.make_pipeline(config)
-  for corpus, kind in data.kinds.items():
-    if kind == "text":
-      raise ValueError(f"data.corpora.{corpus} is a text corpus; the dVAE trains on images "
-                       "(image or paired corpora)")
   trainer.save_run_config(config, workdir)
 
   rng = jax.random.key(config.seed)
@@ -225,6 +235,10 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   if flags.FLAGS.multiprocess:
     jax.distributed.initialize()
+  try:
+    check_config(flags.FLAGS.config)
+  except (ValueError, TypeError, FileNotFoundError) as e:
+    raise app.UsageError(f"bad config: {e}") from None
   train_dvae(flags.FLAGS.config, flags.FLAGS.workdir)
 
 

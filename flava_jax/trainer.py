@@ -33,7 +33,7 @@ from flava_jax.data import pipeline
 from flava_jax.losses.flava import LossConfig
 from flava_jax.models.config import DVAEConfig, FlavaConfig, dataclass_from_dict, dvae_view_size
 from flava_jax.models.dvae import DVAE, init_dvae_params
-from flava_jax.models.flava import FlavaModel
+from flava_jax.models.flava import FlavaModel, init_params
 
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
@@ -49,6 +49,11 @@ class CheckpointConfig:
   every_steps: int = 1000
   keep: int = 3
   async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  retrieval: bool = True  # zero-shot retrieval on held-out pairs at the end (paired runs)
 
 
 class _Preemption:
@@ -151,6 +156,25 @@ def check_fields(config: Any, sections: tuple[str, ...]) -> None:
 
 FLAVA_SECTIONS = ("model", "dvae", "checkpoint", "eval", "loss", "optimizer", "data", "sharding",
                   "init")
+
+
+def check_config(config: Any) -> None:
+  """Every start-up check of a FLAVA training config that needs no data read and no compile:
+  field names and types of every section, init paths, the mesh and the batch split. Errors
+  name the field."""
+  check_fields(config, FLAVA_SECTIONS)
+  model_cfg = FlavaConfig.from_dict(config.model)
+  DVAEConfig.from_dict(config.dvae)
+  dataclass_from_dict(LossConfig, config.loss, "loss")
+  optimizer_cfg = dataclass_from_dict(train.OptimizerConfig, config.optimizer, "optimizer")
+  if optimizer_cfg.trainable:
+    groups = jax.eval_shape(lambda: init_params(FlavaModel(model_cfg), jax.random.key(0)))
+    train.check_trainable(optimizer_cfg.trainable, groups)
+  dataclass_from_dict(CheckpointConfig, config.checkpoint, "checkpoint")
+  dataclass_from_dict(EvalConfig, config.eval, "eval")
+  dataclass_from_dict(warm_start.InitConfig, config.init, "init")
+  pipeline.data_config(config.data)
+  check_batch(config, sharding.make_mesh(config.sharding.mesh))
 
 
 def check_batch(config: Any, mesh) -> None:
@@ -308,9 +332,8 @@ def train_and_evaluate(config: Any, workdir: str, stop_after: int | None = None
   stop_after: save a checkpoint and return after this many steps of this call (as a preempted
   run does); a later call with the same workdir carries on.
   """
-  check_fields(config, FLAVA_SECTIONS)
+  check_config(config)
   mesh = sharding.make_mesh(config.sharding.mesh)
-  check_batch(config, mesh)
   rules = sharding.rules_from_config(config.sharding.rules)
   model = FlavaModel(FlavaConfig.from_dict(config.model))
   dvae = DVAE(DVAEConfig.from_dict(config.dvae))
@@ -364,7 +387,8 @@ def train_and_evaluate(config: Any, workdir: str, stop_after: int | None = None
   if stopped:
     return {"stopped_at": step, "state": state}
   results = {}
-  if config.eval.retrieval and "paired" in data.kinds.values():
+  eval_cfg = dataclass_from_dict(EvalConfig, config.eval, "eval")
+  if eval_cfg.retrieval and "paired" in data.kinds.values():
     results = evaluate.zero_shot_retrieval(config, model, state.params)
     write_metrics(workdir, step, {f"eval/{k}": v for k, v in results.items()})
     print(f"held-out zero-shot retrieval ({results['examples']} pairs, chance R@1 "

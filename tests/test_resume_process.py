@@ -1,0 +1,122 @@
+"""The binary as users run it: killed (SIGKILL) or preempted (SIGTERM) after a checkpoint and
+started again with the same workdir, it ends bit-identical to an uninterrupted run, data order
+included. Bad configs stop at start-up naming the field."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import flava
+from flava_jax import trainer, warm_start
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 20
+OVERRIDES = {"global_batch": 16, "total_steps": STEPS, "log_every_steps": 1,
+             "checkpoint.every_steps": 2, "eval.retrieval": False, "optimizer.warmup_steps": 2}
+
+
+def _env():
+  env = dict(os.environ)
+  env.update(JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+             JAX_DEFAULT_MATMUL_PRECISION="highest", PYTHONUNBUFFERED="1")
+  return env
+
+
+def _command(workdir, extra=()):
+  flags = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+  return [sys.executable, "-m", "flava_jax.main", f"--workdir={workdir}", *flags, *extra]
+
+
+def _start(workdir):
+  return subprocess.Popen(_command(workdir), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _read_until(proc, text):
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if text in line:
+      return lines
+  raise AssertionError(f"the run ended without printing {text!r}:\n{''.join(lines[-30:])}")
+
+
+def _finish(workdir):
+  done = subprocess.run(_command(workdir), cwd=REPO, env=_env(), capture_output=True, text=True,
+                        check=False)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  return done.stdout
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """The uninterrupted run's final parameters (same config, in this process)."""
+  config = flava.get_config("tiny")
+  for key, value in OVERRIDES.items():
+    node = config
+    *path, last = key.split(".")
+    for part in path:
+      node = node[part]
+    node[last] = value
+  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+  trainer.train_and_evaluate(config, workdir)
+  return warm_start.read_workdir_params(workdir, "reference")
+
+
+def _assert_same(params, reference):
+  leaves, ref_leaves = jax.tree.leaves(params), jax.tree.leaves(reference)
+  assert len(leaves) == len(ref_leaves)
+  for a, b in zip(leaves, ref_leaves):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_sigkill_after_a_checkpoint_then_restart_is_exact(reference, tmp_path):
+  workdir = str(tmp_path / "run")
+  proc = _start(workdir)
+  _read_until(proc, "checkpoint 6 saving")
+  proc.kill()
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL  # killed mid-run, not finished
+  out = _finish(workdir)
+  resumed = [l for l in out.splitlines() if l.startswith("resumed from step")]
+  assert resumed and 4 <= int(resumed[0].split()[3]) < STEPS, out[-2000:]
+  _assert_same(warm_start.read_workdir_params(workdir, "run"), reference)
+
+
+def test_sigterm_saves_exits_cleanly_and_resumes_exactly(reference, tmp_path):
+  workdir = str(tmp_path / "run")
+  proc = _start(workdir)
+  lines = _read_until(proc, "checkpoint 4 saving")
+  proc.send_signal(signal.SIGTERM)
+  lines += proc.stdout.readlines()
+  proc.wait()
+  assert proc.returncode == 0, "".join(lines[-30:])
+  stopped = [l for l in lines if l.startswith("SIGTERM: saved step")]
+  assert stopped, "".join(lines[-30:])
+  step = int(stopped[0].split()[3])
+  assert 4 <= step < STEPS
+  out = _finish(workdir)
+  assert f"resumed from step {step} " in out
+  _assert_same(warm_start.read_workdir_params(workdir, "run"), reference)
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--config.globl_batch=3", "globl_batch"),
+    ("--config.global_batch=abc", "config.global_batch"),
+    ("--config.global_batch=12", "global_batch=12 is not divisible by the data-parallel size 8"),
+    ("--config.init.text_from=/no/such/run", "init.text_from='/no/such/run': no such directory"),
+    ("--config.optimizer.trainable=('text',)", "optimizer.trainable"),
+])
+def test_bad_configs_stop_at_start_up_naming_the_field(flag, message, tmp_path):
+  done = subprocess.run(
+      [sys.executable, "-m", "flava_jax.main", f"--workdir={tmp_path}", flag], cwd=REPO,
+      env=_env(), capture_output=True, text=True, check=False)
+  assert done.returncode != 0
+  assert message in done.stdout + done.stderr
+  assert not os.path.exists(tmp_path / trainer.CHECKPOINT_DIR)
