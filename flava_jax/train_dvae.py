@@ -195,7 +195,8 @@ def train_dvae(config: Any, workdir: str, stop_after: int | None = None) -> dict
   logical = nn.get_partition_spec(jax.eval_shape(
       lambda: init_dvae_params(dvae, jax.random.key(0), image_size=image_size, boxed=True)))
   param_shardings = sharding.logical_to_shardings(logical, mesh, rules)
-  state, shardings = train.create_state(init_fn, tx, param_shardings, mesh, rng, rules)
+  state, shardings = train.create_state(init_fn, tx, param_shardings, mesh,
+                                        trainer.init_key(config.seed), rules)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           state)
   if jax.process_index() == 0:

@@ -164,7 +164,7 @@ def replace_parts(target: Mapping, source: Mapping, parts: tuple[str, ...] | Non
     if tuple(np.shape(value)) != tuple(old.shape):
       raise ValueError(f"{field}: {'/'.join(p)} has shape {tuple(np.shape(value))} in the "
                        f"source and {tuple(old.shape)} in this model (config.model differs)")
-    new[p] = jax.device_put(np.asarray(value, dtype=old.dtype), old.sharding)
+    new[p] = jax.device_put(np.asarray(value, dtype=old.dtype), getattr(old, "sharding", None))
   return _unflat(new), len(wanted)
 
 

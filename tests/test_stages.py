@@ -9,7 +9,7 @@ import pytest
 
 from configs import dvae as dvae_configs
 from configs import flava, mim, mlm
-from flava_jax import train, train_dvae, trainer, warm_start
+from flava_jax import sharding, train, train_dvae, trainer, warm_start
 from flava_jax.models.config import FlavaConfig
 from flava_jax.models.flava import FlavaModel
 
@@ -77,8 +77,9 @@ def test_unimodal_stages_train_only_their_encoder(stage_dirs):
   config = flava.get_config("tiny")
   model = FlavaModel(FlavaConfig.from_dict(config.model))
   init = jax.device_get(train.create_train_state(
-      model, train.make_optimizer(config.optimizer, 10), jax.random.key(config.seed),
-      jax.make_mesh((8, 1, 1), ("data", "fsdp", "tensor")), ())[0].params)
+      model, train.make_optimizer(config.optimizer, 10), trainer.init_key(config.seed),
+      sharding.make_mesh(config.sharding.mesh),
+      sharding.rules_from_config(config.sharding.rules))[0].params)
   mlm_params = jax.device_get(results["mlm"]["state"].params)
   for group in init:
     same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(init[group]),
@@ -91,6 +92,7 @@ def test_joint_stage_starts_from_the_unimodal_stages_and_trains(stage_dirs, tmp_
   config = shrink(flava.get_config("tiny"), steps=9, batch=32)
   config.grad_accum = 2
   config.eval.retrieval = False
+  config.data.corpora = {"paired": config.data.corpora.paired.to_dict()}  # one compile
   config.init.image_from = dirs["mim"]
   config.init.text_from = dirs["mlm"]
   config.init.dvae_from = dirs["dvae"]
@@ -114,10 +116,8 @@ def test_joint_stage_starts_from_the_unimodal_stages_and_trains(stage_dirs, tmp_
 
   trainer.train_and_evaluate(config, str(tmp_path / "joint"))
   lines = [json.loads(l) for l in open(tmp_path / "joint" / trainer.METRICS_FILE)]
-  totals = [l[k] for l in lines for k in l if k.endswith("/loss")]
-  assert len(totals) == 9 and all(np.isfinite(totals))
-  paired = losses(str(tmp_path / "joint"), "paired/loss")
-  assert len(paired) >= 3 and paired[-1] < paired[0]
+  paired = [l["paired/loss"] for l in lines if "paired/loss" in l]
+  assert len(paired) == 9 and all(np.isfinite(paired)) and falls(paired)
 
 
 def test_dvae_targets_come_from_the_trained_dvae(stage_dirs):
