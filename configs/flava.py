@@ -177,3 +177,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       ],
   ))
   return config
+
+
+def unimodal_stage(arg: str | None, corpus: str, trainable: tuple[str, ...],
+                   full: dict) -> ml_collections.ConfigDict:
+  """A unimodal stage (configs/mlm.py, configs/mim.py): one corpus kind, one encoder and its head
+  trained, no retrieval at the end; `full` sets the stage's recipe for the full variant."""
+  config = get_config(arg)
+  config.data.corpora = {corpus: dict(config.data.corpora[corpus].to_dict(), weight=1.0)}
+  config.optimizer.trainable = trainable
+  config.eval.retrieval = False
+  if config.variant == "full":
+    for key, value in full.items():
+      section, _, field = key.rpartition(".")
+      (config[section] if section else config)[field] = value
+  else:
+    config.total_steps = 200
+    config.optimizer.warmup_steps = 20
+  return config

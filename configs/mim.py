@@ -17,18 +17,7 @@ from configs import flava  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def get_config(arg: str | None = None):
-  config = flava.get_config(arg)
-  full = config.variant == "full"
-  config.data.corpora = {"image": dict(config.data.corpora.image.to_dict(), weight=1.0)}
-  config.optimizer.trainable = ("image_encoder", "mim_head")
-  config.eval.retrieval = False
-  if full:
-    config.global_batch = 2048
-    config.total_steps = 100_000
-    config.optimizer.learning_rate = 1.5e-3
-    config.optimizer.weight_decay = 0.05
-    config.optimizer.warmup_steps = 10_000
-  else:
-    config.total_steps = 200
-    config.optimizer.warmup_steps = 20
-  return config
+  return flava.unimodal_stage(
+      arg, "image", ("image_encoder", "mim_head"),
+      full={"global_batch": 2048, "total_steps": 100_000, "optimizer.learning_rate": 1.5e-3,
+            "optimizer.weight_decay": 0.05, "optimizer.warmup_steps": 10_000})

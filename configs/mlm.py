@@ -17,18 +17,7 @@ from configs import flava  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def get_config(arg: str | None = None):
-  config = flava.get_config(arg)
-  full = config.variant == "full"
-  config.data.corpora = {"text": dict(config.data.corpora.text.to_dict(), weight=1.0)}
-  config.optimizer.trainable = ("text_encoder", "mlm_head")
-  config.eval.retrieval = False
-  if full:
-    config.global_batch = 2048
-    config.total_steps = 125_000
-    config.optimizer.learning_rate = 5e-4
-    config.optimizer.weight_decay = 0.01
-    config.optimizer.warmup_steps = 10_000
-  else:
-    config.total_steps = 200
-    config.optimizer.warmup_steps = 20
-  return config
+  return flava.unimodal_stage(
+      arg, "text", ("text_encoder", "mlm_head"),
+      full={"global_batch": 2048, "total_steps": 125_000, "optimizer.learning_rate": 5e-4,
+            "optimizer.weight_decay": 0.01, "optimizer.warmup_steps": 10_000})

@@ -212,11 +212,12 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
   tree[path[-1]] = value
 
 
-def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+def flatten_tree(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+  """{path of keys: leaf} of a nested mapping."""
   out = {}
   for k, v in tree.items():
     if isinstance(v, Mapping):
-      out.update(_flatten(v, prefix + (k,)))
+      out.update(flatten_tree(v, prefix + (k,)))
     else:
       out[prefix + (k,)] = v
   return out
@@ -232,7 +233,7 @@ def _gather(rules: Sequence[_Rule], state: Mapping[str, Array], expected: Mappin
         + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
   params: dict = {}
   used: set[str] = set()
-  expected_flat = _flatten(expected)
+  expected_flat = flatten_tree(expected)
   for rule in rules:
     if rule.layers is None:
       value = rule.transform.to_ours([state[k] for k in rule.keys])
@@ -254,7 +255,7 @@ def _gather(rules: Sequence[_Rule], state: Mapping[str, Array], expected: Mappin
 
 
 def _scatter(rules: Sequence[_Rule], params: Mapping) -> dict[str, Array]:
-  flat = _flatten(params)
+  flat = flatten_tree(params)
   state = {}
   for rule in rules:
     value = np.asarray(jax.device_get(flat[rule.path]), dtype=np.float32)
@@ -440,8 +441,8 @@ def to_transformers(model: FlavaModel, params: Mapping, dst: str, dvae: DVAE | N
   if dvae is not None and not config.pretraining_heads:
     raise ValueError("an image codebook can only be written with a FlavaForPreTraining model")
   prefix = PRETRAINING_PREFIX if config.pretraining_heads else ""
-  expected = _flatten(_abstract(lambda: init_params(model, jax.random.key(0))))
-  given = _flatten(params)
+  expected = flatten_tree(_abstract(lambda: init_params(model, jax.random.key(0))))
+  given = flatten_tree(params)
   if set(expected) != set(given):
     raise ValueError(
         "params do not match the model: missing "

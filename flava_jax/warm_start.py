@@ -25,7 +25,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from flava_jax import checkpoint
+from flava_jax import checkpoint, convert
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_ITEM = "state"
@@ -108,7 +108,6 @@ def read_flava_params(path: str, field: str) -> Any:
     return params
   if kind == "model":
     return checkpoint.load_model(path).params
-  from flava_jax import convert  # pylint: disable=import-outside-toplevel
   return convert.from_transformers(path)[1]
 
 
@@ -125,18 +124,7 @@ def read_dvae_params(path: str, field: str = "init.dvae_from") -> Any:
     if loaded.dvae_params is None:
       raise ValueError(f"{field}={path!r}: this model directory holds no dVAE")
     return loaded.dvae_params
-  from flava_jax import convert  # pylint: disable=import-outside-toplevel
   return convert.dvae_from_transformers(path)[1]
-
-
-def _flat(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flat(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
 
 
 def replace_parts(target: Mapping, source: Mapping, parts: tuple[str, ...] | None, field: str
@@ -146,7 +134,7 @@ def replace_parts(target: Mapping, source: Mapping, parts: tuple[str, ...] | Non
   Returns (new tree, number of leaves copied). Leaves keep the target's sharding. Missing
   leaves, extra leaves and shape differences are errors naming `field` and the leaf.
   """
-  flat_target, flat_source = _flat(target), _flat(source)
+  flat_target, flat_source = convert.flatten_tree(target), convert.flatten_tree(source)
   wanted = [p for p in flat_target if parts is None or p[0] in parts]
   if parts is not None:
     absent = [part for part in parts if not any(p[0] == part for p in flat_source)]

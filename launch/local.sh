@@ -1,9 +1,21 @@
 #!/usr/bin/env bash
-# Runs the flava_jax binary on this machine (CPU or local accelerators).
-#   launch/local.sh [CONFIG_ARG] [WORKDIR] [extra flags...]
+# Runs a flava_jax binary on this machine (CPU or local accelerators).
+#   launch/local.sh [CONFIG] [WORKDIR] [extra flags...]
+# CONFIG is a variant of configs/flava.py (tiny, full) or a config path with its argument
+# (configs/mlm.py:full). configs/dvae.py runs the dVAE trainer (python -m flava_jax.train_dvae).
 # e.g. launch/local.sh tiny /tmp/flava_tiny --config.seed=1
+#      launch/local.sh configs/dvae.py /tmp/flava_dvae
 set -euo pipefail
 cd "$(dirname "$0")/.."
-arg="${1:-tiny}"; workdir="${2:-/tmp/flava_${arg}}"
-shift $(( $# > 2 ? 2 : $# ))
-exec python -m flava_jax.main --config="configs/flava.py:${arg}" --workdir="${workdir}" "$@"
+arg="${1:-tiny}"
+shift $(( $# > 0 ? 1 : 0 ))
+case "${arg}" in
+  *.py|*.py:*) config="${arg}" ;;
+  *) config="configs/flava.py:${arg}" ;;
+esac
+name="$(basename "${config%%:*}" .py)"
+workdir="${1:-/tmp/flava_${name}}"
+shift $(( $# > 0 ? 1 : 0 ))
+binary="flava_jax.main"
+[[ "${name}" == "dvae" ]] && binary="flava_jax.train_dvae"
+exec python -m "${binary}" --config="${config}" --workdir="${workdir}" "$@"
