@@ -375,8 +375,8 @@ def train_and_evaluate(config: Any, workdir: str, stop_after: int | None = None
           f"device(s); corpora {data.kinds}; global batch {config.global_batch}"
           + (f" in {config.grad_accum} micro-batches" if config.get("grad_accum", 1) > 1
              else "")
-          + (f"; dVAE from {init_cfg.dvae_from}" if init_cfg.dvae_from
-             else "; dVAE random (init.dvae_from not set)"), flush=True)
+          + ("" if dvae_params is None else f"; dVAE from {init_cfg.dvae_from}"
+             if init_cfg.dvae_from else "; dVAE random (init.dvae_from not set)"), flush=True)
 
   def fresh_start(state):
     params, notes = warm_start.initial_params(state.params, init_cfg)
