@@ -239,6 +239,21 @@ def save_run_config(config: Any, workdir: str) -> None:
               else json.dumps(dict(config), indent=2, default=str))
 
 
+def _warn_if_dvae_changed(workdir: str, dvae_from: str) -> None:
+  """The frozen dVAE is not part of the checkpoint: a resumed run must name the same one."""
+  path = os.path.join(workdir, RUN_CONFIG)
+  if not os.path.exists(path):
+    return
+  try:
+    with open(path, encoding="utf-8") as f:
+      before = json.load(f).get("init", {}).get("dvae_from", "")
+  except (OSError, ValueError):
+    return
+  if before != dvae_from:
+    print(f"warning: this workdir was trained with init.dvae_from={before!r}, now "
+          f"{dvae_from!r}: resumed steps will learn other MIM/MMM targets", flush=True)
+
+
 @dataclasses.dataclass
 class Run:
   """What the step loop needs: a sharded state, one jitted step per batch kind, the data."""
@@ -361,6 +376,7 @@ def train_and_evaluate(config: Any, workdir: str, stop_after: int | None = None
   init_cfg = dataclass_from_dict(warm_start.InitConfig, config.init, "init")  # paths checked
   tx = train.make_optimizer(optimizer_cfg, config.total_steps)
   data = pipeline.make_pipeline(config)  # start-up errors of the data come before any compile
+  _warn_if_dvae_changed(workdir, init_cfg.dvae_from)
   save_run_config(config, workdir)
 
   rng = jax.random.key(config.seed)

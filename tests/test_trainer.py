@@ -59,3 +59,11 @@ def test_bf16_first_moment_option():
     assert mu["kernel"].dtype == jnp.dtype(dtype) and mu["bias"].dtype == jnp.dtype(dtype)
   with pytest.raises(ValueError, match="optimizer.mu_dtype='float16'"):
     train.make_optimizer(dict(mu_dtype="float16"), 10)
+
+
+def test_resuming_with_another_dvae_warns(tmp_path, capsys):
+  (tmp_path / trainer.RUN_CONFIG).write_text(json.dumps({"init": {"dvae_from": "/runs/dvae"}}))
+  trainer._warn_if_dvae_changed(str(tmp_path), "/runs/dvae")  # pylint: disable=protected-access
+  assert "warning" not in capsys.readouterr().out
+  trainer._warn_if_dvae_changed(str(tmp_path), "")  # pylint: disable=protected-access
+  assert "init.dvae_from='/runs/dvae', now ''" in capsys.readouterr().out
