@@ -48,19 +48,27 @@ def embed_pairs(model: FlavaModel, params: Any, rows: list[dict], batch_size: in
   return np.concatenate(images), np.concatenate(texts)
 
 
+def eval_rows(config: Any, kind: str, source_config: sources.SourceConfig | None = None,
+              limit: int | None = None) -> list[dict]:
+  """Preprocessed held-out examples of one kind (eval transforms: whole image, no masks), the
+  bad ones skipped. Default source: the embedded corpus's test split of that kind."""
+  cfg, _ = pipeline.data_config(config.data)
+  shapes = pipeline.Shapes.from_config(config)
+  tok = pipeline.load_tokenizer(cfg, shapes) if kind != "image" else None
+  processor = pipeline.make_processor(kind, cfg, shapes, tok, train=False)
+  source_config = source_config or sources.SourceConfig(name=kind, split="test",
+                                                        cache_dir=cfg.cache_dir)
+  source = sources.open_source(source_config, f"eval.{kind}")
+  source.check(kind)
+  count = len(source) if limit is None else min(limit, len(source))
+  rows = [processor(source[i], None) for i in range(count)]
+  return [r for r in rows if "_skip" not in r]
+
+
 def zero_shot_retrieval(config: Any, model: FlavaModel, params: Any,
                         source_config: sources.SourceConfig | None = None) -> dict[str, float]:
   """R@1/5/10 both ways on a held-out paired split (default: the embedded corpus's test pairs)."""
-  cfg, _ = pipeline.data_config(config.data)
-  shapes = pipeline.Shapes.from_config(config)
-  tok = pipeline.load_tokenizer(cfg, shapes)
-  processor = pipeline.make_processor("paired", cfg, shapes, tok, train=False)
-  source_config = source_config or sources.SourceConfig(name="paired", split="test",
-                                                        cache_dir=cfg.cache_dir)
-  source = sources.open_source(source_config, "eval.retrieval")
-  source.check("paired")
-  rows = [processor(source[i], None) for i in range(len(source))]
-  rows = [r for r in rows if "_skip" not in r]
+  rows = eval_rows(config, "paired", source_config)
   params = jax.device_get(params)
   images, texts = embed_pairs(model, params, rows)
   metrics = retrieval_metrics(images @ texts.T)

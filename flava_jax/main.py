@@ -11,7 +11,6 @@ import os
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,23 +24,8 @@ flags.DEFINE_bool("multiprocess", False,
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  import jax  # pylint: disable=import-outside-toplevel
-  from flava_jax import trainer  # pylint: disable=import-outside-toplevel
-
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # library INFO chatter (orbax) only when asked: -v 0
-  if flags.FLAGS.multiprocess:
-    jax.distributed.initialize()
-  logging.warning("process %d of %d; %d local / %d global devices (%s)", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count(),
-               jax.devices()[0].platform)
-  try:
-    trainer.check_config(flags.FLAGS.config)
-  except (ValueError, TypeError, FileNotFoundError) as e:
-    raise app.UsageError(f"bad config: {e}") from None
-  trainer.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  from flava_jax import trainer  # pylint: disable=import-outside-toplevel  (flag errors first)
+  trainer.run_binary(argv, trainer.check_config, trainer.train_and_evaluate)
 
 
 if __name__ == "__main__":

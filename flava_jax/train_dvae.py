@@ -26,7 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from flava_jax import flops, sharding, train, trainer
-from flava_jax.data import pipeline, sources, transforms
+from flava_jax.data import pipeline, transforms
+from flava_jax.evaluate import eval_rows
+from flava_jax.model_summary import num_parameters
 from flava_jax.models.config import DVAEConfig, FlavaConfig, dataclass_from_dict, dvae_view_size
 from flava_jax.models.dvae import LOGIT_LAPLACE_EPS, DVAE, init_dvae_params, unmap_pixels
 
@@ -132,13 +134,9 @@ def make_dvae_step(dvae: DVAE, tx, cfg: DVAETrainingConfig, mesh, state_sharding
 
 def evaluate_dvae(config: Any, dvae: DVAE, params: Any, examples: int) -> dict[str, float]:
   """Held-out figures: reconstruction MSE / PSNR through the argmax codes, and code usage."""
-  cfg, _ = pipeline.data_config(config.data)
+  rows = eval_rows(config, "image", limit=examples)
+  pixels = np.stack([r["dvae_pixels"] for r in rows])
   shapes = pipeline.Shapes.from_config(config)
-  processor = pipeline.make_processor("image", cfg, shapes, None, train=False)
-  source = sources.open_source(sources.SourceConfig(name="image", split="test",
-                                                    cache_dir=cfg.cache_dir), "dvae eval")
-  rows = [processor(source[i], None) for i in range(min(examples, len(source)))]
-  pixels = np.stack([r["dvae_pixels"] for r in rows if "_skip" not in r])
   grid = shapes.grid
   params = jax.device_get(params)
 
@@ -197,10 +195,7 @@ def train_dvae(config: Any, workdir: str, stop_after: int | None = None) -> dict
   param_shardings = sharding.logical_to_shardings(logical, mesh, rules)
   state, shardings = train.create_state(init_fn, tx, param_shardings, mesh,
                                         trainer.init_key(config.seed), rules)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          state)
   if jax.process_index() == 0:
-    from flava_jax.model_summary import num_parameters  # pylint: disable=import-outside-toplevel
     print(f"dVAE {config.get('variant', '')}: {num_parameters(state.params):,} parameters, "
           f"{image_size} px -> {image_size // dvae_cfg.downsample}^2 codes of "
           f"{dvae_cfg.vocab_size}; mesh {dict(mesh.shape)}; corpora {data.kinds}; global batch "
@@ -208,7 +203,7 @@ def train_dvae(config: Any, workdir: str, stop_after: int | None = None) -> dict
   step_fn = make_dvae_step(dvae, tx, training, mesh, shardings, config.get("grad_accum", 1))
   kinds = sorted(set(data.kinds.values()))
   run = trainer.Run(
-      config=config, workdir=workdir, mesh=mesh, data=data, state=state, abstract_state=abstract,
+      config=config, workdir=workdir, mesh=mesh, data=data, state=state,
       steps={k: step_fn for k in kinds},
       step_flops={k: config.global_batch * flops.dvae_train_flops(dvae_cfg, image_size)
                   for k in kinds},
@@ -229,18 +224,7 @@ def train_dvae(config: Any, workdir: str, stop_after: int | None = None) -> dict
 
 
 def main(argv):
-  from absl import app, flags, logging  # pylint: disable=import-outside-toplevel,g-multiple-import
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  if flags.FLAGS.multiprocess:
-    jax.distributed.initialize()
-  try:
-    check_config(flags.FLAGS.config)
-  except (ValueError, TypeError, FileNotFoundError) as e:
-    raise app.UsageError(f"bad config: {e}") from None
-  train_dvae(flags.FLAGS.config, flags.FLAGS.workdir)
+  trainer.run_binary(argv, check_config, train_dvae)
 
 
 if __name__ == "__main__":

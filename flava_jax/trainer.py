@@ -35,7 +35,7 @@ from flava_jax.models.config import DVAEConfig, FlavaConfig, dataclass_from_dict
 from flava_jax.models.dvae import DVAE, init_dvae_params
 from flava_jax.models.flava import FlavaModel, init_params
 
-CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_DIR = warm_start.CHECKPOINT_DIR
 METRICS_FILE = "metrics.jsonl"
 RUN_CONFIG = "run_config.json"  # the config a workdir was trained with
 
@@ -262,8 +262,7 @@ class Run:
   workdir: str
   mesh: Any
   data: pipeline.DataIterator
-  state: Any
-  abstract_state: Any
+  state: Any                      # its shapes and shardings are what checkpoints restore into
   steps: dict[str, Any]           # kind -> step(state, batch, rng) -> (state, metrics)
   step_flops: dict[str, float]    # kind -> FLOPs of one step at the global batch
   schedule: Any
@@ -280,7 +279,9 @@ def run_loop(run: Run, stop_after: int | None = None) -> tuple[Any, int, bool]:
   """
   config, data = run.config, run.data
   manager = _manager(run.workdir, run.checkpoint)
-  restored = _restore_latest(manager, run.abstract_state, data)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          run.state)
+  restored = _restore_latest(manager, abstract, data)
   state = run.state
   if restored is not None:
     state, start = restored
@@ -358,6 +359,27 @@ def write_metrics(workdir: str, step: int, metrics: dict[str, float]) -> None:
   writer.close()
 
 
+def run_binary(argv, check, train_fn) -> None:
+  """The body of both binaries (flava_jax.main, flava_jax.train_dvae): joins the other processes
+  when --multiprocess, logs the topology, stops with a one-line usage error on a bad config,
+  then trains with --config and --workdir."""
+  from absl import app, flags  # pylint: disable=import-outside-toplevel,g-multiple-import
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # library INFO chatter (orbax) only when asked: -v 0
+  if flags.FLAGS.multiprocess:
+    jax.distributed.initialize()
+  logging.warning("process %d of %d; %d local / %d global devices (%s)", jax.process_index(),
+                  jax.process_count(), jax.local_device_count(), jax.device_count(),
+                  jax.devices()[0].platform)
+  try:
+    check(flags.FLAGS.config)
+  except (ValueError, TypeError, FileNotFoundError) as e:
+    raise app.UsageError(f"bad config: {e}") from None
+  train_fn(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
 def train_and_evaluate(config: Any, workdir: str, stop_after: int | None = None
                        ) -> dict[str, Any]:
   """Trains for config.total_steps (resuming from workdir), then evaluates; returns metrics.
@@ -400,8 +422,6 @@ def train_and_evaluate(config: Any, workdir: str, stop_after: int | None = None
       print(f"init: {note}", flush=True)
     return state.replace(params=params)
 
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          state)
   local_batch = config.global_batch // sharding.data_parallel_size(mesh)
   steps = {}
   for kind in sorted(set(data.kinds.values())):
@@ -411,8 +431,7 @@ def train_and_evaluate(config: Any, workdir: str, stop_after: int | None = None
   step_flops = {kind: flops.train_step_flops(
       model.config, dvae.config, kind, config.global_batch,
       config.paired_text_length if kind == "paired" else config.text_length) for kind in steps}
-  run = Run(config=config, workdir=workdir, mesh=mesh, data=data, state=state,
-            abstract_state=abstract, steps=steps, step_flops=step_flops,
+  run = Run(config=config, workdir=workdir, mesh=mesh, data=data, state=state, steps=steps, step_flops=step_flops,
             schedule=train.learning_rate_schedule(optimizer_cfg, config.total_steps),
             checkpoint=ckpt_cfg, rng=rng, on_fresh_start=fresh_start)
   state, step, stopped = run_loop(run, stop_after)
