@@ -127,8 +127,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.log_every_steps = 100 if full else 50
   config.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=2000 if full else 200, keep=3, async_save=True))
-  # After training: zero-shot retrieval on the embedded corpus's held-out pairs.
-  config.eval = ml_collections.ConfigDict(dict(retrieval=True))
+  # Evaluations (flava_jax/evals/; configs/eval/ runs each alone): at the end of training, and
+  # every `every_steps` steps where set. Default: zero-shot retrieval on the embedded held-out
+  # pairs and zero-shot classification of the embedded held-out images.
+  config.evals = ml_collections.ConfigDict(dict(
+      retrieval=dict(evaluator="retrieval", every_steps=0,
+                     data=dict(source="embedded", name="paired", split="test")),
+      zero_shot=dict(evaluator="zero_shot", every_steps=0),
+  ))
   config.loss = ml_collections.ConfigDict(dict(
       global_contrastive=1.0, mmm_image=1.0, mmm_text=1.0, itm=1.0, mim=1.0, mlm=1.0,
       itm_negative_rate=0.1, contrastive="global"))
@@ -184,11 +190,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 def unimodal_stage(arg: str | None, corpus: str, trainable: tuple[str, ...],
                    full: dict) -> ml_collections.ConfigDict:
   """A unimodal stage (configs/mlm.py, configs/mim.py): one corpus kind, one encoder and its head
-  trained, no retrieval at the end; `full` sets the stage's recipe for the full variant."""
+  trained, no evaluation at the end; `full` sets the stage's recipe for the full variant."""
   config = get_config(arg)
   config.data.corpora = {corpus: dict(config.data.corpora[corpus].to_dict(), weight=1.0)}
   config.optimizer.trainable = trainable
-  config.eval.retrieval = False
+  config.evals = ml_collections.ConfigDict()
   if config.variant == "full":
     for key, value in full.items():
       section, _, field = key.rpartition(".")

@@ -1,57 +1,126 @@
-"""Evaluation: zero-shot image-text retrieval (more evaluators come with the evaluation issue).
+"""Evaluation of a trained or converted FLAVA: the binary and what training runs call.
 
-`retrieval_metrics` scores a [images, texts] similarity matrix (image i's caption is text i);
-`zero_shot_retrieval` embeds a held-out paired split (eval transforms: the whole image, no masks)
-with a model and scores it.
+    python -m flava_jax.evaluate --config=configs/eval/zero_shot.py --checkpoint=DIR
+
+DIR is a training workdir (its newest checkpoint and run_config.json), a model directory from
+`python -m flava_jax.convert`, or a transformers save_pretrained directory (converted on the fly).
+The config names one evaluator and its splits (`config.task`, see flava_jax/evals/); the same
+task mappings go under `config.evals` of a training config to run during training.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from flava_jax.data import pipeline, sources, transforms
+from flava_jax import evals, sharding, warm_start
+from flava_jax.data import embedded, pipeline, sources
+from flava_jax.data.tokenizer import Tokenizer
+from flava_jax.evals.features import EvalContext
+from flava_jax.models.config import FlavaConfig
 from flava_jax.models.flava import FlavaModel
 
-
-def retrieval_metrics(similarity: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
-  """Image->text and text->image recall@k for one caption per image (row i matches column i)."""
-  similarity = np.asarray(similarity, np.float64)
-  n = similarity.shape[0]
-  diagonal = similarity[np.arange(n), np.arange(n)]
-  # Rank of the right answer = how many candidates score strictly higher.
-  i2t_rank = (similarity > diagonal[:, None]).sum(1)
-  t2i_rank = (similarity > diagonal[None, :]).sum(0)
-  out = {}
-  for k in ks:
-    out[f"i2t_r@{k}"] = float((i2t_rank < k).mean())
-    out[f"t2i_r@{k}"] = float((t2i_rank < k).mean())
-  return out
+RUN_CONFIG = "run_config.json"  # what a training workdir was trained with (trainer.py writes it)
+DEFAULT_TEXT_LENGTH = 77  # FLAVA's caption length, for checkpoints that do not say
+EVAL_FIELDS = ("task", "vocab_file", "cache_dir", "text_length", "sharding")
 
 
-def embed_pairs(model: FlavaModel, params: Any, rows: list[dict], batch_size: int = 256
-                ) -> tuple[np.ndarray, np.ndarray]:
-  """(image embeddings [N, D], text embeddings [N, D]) of preprocessed eval rows."""
-  image_fn = jax.jit(lambda p, x: model.apply({"params": p}, transforms.encoder_pixels(x),
-                                              method="image_embedding"))
-  text_fn = jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask,
-                                                     method="text_embedding"))
-  images, texts = [], []
-  for start in range(0, len(rows), batch_size):
-    chunk = rows[start:start + batch_size]
-    images.append(np.asarray(image_fn(params, jnp.asarray(np.stack([r["pixels"] for r in chunk])))))
-    texts.append(np.asarray(text_fn(params, jnp.asarray(np.stack([r["input_ids"] for r in chunk])),
-                                    jnp.asarray(np.stack([r["attention_mask"] for r in chunk])))))
-  return np.concatenate(images), np.concatenate(texts)
+@dataclasses.dataclass
+class Checkpoint:
+  """A model to evaluate: its config, parameters (host arrays) and how it reads text."""
+
+  model_config: FlavaConfig
+  params: Any
+  vocab_file: str  # "" = the embedded corpus's vocabulary
+  text_length: int
+  kind: str  # workdir | model | transformers
+
+
+def load_checkpoint(path: str, field: str = "--checkpoint") -> Checkpoint:
+  kind = warm_start.source_kind(path, field)
+  if kind == "workdir":
+    run_config = os.path.join(path, RUN_CONFIG)
+    if not os.path.exists(run_config):
+      raise FileNotFoundError(f"{field}={path!r}: the workdir has no {RUN_CONFIG}")
+    with open(run_config, encoding="utf-8") as f:
+      run = json.load(f)
+    if "image" not in run.get("model", {}):
+      raise ValueError(f"{field}={path!r} is not a FLAVA training workdir (a dVAE one?)")
+    return Checkpoint(FlavaConfig.from_dict(run["model"]),
+                      warm_start.read_flava_params(path, field),
+                      run.get("data", {}).get("vocab_file", ""),
+                      int(run.get("paired_text_length", DEFAULT_TEXT_LENGTH)), kind)
+  if kind == "model":
+    from flava_jax import checkpoint  # pylint: disable=import-outside-toplevel
+    loaded = checkpoint.load_model(path)
+    config, params = loaded.model.config, loaded.params
+  else:
+    from flava_jax import convert  # pylint: disable=import-outside-toplevel
+    model, params = convert.from_transformers(path)
+    config = model.config
+  vocab = os.path.join(path, "vocab.txt")
+  return Checkpoint(config, params, vocab if os.path.exists(vocab) else "", DEFAULT_TEXT_LENGTH,
+                    kind)
+
+
+def make_context(model_config: FlavaConfig, mesh: jax.sharding.Mesh, rules: sharding.Rules,
+                 vocab_file: str, text_length: int, cache_dir: str = "") -> EvalContext:
+  """The evaluation context; the vocabulary must fit the model's text embedding."""
+  tokenizer = Tokenizer(vocab_file or embedded.vocab_file(cache_dir))
+  if tokenizer.vocab_size > model_config.text.vocab_size:
+    raise ValueError(f"vocab_file has {tokenizer.vocab_size} tokens but the model's text "
+                     f"vocabulary has {model_config.text.vocab_size}: name the model's vocab.txt")
+  if text_length > model_config.text.max_position_embeddings:
+    raise ValueError(f"text_length={text_length} exceeds the model's "
+                     f"{model_config.text.max_position_embeddings} positions")
+  return EvalContext(model=FlavaModel(model_config), mesh=mesh, rules=rules, tokenizer=tokenizer,
+                     text_length=text_length, cache_dir=cache_dir)
+
+
+def check_config(config: Any) -> None:
+  """Start-up checks of an evaluation config: field names and the task's fields."""
+  unknown = sorted(set(config.keys()) - set(EVAL_FIELDS))
+  if unknown:
+    raise ValueError(f"unknown field(s) {', '.join('config.' + u for u in unknown)}; an "
+                     f"evaluation config has {', '.join(EVAL_FIELDS)}")
+  evals.parse(config.task, "task")
+  sharding.rules_from_config(config.sharding.rules)
+
+
+def run(config: Any, checkpoint_path: str) -> dict[str, float]:
+  """Loads the checkpoint, builds the task's evaluator on this process's mesh, runs it."""
+  check_config(config)
+  ckpt = load_checkpoint(checkpoint_path)
+  vocab_file = config.vocab_file or ckpt.vocab_file
+  if not vocab_file and ckpt.kind != "workdir" and (
+      ckpt.model_config.text.vocab_size != embedded.VOCAB_SIZE):
+    raise ValueError(f"the checkpoint's text vocabulary has {ckpt.model_config.text.vocab_size} "
+                     "tokens and its directory no vocab.txt: set --config.vocab_file to the "
+                     "model's (bert-base-uncased's vocab.txt for facebook/flava-full)")
+  mesh = sharding.make_mesh(config.sharding.mesh)
+  rules = sharding.rules_from_config(config.sharding.rules)
+  ctx = make_context(ckpt.model_config, mesh, rules, vocab_file,
+                     config.text_length or ckpt.text_length, config.cache_dir)
+  evaluator = evals.build(config.task, ctx, "task")
+  return evaluator(ckpt.params)
+
+
+def format_metrics(name: str, metrics: Mapping[str, float]) -> str:
+  """One line: the figures first, counts and skips after."""
+  parts = [f"{k} {v:.4f}" if isinstance(v, float) and not float(v).is_integer() else f"{k} {v:g}"
+           for k, v in metrics.items()]
+  return f"{name}: " + ", ".join(parts)
 
 
 def eval_rows(config: Any, kind: str, source_config: sources.SourceConfig | None = None,
               limit: int | None = None) -> list[dict]:
-  """Preprocessed held-out examples of one kind (eval transforms: whole image, no masks), the
-  bad ones skipped. Default source: the embedded corpus's test split of that kind."""
+  """Preprocessed held-out examples of one corpus kind of a training config (eval transforms:
+  whole image, no masks), the bad ones skipped. Default source: the embedded test split."""
   cfg, _ = pipeline.data_config(config.data)
   shapes = pipeline.Shapes.from_config(config)
   tok = pipeline.load_tokenizer(cfg, shapes) if kind != "image" else None
@@ -65,13 +134,42 @@ def eval_rows(config: Any, kind: str, source_config: sources.SourceConfig | None
   return [r for r in rows if "_skip" not in r]
 
 
-def zero_shot_retrieval(config: Any, model: FlavaModel, params: Any,
-                        source_config: sources.SourceConfig | None = None) -> dict[str, float]:
-  """R@1/5/10 both ways on a held-out paired split (default: the embedded corpus's test pairs)."""
-  rows = eval_rows(config, "paired", source_config)
-  params = jax.device_get(params)
-  images, texts = embed_pairs(model, params, rows)
-  metrics = retrieval_metrics(images @ texts.T)
-  metrics["examples"] = len(rows)
-  metrics["chance_r@1"] = 1.0 / len(rows)
-  return metrics
+def main(argv) -> None:
+  from absl import app, flags, logging  # pylint: disable=import-outside-toplevel,g-multiple-import
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  if flags.FLAGS.multiprocess:
+    jax.distributed.initialize()
+  config = flags.FLAGS.config
+  try:
+    check_config(config)
+    metrics = run(config, flags.FLAGS.checkpoint)
+  except (ValueError, TypeError, FileNotFoundError) as e:
+    raise app.UsageError(f"bad config or checkpoint: {e}") from None
+  if jax.process_index() == 0:
+    print(format_metrics(config.task.evaluator, metrics), flush=True)
+    if flags.FLAGS.output:
+      with open(flags.FLAGS.output, "w", encoding="utf-8") as f:
+        json.dump({"checkpoint": flags.FLAGS.checkpoint, "task": config.task.to_dict(),
+                   "metrics": metrics}, f, indent=2, default=str)
+
+
+def _define_flags() -> None:
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  config_flags.DEFINE_config_file("config", None, "an evaluation config (configs/eval/*.py)",
+                                  lock_config=True)
+  flags.DEFINE_string("checkpoint", None, "a training workdir, a converted model directory or a "
+                      "transformers directory")
+  flags.DEFINE_string("output", "", "also write the metrics to this JSON file")
+  flags.DEFINE_bool("multiprocess", False, "call jax.distributed.initialize() (multi-host)")
+  flags.mark_flags_as_required(["config", "checkpoint"])
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  app.run(main)
+

@@ -27,7 +27,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from flava_jax import evaluate, flops, sharding, train, warm_start
+from flava_jax import evals, evaluate, flops, sharding, train, warm_start
 from flava_jax.model_summary import num_parameters
 from flava_jax.data import pipeline
 from flava_jax.losses.flava import LossConfig
@@ -49,11 +49,6 @@ class CheckpointConfig:
   every_steps: int = 1000
   keep: int = 3
   async_save: bool = True
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalConfig:
-  retrieval: bool = True  # zero-shot retrieval on held-out pairs at the end (paired runs)
 
 
 class _Preemption:
@@ -154,7 +149,7 @@ def check_fields(config: Any, sections: tuple[str, ...]) -> None:
     raise ValueError(f"config.grad_accum must be >= 1, got {config.grad_accum}")
 
 
-FLAVA_SECTIONS = ("model", "dvae", "checkpoint", "eval", "loss", "optimizer", "data", "sharding",
+FLAVA_SECTIONS = ("model", "dvae", "checkpoint", "evals", "loss", "optimizer", "data", "sharding",
                   "init")
 
 
@@ -171,7 +166,8 @@ def check_config(config: Any) -> None:
     groups = jax.eval_shape(lambda: init_params(FlavaModel(model_cfg), jax.random.key(0)))
     train.check_trainable(optimizer_cfg.trainable, groups)
   dataclass_from_dict(CheckpointConfig, config.checkpoint, "checkpoint")
-  dataclass_from_dict(EvalConfig, config.eval, "eval")
+  for name, task in config.evals.items():
+    evals.parse(task, f"evals.{name}")
   dataclass_from_dict(warm_start.InitConfig, config.init, "init")
   pipeline.data_config(config.data)
   check_batch(config, sharding.make_mesh(config.sharding.mesh))
@@ -270,6 +266,7 @@ class Run:
   rng: Any
   on_fresh_start: Any = None      # state -> state, when no checkpoint is resumed (config.init)
   host_batch: Any = None          # host batch -> the part the steps read (before the transfer)
+  evaluate: Any = None            # (step, params) -> {name: value} of the evals due at that step
 
 
 def run_loop(run: Run, stop_after: int | None = None) -> tuple[Any, int, bool]:
@@ -339,6 +336,10 @@ def run_loop(run: Run, stop_after: int | None = None) -> tuple[Any, int, bool]:
             force=True)
         if jax.process_index() == 0:
           print(f"checkpoint {step} saving", flush=True)
+      if run.evaluate is not None and step < config.total_steps:
+        results = run.evaluate(step, state.params)
+        if results:
+          writer.write(step, results, progress=False)
       if stopping and step < config.total_steps:
         why = "SIGTERM" if preemption.requested else "stop_after"
         manager.wait_until_finished()
@@ -380,6 +381,33 @@ def run_binary(argv, check, train_fn) -> None:
   train_fn(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
+def make_evaluators(config: Any, model: FlavaModel, mesh, rules) -> dict[str, tuple[int, Any]]:
+  """config.evals -> {name: (every_steps, evaluator)}, their splits opened and checked."""
+  if not config.evals:
+    return {}
+  data_cfg, _ = pipeline.data_config(config.data)
+  ctx = evaluate.make_context(model.config, mesh, rules, data_cfg.vocab_file,
+                              config.paired_text_length, data_cfg.cache_dir)
+  out = {}
+  for name, task in config.evals.items():
+    evaluator = evals.build(task, ctx, f"evals.{name}")
+    out[name] = (evaluator.cfg.every_steps, evaluator)
+  return out
+
+
+def run_evals(evaluators: dict[str, tuple[int, Any]], step: int, params: Any, final: bool
+              ) -> dict[str, float]:
+  """The evaluations due at `step` (all of them when final) as {"eval/NAME/metric": value}."""
+  out = {}
+  for name, (every, evaluator) in evaluators.items():
+    if final or (every and step % every == 0):
+      metrics = evaluator(params)
+      if jax.process_index() == 0:
+        print(f"step {step} " + evaluate.format_metrics(f"eval {name}", metrics), flush=True)
+      out.update({f"eval/{name}/{k}": v for k, v in metrics.items()})
+  return out
+
+
 def train_and_evaluate(config: Any, workdir: str, stop_after: int | None = None
                        ) -> dict[str, Any]:
   """Trains for config.total_steps (resuming from workdir), then evaluates; returns metrics.
@@ -398,6 +426,7 @@ def train_and_evaluate(config: Any, workdir: str, stop_after: int | None = None
   init_cfg = dataclass_from_dict(warm_start.InitConfig, config.init, "init")  # paths checked
   tx = train.make_optimizer(optimizer_cfg, config.total_steps)
   data = pipeline.make_pipeline(config)  # start-up errors of the data come before any compile
+  evaluators = make_evaluators(config, model, mesh, rules)  # and of the held-out splits
   _warn_if_dvae_changed(workdir, init_cfg.dvae_from)
   save_run_config(config, workdir)
 
@@ -431,20 +460,16 @@ def train_and_evaluate(config: Any, workdir: str, stop_after: int | None = None
   step_flops = {kind: flops.train_step_flops(
       model.config, dvae.config, kind, config.global_batch,
       config.paired_text_length if kind == "paired" else config.text_length) for kind in steps}
-  run = Run(config=config, workdir=workdir, mesh=mesh, data=data, state=state, steps=steps, step_flops=step_flops,
+  run = Run(config=config, workdir=workdir, mesh=mesh, data=data, state=state, steps=steps,
+            step_flops=step_flops,
             schedule=train.learning_rate_schedule(optimizer_cfg, config.total_steps),
-            checkpoint=ckpt_cfg, rng=rng, on_fresh_start=fresh_start)
+            checkpoint=ckpt_cfg, rng=rng, on_fresh_start=fresh_start,
+            evaluate=functools.partial(run_evals, evaluators, final=False))
   state, step, stopped = run_loop(run, stop_after)
   if stopped:
     return {"stopped_at": step, "state": state}
-  results = {}
-  eval_cfg = dataclass_from_dict(EvalConfig, config.eval, "eval")
-  if eval_cfg.retrieval and "paired" in data.kinds.values():
-    results = evaluate.zero_shot_retrieval(config, model, state.params)
-    write_metrics(workdir, step, {f"eval/{k}": v for k, v in results.items()})
-    print(f"held-out zero-shot retrieval ({results['examples']} pairs, chance R@1 "
-          f"{results['chance_r@1']:.4f}): image->text R@1 {results['i2t_r@1']:.4f}, "
-          f"text->image R@1 {results['t2i_r@1']:.4f}, R@5 {results['i2t_r@5']:.3f} / "
-          f"{results['t2i_r@5']:.3f}", flush=True)
+  results = run_evals(evaluators, step, state.params, final=True)
+  if results:
+    write_metrics(workdir, step, results)
   results["state"] = state
   return results

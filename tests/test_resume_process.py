@@ -17,7 +17,7 @@ from flava_jax import trainer, warm_start
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
 OVERRIDES = {"global_batch": 16, "total_steps": STEPS, "log_every_steps": 1,
-             "checkpoint.every_steps": 4, "eval.retrieval": False, "optimizer.warmup_steps": 2}
+             "checkpoint.every_steps": 4, "optimizer.warmup_steps": 2}
 
 
 def _env():

@@ -91,7 +91,7 @@ def test_joint_stage_starts_from_the_unimodal_stages_and_trains(stage_dirs, tmp_
   dirs, results = stage_dirs
   config = shrink(flava.get_config("tiny"), steps=9, batch=32)
   config.grad_accum = 2
-  config.eval.retrieval = False
+  config.evals = {}
   config.data.corpora = {"paired": config.data.corpora.paired.to_dict()}  # one compile
   config.init.image_from = dirs["mim"]
   config.init.text_from = dirs["mlm"]

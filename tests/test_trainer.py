@@ -19,7 +19,7 @@ def small_config(steps=6):
   config.log_every_steps = 1
   config.checkpoint.every_steps = 3
   config.checkpoint.async_save = False
-  config.eval.retrieval = False
+  config.evals = {}
   config.optimizer.warmup_steps = 2
   config.data.corpora = {"paired": config.data.corpora.paired.to_dict()}
   return config

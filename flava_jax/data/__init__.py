@@ -4,6 +4,7 @@
     records.py     our own ArrayRecord record format and shard writer
     build.py       `python -m flava_jax.data.build`: plain files -> shards, with a skip summary
     embedded.py    the default corpus (drawn scenes with captions, labelled scenes, Python docs)
+                   and its held-out evaluation splits (retrieval, sentence pairs, VQA, entailment)
     examples.py    the canonical example and the skip reasons
     transforms.py  decoding and FLAVA's two views of one crop
     masking.py     BEiT block masks and MLM masking

@@ -1,20 +1,30 @@
 """The embedded default corpus: needs no download, built on first use and cached.
 
+Pretraining parts (a train and a held-out test split each):
 - paired: procedurally drawn scenes (shapes of given colours, sizes, counts and positions on a
   plain background) with captions that describe them, so that retrieval and zero-shot figures
-  measure something real.
+  measure something real. Test captions are unique (one right answer per retrieval query).
 - image: single-kind scenes labelled by (colour, shape): 32 classes named like "red circle".
 - text: English prose for MLM, the documentation topics that ship with Python (pydoc_data).
-- vocab.txt: a small WordPiece vocabulary trained on the captions and the text.
 
-Every part has a train and a held-out test split (test captions are unique, so retrieval has one
-right answer per query). Everything is drawn from fixed seeds: two builds are byte-identical.
-The shards are our own ArrayRecord format (records.py), read through the same path as user data.
+Evaluation parts, drawn from the same scenes (records: `SCHEMAS`):
+- retrieval (test only): scenes with five differently phrased captions each, every one of them
+  true of its scene and of no other scene in the split (COCO-style five-caption retrieval).
+- text_pairs (text only): a scene description and a claim "there is a red circle", labelled 1
+  when the description entails it (GLUE-style sentence-pair classification).
+- vqa: single-group scenes, a question on colour, shape or count and ten simulated annotators'
+  answers from `VQA_ANSWERS` (VQA v2-style soft scores).
+- ve: a scene and a hypothesis labelled entailment / neutral / contradiction (SNLI-VE-style).
+
+vocab.txt is a small WordPiece vocabulary trained on the train splits' texts (never the test
+splits'). Everything is drawn from fixed seeds: two builds are byte-identical. The shards are our
+own ArrayRecord format (records.py), read through the same path as user data.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 import os
@@ -26,14 +36,29 @@ from PIL import Image, ImageDraw
 
 from flava_jax.data import records, tokenizer
 
-VERSION = 1  # bump when the generator changes: the cache directory is named after it
+VERSION = 2  # bump when the generator changes: the cache directory is named after it
+# The random streams are seeded with version 1's seed (not VERSION), so that parts which did not
+# change stay byte-identical across versions (figures measured on them remain comparable).
+_SEED = 1
 IMAGE_SIZE = 128
 VOCAB_SIZE = 1024
-PARTS = ("paired", "image", "text")
-SPLITS = ("train", "test")
+# A part's seed depends on its index here and its split's in SPLITS: only append to both.
+PARTS = ("paired", "image", "text", "retrieval", "text_pairs", "vqa", "ve")
+SPLITS = ("train", "test")  # every split name; a part has those of `splits(part)`
+# Examples per (part, split); text is cut 90/10 from its source instead (`text_examples`).
 SIZES = {("paired", "train"): 6000, ("paired", "test"): 256,
-         ("image", "train"): 2000, ("image", "test"): 320}
+         ("image", "train"): 2000, ("image", "test"): 320,
+         ("retrieval", "test"): 200,
+         ("text_pairs", "train"): 4000, ("text_pairs", "test"): 400,
+         ("vqa", "train"): 3000, ("vqa", "test"): 300,
+         ("ve", "train"): 3000, ("ve", "test"): 300}
+# The fields of each part's records (all also have "id", a string naming part/split/index).
+SCHEMAS = {"paired": ("image", "caption"), "image": ("image", "label"), "text": ("text",),
+           "retrieval": ("image", "captions"), "text_pairs": ("text", "text_pair", "label"),
+           "vqa": ("image", "question", "answers"), "ve": ("image", "hypothesis", "label")}
 TEXT_CHARS = 400  # characters per text example (paragraphs joined up to this)
+RETRIEVAL_CAPTIONS = 5  # captions per retrieval scene
+VQA_ANNOTATORS = 10  # answers per VQA question
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
            "yellow": (235, 205, 30), "purple": (140, 60, 180), "orange": (245, 135, 30),
@@ -41,11 +66,22 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
 SHAPES = ("circle", "square", "triangle", "diamond")
 CLASS_NAMES = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)
 _COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
+_NUMBERS = {1: "one", 2: "two", 3: "three"}
+VQA_ANSWERS = tuple(COLOURS) + SHAPES + tuple(_NUMBERS.values())
+TEXT_PAIR_LABELS = ("not entailed", "entailed")  # text_pairs' label 0 / 1
+VE_LABELS = ("entailment", "neutral", "contradiction")
 _POSITIONS = {"on the left": (0.25, 0.5), "on the right": (0.75, 0.5), "at the top": (0.5, 0.25),
               "at the bottom": (0.5, 0.75), "in the middle": (0.5, 0.5)}
 _RADIUS = {"small": (9, 13), "large": (20, 26)}
 _BACKGROUNDS = ((250, 250, 250), (225, 225, 225), (240, 230, 210), (215, 230, 240))
 _PREFIXES = ("", "a picture of ", "an image with ", "a drawing of ")
+# Retrieval captions add two openings whose words the train texts teach the vocabulary (the
+# claims of text_pairs and ve, and "are" from the VQA questions).
+_RETRIEVAL_PREFIXES = _PREFIXES + ("i can see ", "there is ")
+_CLAIMS = ("there is {}", "i can see {}", "the picture shows {}")  # {}: "a red circle"
+_NEUTRAL = (("was drawn by a child", "were drawn by a child"),
+            ("was drawn yesterday", "were drawn yesterday"),
+            ("is made of paper", "are made of paper"))
 
 
 def default_cache_dir() -> str:
@@ -113,27 +149,48 @@ def _group(rng: np.random.Generator, count: int | None = None) -> dict:
               count=int(count if count is not None else rng.integers(1, 4)))
 
 
-def _phrase(g: dict) -> str:
+def _a(word: str) -> str:
+  """The indefinite article before `word`: "a red", "an orange"."""
+  return "an" if word[0] in "aeiou" else "a"
+
+
+def _phrase(g: dict, sized: bool = True, article: str = "a") -> str:
+  """"two small red circles": the size word may be left out, and one shape is "a" or "one"."""
   noun = g["shape"] + ("s" if g["count"] > 1 else "")
-  return f"{_COUNT_WORDS[g['count']]} {g['size']} {g['colour']} {noun}"
+  size = f"{g['size']} " if sized else ""
+  count = article if g["count"] == 1 else _COUNT_WORDS[g["count"]]
+  if count == "a":
+    count = _a(size or g["colour"])
+  return f"{count} {size}{g['colour']} {noun}"
+
+
+def _scene(rng: np.random.Generator) -> tuple[list[dict], str | None]:
+  """One or two groups of shapes, and where a single placed shape is ("on the left") or None."""
+  if rng.random() < 0.4:  # one shape, placed: "a small red circle on the left"
+    return [_group(rng, count=1)], list(_POSITIONS)[rng.integers(len(_POSITIONS))]
+  groups = [_group(rng) for _ in range(1 + int(rng.random() < 0.5))]
+  if len(groups) == 2 and groups[0]["colour"] == groups[1]["colour"] and (
+      groups[0]["shape"] == groups[1]["shape"]):
+    groups = groups[:1]
+  return groups, None
+
+
+def _describe(groups: list[dict], where: str | None) -> str:
+  """A scene's full description: "a small red circle on the left", "two ... and a ..."."""
+  text = " and ".join(_phrase(g) for g in groups)
+  return f"{text} {where}" if where else text
+
+
+def _draw(groups: list[dict], where: str | None, rng: np.random.Generator) -> bytes:
+  return _render(groups, rng, position=_POSITIONS[where] if where else None)
 
 
 def paired_example(rng: np.random.Generator) -> dict:
   """One scene and its caption."""
-  if rng.random() < 0.4:  # one shape, placed: "a small red circle on the left"
-    g = _group(rng, count=1)
-    where = list(_POSITIONS)[rng.integers(len(_POSITIONS))]
-    caption = f"{_phrase(g)} {where}"
-    image = _render([g], rng, position=_POSITIONS[where])
-  else:
-    groups = [_group(rng) for _ in range(1 + int(rng.random() < 0.5))]
-    if len(groups) == 2 and groups[0]["colour"] == groups[1]["colour"] and (
-        groups[0]["shape"] == groups[1]["shape"]):
-      groups = groups[:1]
-    caption = " and ".join(_phrase(g) for g in groups)
-    image = _render(groups, rng)
-  caption = _PREFIXES[rng.integers(len(_PREFIXES))] + caption
-  return {"image": image, "caption": caption}
+  groups, where = _scene(rng)
+  image = _draw(groups, where, rng)
+  return {"image": image, "caption": _PREFIXES[rng.integers(len(_PREFIXES))] +
+          _describe(groups, where)}
 
 
 def image_example(rng: np.random.Generator) -> dict:
@@ -161,37 +218,210 @@ def text_examples() -> list[str]:
   return chunks
 
 
+def _fits(stated: list[dict], where: str | None, scene: tuple[list[dict], str | None]) -> bool:
+  """Whether a caption stating the groups `stated` (size None: not stated) and `where` (None: not
+  stated) is true of `scene`. A caption names every group of its scene."""
+  groups, scene_where = scene
+  if len(stated) != len(groups) or (where and where != scene_where):
+    return False
+  by_kind = {(g["colour"], g["shape"]): g for g in groups}
+  for g in stated:
+    h = by_kind.get((g["colour"], g["shape"]))
+    if h is None or h["count"] != g["count"] or g["size"] not in (None, h["size"]):
+      return False
+  return True
+
+
+def _caption_variants(groups: list[dict], where: str | None,
+                      options: list[tuple[bool, bool]]) -> list[str]:
+  """Every phrasing of a scene that `options` ((sizes stated, position stated) pairs) allow:
+  opening, order of the groups, "a" or "one"; distinct strings, in a fixed order."""
+  out = []
+  for sized, placed in options:
+    for order in itertools.permutations(groups):
+      articles = [("a", "one") if g["count"] == 1 else ("a",) for g in order]  # "a": unused
+      for chosen in itertools.product(*articles):
+        body = " and ".join(_phrase(g, sized, a) for g, a in zip(order, chosen))
+        body += f" {where}" if placed else ""
+        for prefix in _RETRIEVAL_PREFIXES:
+          if prefix == "there is " and order[0]["count"] > 1:
+            prefix = "there are "
+          out.append(prefix + body)
+  return out
+
+
+def retrieval_examples(rng: np.random.Generator, n: int) -> list[dict]:
+  """n scenes with RETRIEVAL_CAPTIONS captions each. No two scenes have the same groups (counts,
+  sizes, colours, shapes), and a caption leaves out the sizes or the position only where no other
+  scene of the split would then fit it: every caption is true of exactly one image."""
+  scenes, keys = [], set()
+  while len(scenes) < n:
+    groups, where = _scene(rng)
+    key = tuple(sorted((g["count"], g["size"], g["colour"], g["shape"]) for g in groups))
+    if key not in keys:
+      keys.add(key)
+      scenes.append((groups, where))
+  out, seen = [], set()
+  for i, (groups, where) in enumerate(scenes):
+    options = []  # (sizes stated, position stated) that no other scene fits
+    for sized, placed in itertools.product((True, False), (True, False) if where else (False,)):
+      stated = [dict(g, size=g["size"] if sized else None) for g in groups]
+      if not any(_fits(stated, where if placed else None, other)
+                 for j, other in enumerate(scenes) if j != i):
+        options.append((sized, placed))
+    variants = _caption_variants(groups, where, options)
+    image = _draw(groups, where, rng)
+    captions = [variants[k] for k in rng.choice(len(variants), RETRIEVAL_CAPTIONS, replace=False)]
+    if seen & set(captions):  # cannot happen: a caption fits its own scene only
+      raise AssertionError(f"retrieval captions {sorted(seen & set(captions))} repeat")
+    seen |= set(captions)
+    out.append({"image": image, "captions": captions})
+  return out
+
+
+def _absent_kind(rng: np.random.Generator, groups: list[dict]) -> tuple[str, str]:
+  """A (colour, shape) that no group of the scene has: mostly a present group with only its
+  colour or only its shape changed, so that telling it apart takes both words."""
+  present = {(g["colour"], g["shape"]) for g in groups}
+  g = groups[rng.integers(len(groups))]
+  mode = rng.random()
+  while True:
+    colour = list(COLOURS)[rng.integers(len(COLOURS))]
+    shape = SHAPES[rng.integers(len(SHAPES))]
+    if mode < 0.45:
+      shape = g["shape"]
+    elif mode < 0.9:
+      colour = g["colour"]
+    if (colour, shape) not in present:
+      return colour, shape
+
+
+def _claim(rng: np.random.Generator, groups: list[dict], true: bool) -> str:
+  """"there is a red circle" (or another wording), true or false of the groups."""
+  if true:
+    g = groups[rng.integers(len(groups))]
+    kind = (g["colour"], g["shape"])
+  else:
+    kind = _absent_kind(rng, groups)
+  return _CLAIMS[rng.integers(len(_CLAIMS))].format(f"{_a(kind[0])} {kind[0]} {kind[1]}")
+
+
+def text_pair_example(rng: np.random.Generator) -> dict:
+  """A scene description, a claim about it, and 1 when the description entails the claim."""
+  groups, where = _scene(rng)
+  premise = _PREFIXES[rng.integers(len(_PREFIXES))] + _describe(groups, where)
+  label = int(rng.random() < 0.5)
+  return {"text": premise, "text_pair": _claim(rng, groups, bool(label)), "label": label}
+
+
+def vqa_example(rng: np.random.Generator) -> dict:
+  """A single-group scene, a question on its colour, shape or count and VQA_ANNOTATORS answers:
+  mostly the right one, and 0-3 wrong ones of the same kind (annotators' slips)."""
+  g = _group(rng)
+  image = _render([g], rng)
+  one = g["count"] == 1
+  noun = g["shape"] + ("" if one else "s")
+  kind = rng.integers(3)
+  if kind == 0:
+    question = f"what colour {'is' if one else 'are'} the {noun}?"
+    answer, pool = g["colour"], tuple(COLOURS)
+  elif kind == 1:
+    if rng.random() < 0.5:
+      question = "what shape is it?" if one else "what shape are they?"
+    else:
+      question = (f"what shape is the {g['colour']} thing?" if one else
+                  f"what shape are the {g['colour']} things?")
+    answer, pool = g["shape"], SHAPES
+  else:
+    question = f"how many {g['shape']}s are there?"
+    answer, pool = _NUMBERS[g["count"]], tuple(_NUMBERS.values())
+  wrong = [a for a in pool if a != answer]
+  slips = int(rng.integers(4))
+  answers = [answer] * (VQA_ANNOTATORS - slips) + [
+      wrong[k] for k in rng.integers(len(wrong), size=slips)]
+  return {"image": image, "question": question,
+          "answers": [answers[k] for k in rng.permutation(len(answers))]}
+
+
+def ve_example(rng: np.random.Generator) -> dict:
+  """A scene, a hypothesis and its VE_LABELS index: a true claim (entailment), a false one of the
+  same form (contradiction) or one the image cannot decide about a present group (neutral)."""
+  groups, where = _scene(rng)
+  image = _draw(groups, where, rng)
+  label = int(rng.integers(len(VE_LABELS)))
+  colours = {g["colour"] for g in groups}
+  # Claims on every shape's colour only where they can be true, so the form does not tell the label.
+  whole = len(colours) == 1 and rng.random() < 0.3
+  if VE_LABELS[label] == "neutral":
+    g = groups[rng.integers(len(groups))]
+    plural = g["count"] > 1
+    noun = g["shape"] + ("s" if plural else "")
+    hypothesis = f"the {g['colour']} {noun} {_NEUTRAL[rng.integers(len(_NEUTRAL))][int(plural)]}"
+  elif whole:
+    colour = next(iter(colours))
+    if VE_LABELS[label] == "contradiction":
+      others = [c for c in COLOURS if c != colour]
+      colour = others[rng.integers(len(others))]
+    many = sum(g["count"] for g in groups) > 1
+    hypothesis = f"the shapes are {colour}" if many else f"the shape is {colour}"
+  else:
+    hypothesis = _claim(rng, groups, VE_LABELS[label] == "entailment")
+  return {"image": image, "hypothesis": hypothesis, "label": label}
+
+
+_EXAMPLES = {"paired": paired_example, "image": image_example, "text_pairs": text_pair_example,
+             "vqa": vqa_example, "ve": ve_example}
+
+
+def splits(part: str) -> tuple[str, ...]:
+  """The splits of one part (every part has test; retrieval has no train)."""
+  if part not in PARTS:
+    raise ValueError(f"the embedded corpus has parts {PARTS}, not {part!r}")
+  return SPLITS if part == "text" else tuple(s for s in SPLITS if (part, s) in SIZES)
+
+
 def _part_records(part: str, split: str) -> list[dict]:
   if part == "text":
     chunks = text_examples()
     keep = (lambda i: i % 10 == 9) if split == "test" else (lambda i: i % 10 != 9)
     return [{"text": c, "id": f"text/{i}"} for i, c in enumerate(chunks) if keep(i)]
-  rng = np.random.default_rng([VERSION, PARTS.index(part), SPLITS.index(split)])
-  make = paired_example if part == "paired" else image_example
-  out, seen = [], set()
-  while len(out) < SIZES[(part, split)]:
-    example = make(rng)
-    if split == "test" and part == "paired":  # one right answer per retrieval query
-      if example["caption"] in seen:
-        continue
-      seen.add(example["caption"])
-    out.append(dict(example, id=f"{part}/{split}/{len(out)}"))
-  return out
+  rng = np.random.default_rng([_SEED, PARTS.index(part), SPLITS.index(split)])
+  size = SIZES[(part, split)]
+  if part == "retrieval":
+    examples = retrieval_examples(rng, size)
+  else:
+    examples, seen = [], set()
+    while len(examples) < size:
+      example = _EXAMPLES[part](rng)
+      if split == "test" and part == "paired":  # one right answer per retrieval query
+        if example["caption"] in seen:
+          continue
+        seen.add(example["caption"])
+      examples.append(example)
+  return [dict(e, id=f"{part}/{split}/{i}") for i, e in enumerate(examples)]
+
+
+def _texts(example: dict) -> list[str]:
+  """The texts of a training record, for the vocabulary."""
+  texts = [example.get(k) for k in ("caption", "text", "text_pair", "question", "hypothesis")]
+  return [t for t in texts if t] + list(example.get("answers", ()))
 
 
 def build(out_dir: str) -> None:
-  """Writes every part and split, the class names and the vocabulary into out_dir."""
+  """Writes every part and split, the class and answer names and the vocabulary into out_dir."""
   texts = []
   for part in PARTS:
-    for split in SPLITS:
+    for split in splits(part):
       examples = _part_records(part, split)
-      with records.ShardWriter(os.path.join(out_dir, f"{part}-{split}")) as writer:
+      with records.ShardWriter(os.path.join(out_dir, f"{part}-{split}")) as shards:
         for example in examples:
-          writer.write(example)
+          shards.write(example)
       if split == "train":
-        texts += [e.get("caption") or e.get("text") for e in examples if "label" not in e]
+        texts += [t for e in examples for t in _texts(e)]
   with open(os.path.join(out_dir, "classes.json"), "w") as f:
     json.dump(list(CLASS_NAMES), f)
+  with open(os.path.join(out_dir, "vqa_answers.json"), "w") as f:
+    json.dump(list(VQA_ANSWERS), f)
   texts += [f"a photo of a {name}" for name in CLASS_NAMES]
   tokenizer.train_wordpiece(texts, VOCAB_SIZE, os.path.join(out_dir, "vocab.txt"))
 
@@ -217,9 +447,9 @@ def ensure(cache_dir: str = "") -> str:
 
 
 def shard_pattern(part: str, split: str, cache_dir: str = "") -> str:
-  if part not in PARTS or split not in SPLITS:
-    raise ValueError(f"embedded corpus has parts {PARTS} and splits {SPLITS}, not "
-                     f"{part!r}/{split!r}")
+  available = splits(part)
+  if split not in available:
+    raise ValueError(f"the embedded corpus's {part} part has splits {available}, not {split!r}")
   return os.path.join(ensure(cache_dir), f"{part}-{split}-*{records.SHARD_SUFFIX}")
 
 
@@ -229,3 +459,7 @@ def vocab_file(cache_dir: str = "") -> str:
 
 def class_names() -> tuple[str, ...]:
   return CLASS_NAMES
+
+
+def vqa_answers() -> tuple[str, ...]:
+  return VQA_ANSWERS

@@ -6,6 +6,11 @@ A record holds any of these fields (absent ones are simply missing):
     label:   int, a class index (image folders, classification sets)
     text:    str, a text-only example
     id:      str, where the example came from (file name, key), for debugging and dedup
+  and, in evaluation splits:
+    captions: list of str, every caption of the image (retrieval)
+    text_pair: str, the second sentence of a sentence-pair task
+    question, answers: str and the annotators' answers (list of str), VQA
+    hypothesis: str, visual entailment
 
 Shards are `PREFIX-00000-of-00004.array_record`, written with group_size 1 so that every record
 can be read on its own (random access for grain's global shuffle).
@@ -21,7 +26,10 @@ from typing import Any
 
 import msgpack
 
-FIELDS = ("image", "caption", "label", "text", "id")
+# Training corpora use the first five; evaluation splits add several captions per image, sentence
+# pairs, VQA questions with their annotators' answers and entailment hypotheses.
+FIELDS = ("image", "caption", "label", "text", "id", "captions", "text_pair", "question",
+          "answers", "hypothesis")
 SHARD_SUFFIX = ".array_record"
 
 

@@ -1,13 +1,15 @@
 """Random-access sources behind one interface, named by the config (`data.corpora.NAME.source`).
 
-    embedded      the default corpus (embedded.py), built on first use; name = paired|image|text
+    embedded      the default corpus (embedded.py), built on first use; name = one of its parts
+                  (paired|image|text for pretraining; retrieval|text_pairs|vqa|ve held out)
     array_record  our own shards (records.py; written by `python -m flava_jax.data.build`)
     tfds          a prepared TFDS dataset read through tfds.data_source (ArrayRecord files);
                   images are kept encoded (decoded later by the pipeline's workers)
 
-Every source returns canonical examples: {"image", "caption", "text", "label"} with the configured
-field of the underlying record under each canonical name (`fields`, nested TFDS features as
-"captions/text"). A record that cannot be read or parsed comes back as {"_skip": reason} so that
+Every source returns canonical examples: {"image", "caption", "text", "label", "text_pair",
+"answers"} with the configured field of the underlying record under each canonical name (`fields`,
+nested TFDS features as "captions/text"; e.g. fields={"text": "question", "answers": "answers"} for
+VQA). A record that cannot be read or parsed comes back as {"_skip": reason} so that
 the pipeline counts it instead of dying. Problems with the whole source (missing dataset, empty
 source, a field name that no record has) are errors at start-up that name the config field.
 """
@@ -22,7 +24,8 @@ from flava_jax.data import embedded, records
 from flava_jax.data.examples import Skip
 from flava_jax.models.config import check_choice
 
-CANONICAL_FIELDS = ("image", "caption", "text", "label")
+# text_pair: a sentence pair's second text; answers: a question's annotators' answers.
+CANONICAL_FIELDS = ("image", "caption", "text", "label", "text_pair", "answers")
 # What each corpus kind needs from its source (label is optional for image corpora).
 REQUIRED_FIELDS = {"paired": ("image", "caption"), "image": ("image",), "text": ("text",)}
 SOURCE_KINDS = ("embedded", "array_record", "tfds")
@@ -32,7 +35,7 @@ _PROBE_RECORDS = 32  # records read at start-up to check the field names
 @dataclasses.dataclass(frozen=True)
 class SourceConfig:
   source: str = "embedded"
-  name: str = ""  # embedded: paired|image|text; tfds: the dataset name (e.g. coco_captions)
+  name: str = ""  # embedded: one of embedded.PARTS; tfds: the dataset name (e.g. coco_captions)
   split: str = "train"
   paths: str = ""  # array_record: a directory, glob or comma-separated list of shard files
   data_dir: str = ""  # tfds: where the prepared dataset lives (default: TFDS's own default)
@@ -98,14 +101,21 @@ class Source:
     return out
 
   def check(self, kind: str) -> None:
-    """Start-up checks: not empty, and every field the kind needs found in some early record."""
+    """Start-up checks for a corpus of `kind` (REQUIRED_FIELDS): see check_fields."""
+    self.check_fields(REQUIRED_FIELDS[kind], f"a {kind} corpus")
+
+  def check_fields(self, needed: tuple[str, ...], what: str) -> None:
+    """Start-up checks: not empty, and every canonical field in `needed` mapped and found in some
+    early record; `what` names the user in messages ("a paired corpus", "the VQA evaluation")."""
+    unknown = sorted(set(needed) - set(CANONICAL_FIELDS))
+    if unknown:
+      raise ValueError(f"{what} needs unknown canonical fields {unknown}; use {CANONICAL_FIELDS}")
     n = len(self)
     if n == 0:
       raise ValueError(f"{self.where}: the source is empty ({self.describe()})")
-    needed = REQUIRED_FIELDS[kind]
     for name in needed:
       if not self._fields.get(name):
-        raise ValueError(f"{self.where}.fields.{name} is empty, but a {kind} corpus needs it")
+        raise ValueError(f"{self.where}.fields.{name} is empty, but {what} needs it")
     found, keys = set(), set()
     for i in range(min(n, _PROBE_RECORDS)):
       try:
@@ -189,9 +199,10 @@ class EmbeddedSource(ArrayRecordSource):
       if cfg.name not in embedded.PARTS:
         raise ValueError(f"{where}.name={cfg.name!r}: the embedded corpus has parts "
                          f"{embedded.PARTS}")
-      if cfg.split not in embedded.SPLITS:
-        raise ValueError(f"{where}.split={cfg.split!r}: the embedded corpus has splits "
-                         f"{embedded.SPLITS}")
+      available = embedded.splits(cfg.name)
+      if cfg.split not in available:
+        raise ValueError(f"{where}.split={cfg.split!r}: the embedded corpus's {cfg.name} part has "
+                         f"splits {available}")
       paths = records.find_shards(embedded.shard_pattern(cfg.name, cfg.split, cfg.cache_dir))
     super().__init__(cfg, where, paths)
 

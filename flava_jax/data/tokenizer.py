@@ -3,7 +3,7 @@
 Real runs name bert-base-uncased's vocab.txt (what FLAVA uses) by path; the embedded corpus trains
 its own small vocabulary with `train_wordpiece`. Sequences are [CLS] text [SEP], truncated and
 right-padded with [PAD] to a fixed length, with an attention mask and the first piece of each word
-marked (for whole-word masking).
+marked (for whole-word masking); sentence pairs are [CLS] a [SEP] b [SEP] with token types 0 / 1.
 """
 
 from __future__ import annotations
@@ -59,6 +59,15 @@ class Tokenizer:
     previous = np.concatenate([[-1], words[:-1]])
     word_starts = (words >= 0) & (words != previous) & ~special
     return ids, mask, word_starts
+
+  def encode_pair(self, text: str, text_pair: str, length: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids [L] int32, attention_mask [L] int32, token_type_ids [L] int32) for BERT's sentence
+    pairs: [CLS] text [SEP] text_pair [SEP], types 0 up to the first [SEP] and 1 after it (0 on
+    padding); the longer text is cut first when the pair exceeds `length`."""
+    enc = self._for_length(length).encode(text, text_pair)
+    return (np.asarray(enc.ids, np.int32), np.asarray(enc.attention_mask, np.int32),
+            np.asarray(enc.type_ids, np.int32))
 
   def decode(self, ids: Iterable[int]) -> str:
     return self._make().decode([int(i) for i in ids])

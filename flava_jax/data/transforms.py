@@ -178,6 +178,11 @@ def train_views_from_bytes(data: bytes, rng: np.random.Generator, cfg: ImageTran
   return _crop_views(image, (left * sx, top * sy, (left + w) * sx, (top + h) * sy), rng, cfg)
 
 
+def eval_pixels(image: Image.Image, size: int) -> np.ndarray:
+  """The encoders' eval view alone: the whole image resized to size x size (uint8)."""
+  return _encoder_view(image, size)
+
+
 def eval_views(image: Image.Image, cfg: ImageTransformConfig) -> tuple[np.ndarray, np.ndarray]:
   """The whole image resized to both views (uint8), no crop."""
   return _encoder_view(image, cfg.image_size), _dvae_view(image, cfg.dvae_size)

@@ -117,3 +117,28 @@ def test_embedded_scenes_are_deterministic():
   target = np.array(embedded.COLOURS[colour])
   assert (np.abs(pixels - target).sum(-1) < 60).mean() > 0.01  # the class's colour is drawn
   assert shape in embedded.SHAPES
+
+
+def test_check_fields_names_what_needs_the_missing_field(tmp_path):
+  helpers.write_shards(str(tmp_path / "t"), [{"text": "hello there", "id": "a"}], num_shards=1)
+  cfg = sources.SourceConfig(source="array_record", paths=str(tmp_path),
+                             fields={"text": "text", "text_pair": ""})
+  src = sources.open_source(cfg, "eval.glue")
+  src.check_fields(("text",), "the GLUE evaluation")
+  with pytest.raises(ValueError, match=r"eval\.glue\.fields\.text_pair is empty, but the GLUE "
+                                       r"evaluation needs it"):
+    src.check_fields(("text", "text_pair"), "the GLUE evaluation")
+  with pytest.raises(ValueError, match=r"eval\.vqa\.fields\.answers='answers': no such field.*"
+                                       r"\['id', 'text'\]"):
+    sources.open_source(sources.SourceConfig(source="array_record", paths=str(tmp_path)),
+                        "eval.vqa").check_fields(("text", "answers"), "the VQA evaluation")
+  with pytest.raises(ValueError, match=r"unknown canonical fields \['question'\]"):
+    src.check_fields(("question",), "the VQA evaluation")
+  # An evaluation maps the embedded VQA records' own names onto canonical ones.
+  vqa = sources.open_source(sources.SourceConfig(
+      name="vqa", split="test", fields={"image": "image", "text": "question",
+                                        "answers": "answers"}), "eval.vqa")
+  vqa.check_fields(("image", "text", "answers"), "the VQA evaluation")
+  example = vqa[0]
+  assert set(example) == {"image", "text", "answers"} and example["text"].endswith("?")
+  assert len(example["answers"]) == embedded.VQA_ANNOTATORS

@@ -1,0 +1,42 @@
+"""Evaluators by name, resolved lazily (a config names one with `evaluator`).
+
+Each module holds a `Config` dataclass (features.TaskConfig's fields plus its own) and an
+`Evaluator(cfg, ctx, where)` that opens and checks its splits when built (start-up errors name
+the config field) and returns metrics when called with parameters: `evaluator(params) -> dict`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
+from flava_jax.evals.features import EvalContext
+from flava_jax.models.config import check_choice, dataclass_from_dict
+
+EVALUATORS = {
+    "zero_shot": "flava_jax.evals.zero_shot",        # zero-shot image classification
+    "retrieval": "flava_jax.evals.retrieval",        # zero-shot image<->text retrieval
+    "linear_probe": "flava_jax.evals.linear_probe",  # logistic regression on frozen h_CLS
+    "finetune": "flava_jax.evals.finetune",          # a classifier head on h_CLS_I/T/M, trained
+}
+
+
+def module(name: str, where: str = "evaluator") -> Any:
+  check_choice(where, name, tuple(EVALUATORS))
+  return importlib.import_module(EVALUATORS[name])
+
+
+def parse(values: Mapping[str, Any], where: str) -> Any:
+  """The evaluator's Config from a config mapping with an `evaluator` field."""
+  values = values.to_dict() if hasattr(values, "to_dict") else dict(values)
+  if "evaluator" not in values:
+    raise ValueError(f"{where}.evaluator is missing: name one of {sorted(EVALUATORS)}")
+  mod = module(values["evaluator"], f"{where}.evaluator")
+  return dataclass_from_dict(mod.Config, values, where)
+
+
+def build(values: Mapping[str, Any], ctx: EvalContext, where: str) -> Any:
+  """The evaluator a config mapping names, its splits opened and checked."""
+  cfg = parse(values, where)
+  return module(cfg.evaluator).Evaluator(cfg, ctx, where)

@@ -1,0 +1,75 @@
+"""FLAVA with a classification head on one [CLS] state, for fine-tuning.
+
+    inputs="image"       h_CLS_I (final-LN image encoder)          e.g. ImageNet
+    inputs="text"        h_CLS_T of one text or a text pair         GLUE
+    inputs="image_text"  h_CLS_M of the multimodal encoder          VQAv2, SNLI-VE, Hateful Memes
+
+Parameters: {"flava": FLAVA's (only the encoders the inputs use), "head": the classifier}, so a
+pretrained FLAVA's groups copy in by name.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flava_jax.data.transforms import encoder_pixels
+from flava_jax.models.config import FlavaConfig
+from flava_jax.models.flava import FlavaModel
+from flava_jax.models.transformer import Dense, LayerNorm, dtype_of
+
+Array = jax.Array
+INPUTS = ("image", "text", "image_text")
+
+
+class ClassifierHead(nn.Module):
+  """Two layers: dense -> GELU -> LayerNorm -> dense to `num_classes` float32 logits."""
+
+  hidden_size: int
+  num_classes: int
+  model: FlavaConfig
+
+  @nn.compact
+  def __call__(self, pooled: Array) -> Array:
+    dtype, pdtype = dtype_of(self.model.dtype), dtype_of(self.model.param_dtype)
+    std = self.model.initializer_range
+    h = Dense(self.hidden_size, ("embed", "mlp"), init_std=std, dtype=dtype, param_dtype=pdtype,
+              name="hidden")(pooled)
+    h = jax.nn.gelu(h, approximate=False)
+    h = LayerNorm(1e-12, dtype, pdtype, name="norm")(h)
+    logits = Dense(self.num_classes, ("mlp", "classes"), init_std=std, dtype=dtype,
+                   param_dtype=pdtype, name="output")(h)
+    return logits.astype(jnp.float32)
+
+
+class FlavaClassifier(nn.Module):
+  config: FlavaConfig
+  inputs: str
+  num_classes: int
+  hidden_size: int  # the head's hidden width (FLAVA: 1536, twice the encoder width)
+
+  def setup(self):
+    if self.inputs not in INPUTS:
+      raise ValueError(f"inputs={self.inputs!r}: use one of {INPUTS}")
+    self.flava = FlavaModel(self.config.replace(pretraining_heads=False))
+    self.head = ClassifierHead(self.hidden_size, self.num_classes, self.config)
+
+  def pooled(self, batch: dict[str, Array]) -> Array:
+    """The [CLS] state the head reads: [B, D]."""
+    if self.inputs == "text":
+      return self.flava.encode_text(batch["input_ids"], batch["attention_mask"],
+                                    batch.get("token_type_ids"))[:, 0]
+    pixels = batch["pixels"]
+    pixels = encoder_pixels(pixels) if pixels.dtype == jnp.uint8 else pixels
+    if self.inputs == "image":
+      return self.flava.encode_image(pixels)[:, 0]
+    image = self.flava.image_outputs(pixels)
+    text = self.flava.text_outputs(batch["input_ids"], batch["attention_mask"],
+                                   batch.get("token_type_ids"))
+    return self.flava.encode_multimodal(image.hidden_state, text.hidden_state,
+                                        batch["attention_mask"])[:, 0]
+
+  def __call__(self, batch: dict[str, Array]) -> Array:
+    """[B, num_classes] float32 logits."""
+    return self.head(self.pooled(batch))
