@@ -266,7 +266,7 @@ class Run:
   rng: Any
   on_fresh_start: Any = None      # state -> state, when no checkpoint is resumed (config.init)
   host_batch: Any = None          # host batch -> the part the steps read (before the transfer)
-  evaluate: Any = None            # (step, params) -> {name: value} of the evals due at that step
+  evaluate: Any = None            # Evaluations: the evals due at a step, on the current params
 
 
 def run_loop(run: Run, stop_after: int | None = None) -> tuple[Any, int, bool]:
@@ -337,6 +337,9 @@ def run_loop(run: Run, stop_after: int | None = None) -> tuple[Any, int, bool]:
         if jax.process_index() == 0:
           print(f"checkpoint {step} saving", flush=True)
       if run.evaluate is not None and step < config.total_steps:
+        if pending is not None and run.evaluate.due(step):
+          flush(pending, time.time())  # before the evaluation, which is not step time
+          pending = None
         results = run.evaluate(step, state.params)
         if results:
           writer.write(step, results, progress=False)
@@ -395,17 +398,25 @@ def make_evaluators(config: Any, model: FlavaModel, mesh, rules) -> dict[str, tu
   return out
 
 
-def run_evals(evaluators: dict[str, tuple[int, Any]], step: int, params: Any, final: bool
-              ) -> dict[str, float]:
-  """The evaluations due at `step` (all of them when final) as {"eval/NAME/metric": value}."""
-  out = {}
-  for name, (every, evaluator) in evaluators.items():
-    if final or (every and step % every == 0):
-      metrics = evaluator(params)
-      if jax.process_index() == 0:
-        print(f"step {step} " + evaluate.format_metrics(f"eval {name}", metrics), flush=True)
-      out.update({f"eval/{name}/{k}": v for k, v in metrics.items()})
-  return out
+class Evaluations:
+  """The evaluators of a run: `due(step)`, and `(step, params)` -> {"eval/NAME/metric": value}
+  of those due at that step (all of them when final)."""
+
+  def __init__(self, evaluators: dict[str, tuple[int, Any]]):
+    self.evaluators = evaluators
+
+  def due(self, step: int) -> bool:
+    return any(every and step % every == 0 for every, _ in self.evaluators.values())
+
+  def __call__(self, step: int, params: Any, final: bool = False) -> dict[str, float]:
+    out = {}
+    for name, (every, evaluator) in self.evaluators.items():
+      if final or (every and step % every == 0):
+        metrics = evaluator(params)
+        if jax.process_index() == 0:
+          print(f"step {step} " + evaluate.format_metrics(f"eval {name}", metrics), flush=True)
+        out.update({f"eval/{name}/{k}": v for k, v in metrics.items()})
+    return out
 
 
 def train_and_evaluate(config: Any, workdir: str, stop_after: int | None = None
@@ -464,11 +475,11 @@ def train_and_evaluate(config: Any, workdir: str, stop_after: int | None = None
             step_flops=step_flops,
             schedule=train.learning_rate_schedule(optimizer_cfg, config.total_steps),
             checkpoint=ckpt_cfg, rng=rng, on_fresh_start=fresh_start,
-            evaluate=functools.partial(run_evals, evaluators, final=False))
+            evaluate=Evaluations(evaluators))
   state, step, stopped = run_loop(run, stop_after)
   if stopped:
     return {"stopped_at": step, "state": state}
-  results = run_evals(evaluators, step, state.params, final=True)
+  results = Evaluations(evaluators)(step, state.params, final=True)
   if results:
     write_metrics(workdir, step, results)
   results["state"] = state
