@@ -17,30 +17,10 @@ import jax.numpy as jnp
 from flava_jax.data.transforms import encoder_pixels
 from flava_jax.models.config import FlavaConfig
 from flava_jax.models.flava import FlavaModel
-from flava_jax.models.transformer import Dense, LayerNorm, dtype_of
+from flava_jax.models.heads import MaskedPredictionHead
 
 Array = jax.Array
 INPUTS = ("image", "text", "image_text")
-
-
-class ClassifierHead(nn.Module):
-  """Two layers: dense -> GELU -> LayerNorm -> dense to `num_classes` float32 logits."""
-
-  hidden_size: int
-  num_classes: int
-  model: FlavaConfig
-
-  @nn.compact
-  def __call__(self, pooled: Array) -> Array:
-    dtype, pdtype = dtype_of(self.model.dtype), dtype_of(self.model.param_dtype)
-    std = self.model.initializer_range
-    h = Dense(self.hidden_size, ("embed", "mlp"), init_std=std, dtype=dtype, param_dtype=pdtype,
-              name="hidden")(pooled)
-    h = jax.nn.gelu(h, approximate=False)
-    h = LayerNorm(1e-12, dtype, pdtype, name="norm")(h)
-    logits = Dense(self.num_classes, ("mlp", "classes"), init_std=std, dtype=dtype,
-                   param_dtype=pdtype, name="output")(h)
-    return logits.astype(jnp.float32)
 
 
 class FlavaClassifier(nn.Module):
@@ -53,7 +33,8 @@ class FlavaClassifier(nn.Module):
     if self.inputs not in INPUTS:
       raise ValueError(f"inputs={self.inputs!r}: use one of {INPUTS}")
     self.flava = FlavaModel(self.config.replace(pretraining_heads=False))
-    self.head = ClassifierHead(self.hidden_size, self.num_classes, self.config)
+    # The masked-prediction heads' shape (dense -> GELU -> LayerNorm -> dense), at its own width.
+    self.head = MaskedPredictionHead(self.hidden_size, self.num_classes, 1e-12, self.config)
 
   def pooled(self, batch: dict[str, Array]) -> Array:
     """The [CLS] state the head reads: [B, D]."""

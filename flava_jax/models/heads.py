@@ -16,7 +16,8 @@ Array = jax.Array
 class MaskedPredictionHead(nn.Module):
   """dense -> GELU -> LayerNorm -> decoder (with bias) to `vocab_size` logits.
 
-  Used four times, untied: MIM (dVAE codes), MLM (WordPiece ids), MMM-image, MMM-text. Accepts any
+  Used four times, untied: MIM (dVAE codes), MLM (WordPiece ids), MMM-image, MMM-text; and, with
+  classes for a vocabulary, as the fine-tuning classifier (models/classifier.py). Accepts any
   [..., D] input, so callers may pass whole sequences or only the positions that carry labels.
   """
 

@@ -159,7 +159,7 @@ def test_finetune_state_is_sharded_and_leaves_the_callers_parameters(ctx, traine
                                train_batch_size=16, test_limit=16), ctx, "ve")
   params = ctx.place(trained_params)
   state, _ = evaluator.initial_state(params)
-  kernel = state.params["head"]["hidden"]["kernel"]
+  kernel = state.params["head"]["transform"]["kernel"]
   assert len(kernel.sharding.device_set) == 8
   assert set(state.params["flava"]) == {"image_encoder", "text_encoder", "multimodal_encoder",
                                         "logit_scale"}  # no projections, no pretraining heads
