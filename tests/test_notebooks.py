@@ -1,0 +1,98 @@
+"""The notebooks run top to bottom on the tiny configs (a few training steps) and draw figures.
+
+Each notebook is executed in memory by a fresh python3 kernel, which inherits this process's
+environment (the session's embedded-corpus cache, conftest.py) with the notebooks' parameters set
+small and one CPU device (`kernel_env`). The stored notebooks must carry no outputs.
+"""
+
+import os
+import re
+
+import nbclient
+import nbformat
+import pytest
+
+NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
+# Notebook -> the least number of figures (PNG outputs) it draws.
+FIGURES = {"quickstart.ipynb": 3, "dvae_and_masking.ipynb": 4, "data_mixture.ipynb": 3}
+SMALL = {
+    "FLAVA_NB_STEPS": "30",  # quickstart and data_mixture train the same program: one compile
+    "FLAVA_NB_DVAE_STEPS": "20",
+    "FLAVA_NB_DVAE_BATCH": "32",
+    "FLAVA_NB_BATCHES": "40",
+    "FLAVA_NB_ZERO_SHOT_IMAGES": "64",
+    "FLAVA_CHECKPOINT": "",  # train, whatever the caller's environment names
+    "FLAVA_DVAE": "",
+    "JAX_PLATFORMS": "cpu",
+}
+
+
+@pytest.fixture(scope="module")
+def kernel_env(tmp_path_factory):
+  """Environment of the kernels: small parameters; one CPU device, as on a Colab CPU runtime
+  (conftest.py's 8 fake devices cost about a fifth more here); a cheaper CPU backend compile (no
+  LLVM optimisation: the notebooks compile far more than they run, and this takes another fifth
+  off); one XLA compilation cache for the module (the FLAVA train steps quickstart compiles are
+  read back by data_mixture)."""
+  return dict(SMALL, XLA_FLAGS="--xla_backend_optimization_level=0 "
+                               "--xla_llvm_disable_expensive_passes=true",
+              JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("notebook_xla")),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+
+
+def _outputs(notebook):
+  return [output for cell in notebook.cells if cell.cell_type == "code"
+          for output in cell.get("outputs", [])]
+
+
+def _text(notebook) -> str:
+  return "".join(output.get("text", "") for output in _outputs(notebook)
+                 if output.output_type == "stream")
+
+
+@pytest.mark.parametrize("name", list(FIGURES))
+def test_stored_notebook_is_clean(name):
+  notebook = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+  nbformat.validate(notebook)
+  code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+  assert not _outputs(notebook) and all(cell.execution_count is None for cell in code), (
+      f"{name} was saved with outputs: clear them before committing")
+  # The first cell installs the package on Colab and makes the checkout importable elsewhere.
+  assert "google.colab" in code[0].source and "REPO_URL" in code[0].source
+  assert notebook.cells[0].cell_type == "markdown"
+
+
+@pytest.mark.parametrize("name", list(FIGURES))  # in this order: quickstart compiles first
+def test_notebook_runs(name, kernel_env, monkeypatch, tmp_path):
+  for key, value in kernel_env.items():
+    monkeypatch.setenv(key, value)
+  monkeypatch.setenv("TMPDIR", str(tmp_path))  # the notebooks' workdirs
+  notebook = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+  client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                                   resources={"metadata": {"path": NOTEBOOKS}})
+  client.execute()  # raises CellExecutionError, with the cell and traceback, if a cell fails
+
+  outputs = _outputs(notebook)
+  assert not [o for o in outputs if o.output_type == "error"]
+  figures = sum("image/png" in o.get("data", {}) for o in outputs)
+  assert figures >= FIGURES[name], f"{name} drew {figures} figures"
+  text = _text(notebook)
+  if name == "quickstart.ipynb":
+    accuracy = re.search(r"over (\d+) held-out images: top-1 accuracy ([\d.]+) \(chance ([\d.]+)\)",
+                         text)
+    assert accuracy, text[-2000:]
+    assert int(accuracy.group(1)) == 64 and float(accuracy.group(3)) == pytest.approx(1 / 32,
+                                                                                        abs=1e-3)
+    assert 0.0 <= float(accuracy.group(2)) <= 1.0
+    assert re.search(r"image -> caption: \d of 8 right", text)
+  elif name == "dvae_and_masking.ipynb":
+    assert "20/20" in text  # the dVAE trained for its 20 steps
+    full = re.search(r"full: 14x14 grid, target 75 patches.*mean ([\d.]+) masked.*max (\d+)\)",
+                     text)
+    assert full and 70 <= float(full.group(1)) <= 75 and int(full.group(2)) <= 75
+    assert "image targets:" in text
+  else:
+    shares = dict(re.findall(r"^(\w+): (\d+) of 40 batches", text, re.M))
+    assert set(shares) == {"paired", "image", "text"} and sum(map(int, shares.values())) == 40
+    assert int(shares["paired"]) > int(shares["image"])
+    assert "the run's first 30 steps drew the corpora of section 1's first 30 batches: True" in text
