@@ -54,3 +54,46 @@ def tiny_hf_dir(tiny_hf_pretraining, tmp_path_factory):
   path = tmp_path_factory.mktemp("tiny_flava")
   tiny_hf_pretraining.save_pretrained(path)
   return str(path)
+
+
+# --- the evaluator tests (tests/evals): a tiny FLAVA trained once per session ---------------
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory):
+  """A training workdir: a few hundred steps of the tiny recipe on the embedded corpus."""
+  from flava_jax import trainer  # pylint: disable=import-outside-toplevel
+  from tests.evals.helpers import tiny_config  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path_factory.mktemp("trained_flava"))
+  trainer.train_and_evaluate(tiny_config(), workdir)
+  return workdir
+
+
+@pytest.fixture(scope="session")
+def trained_params(trained_workdir):
+  from flava_jax import evaluate  # pylint: disable=import-outside-toplevel
+  return evaluate.load_checkpoint(trained_workdir).params
+
+
+@pytest.fixture(scope="session")
+def random_params():
+  from flava_jax import trainer  # pylint: disable=import-outside-toplevel
+  from flava_jax.models.config import FlavaConfig  # pylint: disable=import-outside-toplevel
+  from flava_jax.models.flava import FlavaModel, init_params  # pylint: disable=C0415
+  from tests.evals.helpers import tiny_config  # pylint: disable=import-outside-toplevel
+  model = FlavaModel(FlavaConfig.from_dict(tiny_config().model))
+  return jax.device_get(init_params(model, trainer.init_key(123)))
+
+
+@pytest.fixture(scope="session")
+def ctx():
+  """The evaluation context on all 8 fake devices, as a training run builds it."""
+  from flava_jax import evaluate, sharding  # pylint: disable=import-outside-toplevel
+  from flava_jax.models.config import FlavaConfig  # pylint: disable=import-outside-toplevel
+  from tests.evals.helpers import tiny_config  # pylint: disable=import-outside-toplevel
+  config = tiny_config()
+  mesh = sharding.make_mesh(config.sharding.mesh)
+  assert mesh.size == 8
+  return evaluate.make_context(FlavaConfig.from_dict(config.model), mesh,
+                               sharding.rules_from_config(config.sharding.rules), "",
+                               config.paired_text_length)
