@@ -25,7 +25,6 @@ from flava_jax.evals.features import EvalContext
 from flava_jax.models.config import FlavaConfig
 from flava_jax.models.flava import FlavaModel
 
-RUN_CONFIG = "run_config.json"  # what a training workdir was trained with (trainer.py writes it)
 DEFAULT_TEXT_LENGTH = 77  # FLAVA's caption length, for checkpoints that do not say
 EVAL_FIELDS = ("task", "vocab_file", "cache_dir", "text_length", "sharding")
 
@@ -44,9 +43,9 @@ class Checkpoint:
 def load_checkpoint(path: str, field: str = "--checkpoint") -> Checkpoint:
   kind = warm_start.source_kind(path, field)
   if kind == "workdir":
-    run_config = os.path.join(path, RUN_CONFIG)
+    run_config = os.path.join(path, warm_start.RUN_CONFIG)
     if not os.path.exists(run_config):
-      raise FileNotFoundError(f"{field}={path!r}: the workdir has no {RUN_CONFIG}")
+      raise FileNotFoundError(f"{field}={path!r}: the workdir has no {warm_start.RUN_CONFIG}")
     with open(run_config, encoding="utf-8") as f:
       run = json.load(f)
     if "image" not in run.get("model", {}):
@@ -135,17 +134,12 @@ def eval_rows(config: Any, kind: str, source_config: sources.SourceConfig | None
 
 
 def main(argv) -> None:
-  from absl import app, flags, logging  # pylint: disable=import-outside-toplevel,g-multiple-import
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  if flags.FLAGS.multiprocess:
-    jax.distributed.initialize()
+  from absl import app, flags  # pylint: disable=import-outside-toplevel,g-multiple-import
+  from flava_jax import binary  # pylint: disable=import-outside-toplevel
+  binary.start(argv)
   config = flags.FLAGS.config
   try:
-    check_config(config)
-    metrics = run(config, flags.FLAGS.checkpoint)
+    metrics = run(config, flags.FLAGS.checkpoint)  # checks the config before loading anything
   except (ValueError, TypeError, FileNotFoundError) as e:
     raise app.UsageError(f"bad config or checkpoint: {e}") from None
   if jax.process_index() == 0:

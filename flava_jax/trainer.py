@@ -27,7 +27,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from flava_jax import evals, evaluate, flops, sharding, train, warm_start
+from flava_jax import binary, evals, evaluate, flops, sharding, train, warm_start
 from flava_jax.model_summary import num_parameters
 from flava_jax.data import pipeline
 from flava_jax.losses.flava import LossConfig
@@ -37,7 +37,7 @@ from flava_jax.models.flava import FlavaModel, init_params
 
 CHECKPOINT_DIR = warm_start.CHECKPOINT_DIR
 METRICS_FILE = "metrics.jsonl"
-RUN_CONFIG = "run_config.json"  # the config a workdir was trained with
+RUN_CONFIG = warm_start.RUN_CONFIG
 
 
 class NonFiniteLoss(RuntimeError):
@@ -368,15 +368,7 @@ def run_binary(argv, check, train_fn) -> None:
   when --multiprocess, logs the topology, stops with a one-line usage error on a bad config,
   then trains with --config and --workdir."""
   from absl import app, flags  # pylint: disable=import-outside-toplevel,g-multiple-import
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # library INFO chatter (orbax) only when asked: -v 0
-  if flags.FLAGS.multiprocess:
-    jax.distributed.initialize()
-  logging.warning("process %d of %d; %d local / %d global devices (%s)", jax.process_index(),
-                  jax.process_count(), jax.local_device_count(), jax.device_count(),
-                  jax.devices()[0].platform)
+  binary.start(argv)
   try:
     check(flags.FLAGS.config)
   except (ValueError, TypeError, FileNotFoundError) as e:
@@ -384,39 +376,41 @@ def run_binary(argv, check, train_fn) -> None:
   train_fn(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
-def make_evaluators(config: Any, model: FlavaModel, mesh, rules) -> dict[str, tuple[int, Any]]:
-  """config.evals -> {name: (every_steps, evaluator)}, their splits opened and checked."""
-  if not config.evals:
-    return {}
-  data_cfg, _ = pipeline.data_config(config.data)
-  ctx = evaluate.make_context(model.config, mesh, rules, data_cfg.vocab_file,
-                              config.paired_text_length, data_cfg.cache_dir)
-  out = {}
-  for name, task in config.evals.items():
-    evaluator = evals.build(task, ctx, f"evals.{name}")
-    out[name] = (evaluator.cfg.every_steps, evaluator)
-  return out
-
-
 class Evaluations:
-  """The evaluators of a run: `due(step)`, and `(step, params)` -> {"eval/NAME/metric": value}
-  of those due at that step (all of them when final)."""
+  """A run's evaluators by name (config.evals): `due(step)`, and `(step, params)` ->
+  {"eval/NAME/metric": value} of those due at that step (all of them when final)."""
 
-  def __init__(self, evaluators: dict[str, tuple[int, Any]]):
+  def __init__(self, evaluators: dict[str, Any]):
     self.evaluators = evaluators
 
+  @staticmethod
+  def _due(evaluator: Any, step: int) -> bool:
+    every = evaluator.cfg.every_steps
+    return bool(every) and step % every == 0
+
   def due(self, step: int) -> bool:
-    return any(every and step % every == 0 for every, _ in self.evaluators.values())
+    return any(self._due(e, step) for e in self.evaluators.values())
 
   def __call__(self, step: int, params: Any, final: bool = False) -> dict[str, float]:
     out = {}
-    for name, (every, evaluator) in self.evaluators.items():
-      if final or (every and step % every == 0):
+    for name, evaluator in self.evaluators.items():
+      if final or self._due(evaluator, step):
         metrics = evaluator(params)
         if jax.process_index() == 0:
           print(f"step {step} " + evaluate.format_metrics(f"eval {name}", metrics), flush=True)
         out.update({f"eval/{name}/{k}": v for k, v in metrics.items()})
     return out
+
+
+def make_evaluations(config: Any, model: FlavaModel, mesh, rules) -> Evaluations:
+  """config.evals built, their splits opened and checked."""
+  if not config.evals:
+    return Evaluations({})
+  data_cfg, _ = pipeline.data_config(config.data)
+  ctx = evaluate.make_context(model.config, mesh, rules, data_cfg.vocab_file,
+                              config.paired_text_length, data_cfg.cache_dir)
+  return Evaluations({name: evals.build(task, ctx, f"evals.{name}")
+                      for name, task in config.evals.items()})
 
 
 def train_and_evaluate(config: Any, workdir: str, stop_after: int | None = None
@@ -437,7 +431,7 @@ def train_and_evaluate(config: Any, workdir: str, stop_after: int | None = None
   init_cfg = dataclass_from_dict(warm_start.InitConfig, config.init, "init")  # paths checked
   tx = train.make_optimizer(optimizer_cfg, config.total_steps)
   data = pipeline.make_pipeline(config)  # start-up errors of the data come before any compile
-  evaluators = make_evaluators(config, model, mesh, rules)  # and of the held-out splits
+  evaluations = make_evaluations(config, model, mesh, rules)  # and of the held-out splits
   _warn_if_dvae_changed(workdir, init_cfg.dvae_from)
   save_run_config(config, workdir)
 
@@ -475,11 +469,11 @@ def train_and_evaluate(config: Any, workdir: str, stop_after: int | None = None
             step_flops=step_flops,
             schedule=train.learning_rate_schedule(optimizer_cfg, config.total_steps),
             checkpoint=ckpt_cfg, rng=rng, on_fresh_start=fresh_start,
-            evaluate=Evaluations(evaluators))
+            evaluate=evaluations)
   state, step, stopped = run_loop(run, stop_after)
   if stopped:
     return {"stopped_at": step, "state": state}
-  results = Evaluations(evaluators)(step, state.params, final=True)
+  results = evaluations(step, state.params, final=True)
   if results:
     write_metrics(workdir, step, results)
   results["state"] = state

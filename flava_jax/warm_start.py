@@ -27,8 +27,10 @@ import orbax.checkpoint as ocp
 
 from flava_jax import checkpoint, convert
 
+# A training workdir: checkpoints/STEP/state (Orbax) and the config it was trained with.
 CHECKPOINT_DIR = "checkpoints"
 STATE_ITEM = "state"
+RUN_CONFIG = "run_config.json"
 
 # What image_from / text_from take from a source's FLAVA parameters.
 IMAGE_PARTS = ("image_encoder", "mim_head")

@@ -42,6 +42,17 @@ Array = jax.Array
 INDEX_KEY = "index"  # the example's position in its split; -1 marks padding rows
 
 
+def row_or_skip(prepare: Callable[[Any], dict[str, np.ndarray]]
+                ) -> Callable[[Any], dict[str, np.ndarray] | str]:
+  """`prepare` returning its row, or the skip reason (a str) of an example it cannot use."""
+  def guarded(index):
+    try:
+      return prepare(index)
+    except Skip as e:
+      return e.reason
+  return guarded
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
   """Fields every evaluator config has (evaluators add their own)."""
@@ -169,12 +180,7 @@ class EvalContext:
     steps = max(1, -(-per_process // host_batch))  # the same on every process
     skipped: collections.Counter = collections.Counter()
 
-    def safe(index: int):
-      try:
-        return prepare(index)
-      except Skip as e:
-        return e.reason
-
+    safe = row_or_skip(prepare)
     jitted = self._jitted.get(features_fn)  # callers pass the same function on every call
     if jitted is None:
       jitted = jax.jit(lambda p, b: dict(features_fn(p, b), **{INDEX_KEY: b[INDEX_KEY]}))

@@ -31,7 +31,8 @@ import optax
 from flava_jax import sharding, train
 from flava_jax.data import embedded, pipeline
 from flava_jax.data.examples import Skip
-from flava_jax.evals.features import EvalContext, TaskConfig, load_names, open_split
+from flava_jax.evals.features import (EvalContext, TaskConfig, load_names, open_split,
+                                      row_or_skip)
 from flava_jax.models.classifier import INPUTS, FlavaClassifier
 
 _NEEDED = {"image": ("image",), "text": ("text",), "image_text": ("image", "text")}
@@ -142,12 +143,7 @@ class Evaluator:
     source, cfg = self.train_source, self.cfg
     pcount, pindex = jax.process_count(), jax.process_index()
 
-    def safe(index):
-      try:
-        return self._row(source[int(index)])
-      except Skip as e:
-        return e.reason
-
+    safe = row_or_skip(lambda index: self._row(source[int(index)]))
     rows = []
     with concurrent.futures.ThreadPoolExecutor(max(1, cfg.read_threads)) as pool:
       for epoch in range(1 << 30):
