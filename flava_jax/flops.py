@@ -8,6 +8,8 @@ counts useful work).
 
 from __future__ import annotations
 
+from typing import Any
+
 from flava_jax.models.config import DVAEConfig, EncoderConfig, FlavaConfig, dvae_view_size
 
 
@@ -83,25 +85,32 @@ def dvae_train_flops(cfg: DVAEConfig, image_size: int) -> float:
 
 
 def train_flops_per_example(cfg: FlavaConfig, kind: str, text_length: int,
-                            dvae: DVAEConfig | None = None, dvae_image_size: int = 0) -> float:
-  """FLOPs of one training example of batch kind paired | image | text."""
+                            dvae: DVAEConfig | None = None, dvae_image_size: int = 0,
+                            image_slots: int = 0, text_slots: int = 0) -> float:
+  """FLOPs of one training example of batch kind paired | image | text.
+
+  image_slots / text_slots: the positions the masked-prediction heads run on per row
+  (loss.*_prediction_slots; 0: every patch / token).
+  """
   img, mm = cfg.image, cfg.multimodal
   p = img.num_patches
+  image_heads = image_slots or p
+  text_heads = text_slots or text_length
   if kind == "paired":
     forward = (2 * image_encoder_flops(cfg)             # unmasked (GC) and masked (MMM, ITM)
                + 2 * text_encoder_flops(cfg, text_length)
                + 2 * (p + 1) * img.hidden_size * mm.hidden_size
                + 2 * text_length * cfg.text.hidden_size * mm.hidden_size
                + encoder_flops(mm, 2 + p + text_length)
-               + head_flops(mm.hidden_size, img.vocab_size, p)
-               + head_flops(mm.hidden_size, cfg.text.vocab_size, text_length)
+               + head_flops(mm.hidden_size, img.vocab_size, image_heads)
+               + head_flops(mm.hidden_size, cfg.text.vocab_size, text_heads)
                + 2 * mm.hidden_size * mm.hidden_size + 2 * mm.hidden_size * 2
                + 2 * (img.hidden_size + cfg.text.hidden_size) * cfg.projection_dim)
   elif kind == "image":
-    forward = image_encoder_flops(cfg) + head_flops(img.hidden_size, img.vocab_size, p)
+    forward = image_encoder_flops(cfg) + head_flops(img.hidden_size, img.vocab_size, image_heads)
   elif kind == "text":
     forward = (text_encoder_flops(cfg, text_length)
-               + head_flops(cfg.text.hidden_size, cfg.text.vocab_size, text_length))
+               + head_flops(cfg.text.hidden_size, cfg.text.vocab_size, text_heads))
   else:
     raise ValueError(f"unknown batch kind {kind!r}")
   total = 3 * forward
@@ -128,10 +137,22 @@ def peak_flops_per_device(device) -> float | None:
 
 
 def train_step_flops(cfg: FlavaConfig, dvae: DVAEConfig, kind: str, global_batch: int,
-                     text_length: int) -> float:
+                     text_length: int, image_slots: int = 0, text_slots: int = 0) -> float:
   """Analytic FLOPs of one train step of batch kind `kind` (the whole global batch)."""
   total = global_batch * train_flops_per_example(cfg, kind, text_length, dvae,
-                                                 dvae_view_size(cfg.image, dvae))
+                                                 dvae_view_size(cfg.image, dvae), image_slots,
+                                                 text_slots)
   if kind == "paired":
     total += contrastive_flops(cfg, global_batch)
   return total
+
+
+def config_step_flops(config: Any, kind: str, global_batch: int | None = None) -> float:
+  """train_step_flops for a training config (its model, dVAE, text lengths, prediction slots)."""
+  loss = config.get("loss") or {}
+  length = config.paired_text_length if kind == "paired" else config.text_length
+  text_slots = loss.get("paired_text_prediction_slots" if kind == "paired"
+                        else "text_prediction_slots", 0)
+  return train_step_flops(FlavaConfig.from_dict(config.model), DVAEConfig.from_dict(config.dvae),
+                          kind, global_batch or config.global_batch, length,
+                          loss.get("image_prediction_slots", 0), text_slots)

@@ -160,7 +160,8 @@ def check_config(config: Any) -> None:
   check_fields(config, FLAVA_SECTIONS)
   model_cfg = FlavaConfig.from_dict(config.model)
   DVAEConfig.from_dict(config.dvae)
-  dataclass_from_dict(LossConfig, config.loss, "loss")
+  check_prediction_slots(dataclass_from_dict(LossConfig, config.loss, "loss"), model_cfg,
+                         config)
   optimizer_cfg = dataclass_from_dict(train.OptimizerConfig, config.optimizer, "optimizer")
   if optimizer_cfg.trainable:
     groups = jax.eval_shape(lambda: init_params(FlavaModel(model_cfg), jax.random.key(0)))
@@ -171,6 +172,21 @@ def check_config(config: Any) -> None:
   dataclass_from_dict(warm_start.InitConfig, config.init, "init")
   pipeline.data_config(config.data)
   check_batch(config, sharding.make_mesh(config.sharding.mesh))
+
+
+def check_prediction_slots(loss: LossConfig, model: FlavaConfig, config: Any) -> None:
+  """The heads' prediction slots must hold every label the data pipeline makes."""
+  patches = model.image.num_patches
+  masked = min(config.data.mask_patches, patches)
+  slots = loss.image_prediction_slots
+  if slots and not masked <= slots <= patches:
+    raise ValueError(f"loss.image_prediction_slots={slots} must be 0 (every patch) or between "
+                     f"data.mask_patches={masked} and the {patches} patches of an image")
+  for name, length_name in (("paired_text_prediction_slots", "paired_text_length"),
+                            ("text_prediction_slots", "text_length")):
+    slots, length = getattr(loss, name), config[length_name]
+    if slots > length:
+      raise ValueError(f"loss.{name}={slots} exceeds {length_name}={length}")
 
 
 def init_key(seed: int) -> jax.Array:
@@ -462,9 +478,7 @@ def train_and_evaluate(config: Any, workdir: str, stop_after: int | None = None
     step_fn = train.make_train_step(model, dvae, tx, loss_cfg, mesh, rules, kind, shardings,
                                     local_batch, config.get("grad_accum", 1))
     steps[kind] = functools.partial(lambda f, s, b, r: f(s, dvae_params, b, r), step_fn)
-  step_flops = {kind: flops.train_step_flops(
-      model.config, dvae.config, kind, config.global_batch,
-      config.paired_text_length if kind == "paired" else config.text_length) for kind in steps}
+  step_flops = {kind: flops.config_step_flops(config, kind) for kind in steps}
   run = Run(config=config, workdir=workdir, mesh=mesh, data=data, state=state, steps=steps,
             step_flops=step_flops,
             schedule=train.learning_rate_schedule(optimizer_cfg, config.total_steps),

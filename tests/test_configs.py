@@ -147,3 +147,17 @@ def test_compilation_options_do_not_change_the_numbers(change, compile_options_c
   np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5)
   for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("image_prediction_slots", 5, r"loss\.image_prediction_slots=5 .*data\.mask_patches=6"),
+    ("image_prediction_slots", 17, r"loss\.image_prediction_slots=17 .*16 patches"),
+    ("paired_text_prediction_slots", 17, r"loss\.paired_text_prediction_slots=17 exceeds"),
+    ("text_prediction_slots", -1, r"loss\.text_prediction_slots=-1 must be >= 0"),
+])
+def test_prediction_slots_that_cannot_hold_the_labels_fail_at_start_up(field, value, match):
+  from flava_jax import trainer  # pylint: disable=import-outside-toplevel
+  config = flava_configs.get_config("tiny")
+  config.loss[field] = value
+  with pytest.raises(ValueError, match=match):
+    trainer.check_config(config)

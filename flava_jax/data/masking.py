@@ -94,10 +94,17 @@ class TokenMaskConfig:
   mask_fraction: float = 0.8
   random_fraction: float = 0.1  # the rest keeps the original token
   whole_word: bool = False
+  # At most this many positions chosen per sequence (0: no cap), as BERT's
+  # max_predictions_per_seq: the train step's prediction slots (loss.*_prediction_slots). When the
+  # draw chooses more, a random subset of the chosen tokens (whole words: of the chosen words)
+  # that fits is kept; the others stay unmasked and unlabelled.
+  max_predictions: int = 0
 
   def __post_init__(self):
     if not 0 < self.rate < 1:
       raise ValueError(f"mlm.rate={self.rate} must be in (0, 1)")
+    if self.max_predictions < 0:
+      raise ValueError(f"mlm.max_predictions={self.max_predictions} must be >= 0")
     if self.mask_fraction + self.random_fraction > 1:
       raise ValueError("mlm.mask_fraction + mlm.random_fraction must be <= 1")
 
@@ -125,6 +132,9 @@ def mask_tokens(ids: np.ndarray, rng: np.random.Generator, cfg: TokenMaskConfig,
         chosen_words.size) else np.zeros(ids.shape, bool)
   else:
     chosen = eligible & (chosen_draw < cfg.rate)
+    word_index = None
+  if cfg.max_predictions and chosen.sum() > cfg.max_predictions:
+    chosen = _cap_chosen(chosen, word_index, cfg.max_predictions, rng)
   labels = np.where(chosen, ids, IGNORE_INDEX)
   to_mask = chosen & (action < cfg.mask_fraction)
   to_random = chosen & (action >= cfg.mask_fraction) & (
@@ -133,3 +143,22 @@ def mask_tokens(ids: np.ndarray, rng: np.random.Generator, cfg: TokenMaskConfig,
   if to_random.any():
     masked = np.where(to_random, rng.integers(0, cfg.vocab_size, ids.shape), masked)
   return masked.astype(ids.dtype), labels.astype(np.int32)
+
+
+def _cap_chosen(chosen: np.ndarray, word_index: np.ndarray | None, cap: int,
+                rng: np.random.Generator) -> np.ndarray:
+  """A random part of `chosen` with at most `cap` positions, whole words kept together."""
+  positions = np.flatnonzero(chosen)
+  if word_index is None:
+    keep = rng.choice(positions, cap, replace=False)
+  else:
+    words, sizes = np.unique(word_index[positions], return_counts=True)
+    kept, room = [], cap
+    for i in rng.permutation(len(words)):  # shuffled words, each kept while it still fits
+      if sizes[i] <= room:
+        kept.append(words[i])
+        room -= sizes[i]
+    keep = positions[np.isin(word_index[positions], kept)]
+  capped = np.zeros_like(chosen)
+  capped[keep] = True
+  return capped

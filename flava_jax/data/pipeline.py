@@ -117,6 +117,9 @@ class Shapes:
   text_pad_id: int
   global_batch: int
   seed: int
+  # MLM positions chosen per row at most (loss.*_prediction_slots; 0: no cap).
+  paired_text_predictions: int = 0
+  text_predictions: int = 0
 
   @property
   def grid(self) -> int:
@@ -125,12 +128,15 @@ class Shapes:
   @classmethod
   def from_config(cls, config: Any) -> "Shapes":
     image = FlavaConfig.from_dict(config.model).image
+    loss = config.get("loss") or {}
     return cls(image_size=image.image_size, patch_size=image.patch_size,
                dvae_size=dvae_view_size(image, DVAEConfig.from_dict(config.dvae)),
                paired_text_length=config.paired_text_length, text_length=config.text_length,
                text_vocab_size=config.model.text.vocab_size,
                text_pad_id=config.model.text.pad_token_id, global_batch=config.global_batch,
-               seed=config.seed)
+               seed=config.seed,
+               paired_text_predictions=loss.get("paired_text_prediction_slots", 0),
+               text_predictions=loss.get("text_prediction_slots", 0))
 
 
 def load_tokenizer(cfg: DataConfig, shapes: Shapes | None = None) -> Tokenizer:
@@ -162,7 +168,10 @@ def make_processor(kind: str, cfg: DataConfig, shapes: Shapes, tok: Tokenizer | 
                                   special_ids=tok.special_ids, rate=cfg.mlm_rate,
                                   mask_fraction=cfg.mlm_mask_fraction,
                                   random_fraction=cfg.mlm_random_fraction,
-                                  whole_word=kind == "paired")  # MMM-text: whole words
+                                  whole_word=kind == "paired",  # MMM-text: whole words
+                                  max_predictions=(shapes.paired_text_predictions
+                                                   if kind == "paired" else
+                                                   shapes.text_predictions))
   length = shapes.paired_text_length if kind == "paired" else shapes.text_length
   return ExampleProcessor(kind=kind, image=image, block_mask=block,
                           tokenizer=tok if kind != "image" else None, text_length=length,

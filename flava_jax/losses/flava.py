@@ -25,8 +25,10 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from flava_jax.losses import contrastive, itm
-from flava_jax.losses.masked import label_weights, masked_prediction_loss
+from flava_jax.losses.masked import (label_weights, masked_prediction_loss, prediction_slots,
+                                     slot_overflow, take_slots)
 from flava_jax.models.config import check_choice
+from flava_jax.models.heads import take_positions
 
 Array = jax.Array
 # The arrays each batch kind carries (the train step adds the dVAE codes from dvae_pixels).
@@ -51,11 +53,23 @@ class LossConfig:
   # training code uses 0.1; 0.5 is the ALBEF/ViLT choice.
   itm_negative_rate: float = 0.1
   contrastive: str = "global"  # "global" (all-gather over data-parallel devices) | "local"
+  # Positions per row the masked-prediction heads run on (0: every position). The heads'
+  # vocabulary projections then cost K instead of P or L positions per row, with the same loss
+  # while every label finds a slot: image slots must cover data.mask_patches (block masks never
+  # exceed it) and the data pipeline masks at most the text slot counts per row (the cap BERT's
+  # max_predictions_per_seq sets). Labels beyond the slots are counted as *_overflow metrics.
+  image_prediction_slots: int = 0        # MIM and MMM-image, per image
+  paired_text_prediction_slots: int = 0  # MMM-text, per caption
+  text_prediction_slots: int = 0         # MLM, per text row
 
   def __post_init__(self):
     check_choice("loss.contrastive", self.contrastive, ("global", "local"))
     if not 0 <= self.itm_negative_rate <= 1:
       raise ValueError(f"loss.itm_negative_rate={self.itm_negative_rate} is not in [0, 1]")
+    for name in ("image_prediction_slots", "paired_text_prediction_slots",
+                 "text_prediction_slots"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"loss.{name}={getattr(self, name)} must be >= 0 (0: every position)")
 
 
 def paired_loss(model: Any, params: Any, batch: Mapping[str, Array], image_codes: Array,
@@ -73,10 +87,17 @@ def paired_loss(model: Any, params: Any, batch: Mapping[str, Array], image_codes
                                             local_batch or text["input_ids"].shape[0])
     else:
       itm_labels = jnp.ones(text["input_ids"].shape[:1], jnp.int32)
+  patch_weights = batch["patch_mask"].astype(jnp.float32)
+  image_positions = prediction_slots(patch_weights, cfg.image_prediction_slots)
+  text_weights = label_weights(text["mlm_labels"])
+  text_positions = prediction_slots(text_weights, cfg.paired_text_prediction_slots)
   out = model.apply({"params": params}, batch["pixels"], text["input_ids"],
                     text["attention_mask"], bool_masked_pos=batch["patch_mask"],
-                    input_ids_masked=text["input_ids_masked"])
+                    input_ids_masked=text["input_ids_masked"], image_positions=image_positions,
+                    text_positions=text_positions)
   rows = itm.positive_row_weights(itm_labels)
+  slot_patch_weights = take_slots(patch_weights, image_positions)
+  slot_text_weights = take_slots(text_weights, text_positions)
   gc_fn = (contrastive.global_contrastive_loss if cfg.contrastive == "global"
            else contrastive.local_contrastive_loss)
   losses = {
@@ -84,15 +105,20 @@ def paired_loss(model: Any, params: Any, batch: Mapping[str, Array], image_codes
                                   rows, mesh=mesh),
       "itm": itm.itm_loss(out.itm_logits, itm_labels),
       "mmm_image": masked_prediction_loss(
-          out.mmm_image_logits, image_codes,
-          batch["patch_mask"].astype(jnp.float32) * rows[:, None])[0],
+          out.mmm_image_logits, take_slots(image_codes, image_positions),
+          slot_patch_weights * rows[:, None])[0],
       "mmm_text": masked_prediction_loss(
-          out.mmm_text_logits, text["mlm_labels"], label_weights(text["mlm_labels"], rows))[0],
+          out.mmm_text_logits, take_slots(text["mlm_labels"], text_positions),
+          slot_text_weights * rows[:, None])[0],
   }
   total = sum(getattr(cfg, name) * value for name, value in losses.items())
   metrics = dict(losses, itm_accuracy=itm.itm_accuracy(out.itm_logits, itm_labels),
                  itm_negative_fraction=1.0 - jnp.mean(itm_labels.astype(jnp.float32)),
                  logit_scale=out.logit_scale)
+  if image_positions is not None:
+    metrics["mmm_image_overflow"] = slot_overflow(patch_weights, slot_patch_weights)
+  if text_positions is not None:
+    metrics["mmm_text_overflow"] = slot_overflow(text_weights, slot_text_weights)
   return total, metrics
 
 
@@ -101,9 +127,16 @@ def image_loss(model: Any, params: Any, batch: Mapping[str, Array], image_codes:
   """MIM: the image encoder on [MASK]ed patches predicts their dVAE codes."""
   hidden = model.apply({"params": params}, batch["pixels"], batch["patch_mask"],
                        method="encode_image")
-  logits = model.apply({"params": params}, hidden[:, 1:], method="mim_logits")
-  mim, count = masked_prediction_loss(logits, image_codes, batch["patch_mask"])
-  return cfg.mim * mim, {"mim": mim, "mim_tokens": count}
+  weights = batch["patch_mask"].astype(jnp.float32)
+  positions = prediction_slots(weights, cfg.image_prediction_slots)
+  logits = model.apply({"params": params}, take_positions(hidden[:, 1:], positions),
+                       method="mim_logits")
+  slot_weights = take_slots(weights, positions)
+  mim, count = masked_prediction_loss(logits, take_slots(image_codes, positions), slot_weights)
+  metrics = {"mim": mim, "mim_tokens": count}
+  if positions is not None:
+    metrics["mim_overflow"] = slot_overflow(weights, slot_weights)
+  return cfg.mim * mim, metrics
 
 
 def text_loss(model: Any, params: Any, batch: Mapping[str, Array], cfg: LossConfig
@@ -111,7 +144,13 @@ def text_loss(model: Any, params: Any, batch: Mapping[str, Array], cfg: LossConf
   """MLM: the text encoder on masked ids predicts the original ids."""
   hidden = model.apply({"params": params}, batch["input_ids_masked"], batch["attention_mask"],
                        method="encode_text")
-  logits = model.apply({"params": params}, hidden, method="mlm_logits")
-  mlm, count = masked_prediction_loss(logits, batch["mlm_labels"],
-                                      label_weights(batch["mlm_labels"]))
-  return cfg.mlm * mlm, {"mlm": mlm, "mlm_tokens": count}
+  weights = label_weights(batch["mlm_labels"])
+  positions = prediction_slots(weights, cfg.text_prediction_slots)
+  logits = model.apply({"params": params}, take_positions(hidden, positions), method="mlm_logits")
+  slot_weights = take_slots(weights, positions)
+  mlm, count = masked_prediction_loss(logits, take_slots(batch["mlm_labels"], positions),
+                                      slot_weights)
+  metrics = {"mlm": mlm, "mlm_tokens": count}
+  if positions is not None:
+    metrics["mlm_overflow"] = slot_overflow(weights, slot_weights)
+  return cfg.mlm * mlm, metrics

@@ -42,3 +42,32 @@ def label_weights(labels: Array, row_weights: Array | None = None) -> Array:
   if row_weights is not None:
     weights = weights * row_weights.astype(jnp.float32)[:, None]
   return weights
+
+
+def prediction_slots(weights: Array, slots: int) -> Array | None:
+  """The positions [B, slots] of each row's weighted positions, in order, padded with unweighted
+  ones; None when slots is 0 (predict everywhere).
+
+  A row with more weighted positions than slots keeps its first `slots`; `slot_overflow` counts
+  what that drops (the data pipeline caps masks at the slot counts, so it stays 0 in training).
+  """
+  if not slots:
+    return None
+  length = weights.shape[1]
+  if slots > length:
+    raise ValueError(f"{slots} prediction slots for rows of {length} positions")
+  index = jnp.arange(length, dtype=jnp.int32)
+  # Weighted positions score above every unweighted one; earlier positions score higher.
+  score = jnp.where(weights > 0, 2 * length - index, -index)
+  return jax.lax.top_k(score, slots)[1]
+
+
+def take_slots(values: Array, positions: Array | None) -> Array:
+  """values [B, T] at positions [B, K] (or all of them when positions is None)."""
+  return values if positions is None else jnp.take_along_axis(values, positions, axis=1)
+
+
+def slot_overflow(weights: Array, slot_weights: Array) -> Array:
+  """How many weighted positions the slots left out (0 when every label found a slot)."""
+  return jnp.sum((weights > 0).astype(jnp.float32)) - jnp.sum(
+      (slot_weights > 0).astype(jnp.float32))

@@ -102,7 +102,7 @@ class FlavaConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   # "xla": portable einsum attention; "cudnn": cuDNN flash attention (GPU only, requires
-  # right-padded masks); "auto": let jax choose.
+  # right-padded masks); "auto": cudnn on GPUs in bfloat16/float16 compute, xla elsewhere.
   attention_impl: str = "xla"
   # Rematerialisation of each transformer block: none | full | dots | dots_no_batch.
   remat_policy: str = "none"

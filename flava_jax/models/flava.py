@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from flava_jax.models.config import FlavaConfig
-from flava_jax.models.heads import ITMHead, MaskedPredictionHead
+from flava_jax.models.heads import ITMHead, MaskedPredictionHead, take_positions
 from flava_jax.models.image import EncoderOutput, ImageEncoder
 from flava_jax.models.multimodal import MultimodalEncoder
 from flava_jax.models.text import TextEncoder
@@ -42,8 +42,9 @@ def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
 class FlavaOutput:
   """Everything a pretraining forward computes (None where an input or a head is absent).
 
-  Logits are over whole sequences: mim/mmm_image over the P patch tokens, mlm/mmm_text over the L
-  text tokens, itm from [CLS_M]. Losses pick positions with masks (flava_jax.losses).
+  Logits are over whole sequences (mim/mmm_image over the P patch tokens, mlm/mmm_text over the L
+  text tokens) unless the forward was given positions: then over those K positions per row
+  ([B, K, vocab]). itm is from [CLS_M]. Losses pick positions with weights (flava_jax.losses).
   """
 
   image: EncoderOutput | None = None            # unmasked image
@@ -171,13 +172,17 @@ class FlavaModel(nn.Module):
 
   def __call__(self, pixel_values: Array | None = None, input_ids: Array | None = None,
                attention_mask: Array | None = None, bool_masked_pos: Array | None = None,
-               input_ids_masked: Array | None = None, token_type_ids: Array | None = None
+               input_ids_masked: Array | None = None, token_type_ids: Array | None = None,
+               image_positions: Array | None = None, text_positions: Array | None = None
                ) -> FlavaOutput:
     """The reference pretraining forward: unmasked encodings for the contrastive embeddings,
     masked encodings (image [MASK] patches, masked ids) for MIM/MLM/MMM/ITM.
 
     Paired inputs give contrastive embeddings, ITM and MMM logits; image-only inputs give MIM
-    logits; text-only inputs give MLM logits (as the reference routes them).
+    logits; text-only inputs give MLM logits (as the reference routes them). image_positions
+    [B, K] (patch indices in [0, P)) and text_positions [B, K'] (token indices) restrict the
+    MIM/MMM-image and MLM/MMM-text heads to those positions, as the reference computes them only
+    where labels are.
     """
     out: dict[str, Any] = {}
     heads = self.config.pretraining_heads
@@ -201,14 +206,16 @@ class FlavaModel(nn.Module):
       if heads:
         num_image_tokens = image.hidden_state.shape[1]
         out["itm_logits"] = self.itm_head(mm.last_hidden_state)
-        out["mmm_image_logits"] = self.mmm_image_head(
-            mm.last_hidden_state[:, 2:1 + num_image_tokens])
-        out["mmm_text_logits"] = self.mmm_text_head(
-            mm.last_hidden_state[:, 1 + num_image_tokens:])
+        out["mmm_image_logits"] = self.mmm_image_head(take_positions(
+            mm.last_hidden_state[:, 2:1 + num_image_tokens], image_positions))
+        out["mmm_text_logits"] = self.mmm_text_head(take_positions(
+            mm.last_hidden_state[:, 1 + num_image_tokens:], text_positions))
     elif heads and image is not None:
-      out["mim_logits"] = self.mim_head(image_masked.last_hidden_state[:, 1:])
+      out["mim_logits"] = self.mim_head(take_positions(image_masked.last_hidden_state[:, 1:],
+                                                       image_positions))
     elif heads and text is not None:
-      out["mlm_logits"] = self.mlm_head(text_masked.last_hidden_state)
+      out["mlm_logits"] = self.mlm_head(take_positions(text_masked.last_hidden_state,
+                                                       text_positions))
     return FlavaOutput(**out)
 
   def initialize(self, pixel_values: Array, input_ids: Array, attention_mask: Array) -> FlavaOutput:

@@ -8,9 +8,21 @@ import jax.numpy as jnp
 
 from flava_jax.models.config import FlavaConfig
 from flava_jax.models.transformer import (
-    ACT_VOCAB, BATCH, LENGTH, Dense, LayerNorm, Pooler, constrain, dtype_of)
+    ACT_EMBED, ACT_VOCAB, BATCH, LENGTH, Dense, LayerNorm, Pooler, constrain, dtype_of)
 
 Array = jax.Array
+
+
+def take_positions(hidden: Array, positions: Array | None) -> Array:
+  """hidden [B, T, D] at positions [B, K] (ints in [0, T)) -> [B, K, D]; None keeps all T.
+
+  The prediction heads run on the K positions that carry labels (a static count per row, so
+  shapes stay static) instead of all T: the vocabulary projection is the costly part of a head.
+  """
+  if positions is None:
+    return hidden
+  picked = jnp.take_along_axis(hidden, positions[..., None].astype(jnp.int32), axis=1)
+  return constrain(picked, (BATCH, LENGTH, ACT_EMBED))
 
 
 class MaskedPredictionHead(nn.Module):

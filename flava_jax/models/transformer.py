@@ -86,6 +86,14 @@ class Dense(nn.Module):
     return y
 
 
+def auto_attention_impl(dtype: Any) -> str:
+  """"auto": cuDNN flash attention on GPUs in 16-bit compute (what cuDNN's fused kernel takes),
+  XLA's attention everywhere else."""
+  if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    return "cudnn"
+  return "xla"
+
+
 def attention_kernel(query: Array, key: Array, value: Array, mask: Array | None,
                      implementation: str) -> Array:
   """Softmax attention over [B, T, N, H] tensors via jax.nn.dot_product_attention.
@@ -94,7 +102,9 @@ def attention_kernel(query: Array, key: Array, value: Array, mask: Array | None,
   key lengths, which is exact when masks are right-padded prefixes (what tokenizers and our data
   pipeline produce); the XLA path takes any mask.
   """
-  impl = None if implementation == "auto" else implementation
+  if implementation == "auto":
+    implementation = auto_attention_impl(query.dtype)
+  impl = implementation
   if mask is None:
     return jax.nn.dot_product_attention(query, key, value, implementation=impl)
   if implementation == "cudnn":

@@ -121,9 +121,7 @@ def compile_steps(config: Any, devices: list[Any], kinds: tuple[str, ...] = BATC
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    length = config.paired_text_length if kind == "paired" else config.text_length
-    analytic = flop_counts.train_step_flops(model_config, dvae_config, kind,
-                                            config.global_batch, length)
+    analytic = flop_counts.config_step_flops(config, kind)
     reports.append(StepReport(
         kind=kind, batch=config.global_batch, argument_bytes=memory.argument_size_in_bytes,
         output_bytes=memory.output_size_in_bytes, alias_bytes=memory.alias_size_in_bytes,

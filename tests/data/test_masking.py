@@ -1,5 +1,7 @@
 """Masking statistics and determinism (BEiT block masks, MLM token and whole-word masking)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -111,3 +113,44 @@ def test_token_masking_is_deterministic_in_its_seed():
   np.testing.assert_array_equal(a[0], b[0])
   np.testing.assert_array_equal(a[1], b[1])
   assert not np.array_equal(a[1], c[1])
+
+
+@pytest.mark.parametrize("whole_word", [False, True], ids=["tokens", "whole_words"])
+def test_max_predictions_caps_the_chosen_positions(whole_word):
+  """At rate 0.5 most rows choose more than the cap: each keeps at most `cap` positions, whole
+  words together, unchosen ones unmasked; rows under the cap are masked as without one."""
+  cap = 20
+  capped_cfg = TokenMaskConfig(vocab_size=1000, mask_id=4, special_ids=(0, 1, 2, 3, 4), rate=0.5,
+                               whole_word=whole_word, max_predictions=cap)
+  free_cfg = dataclasses.replace(capped_cfg, max_predictions=0)
+  rng = np.random.default_rng(11)
+  capped_rows = 0
+  for _ in range(200):
+    ids = _sequence(rng, 77)
+    ids[int(rng.integers(10, 76)):-1] = 0  # lengths from a few tokens to the whole row
+    starts = rng.random(77) < 0.6
+    starts[0] = starts[-1] = True
+    seed = int(rng.integers(1 << 30))
+    out, labels = mask_tokens(ids, np.random.default_rng(seed), capped_cfg, starts)
+    free_out, free_labels = mask_tokens(ids, np.random.default_rng(seed), free_cfg, starts)
+    chosen, free_chosen = labels != IGNORE_INDEX, free_labels != IGNORE_INDEX
+    assert chosen.sum() <= cap
+    assert not np.any(chosen & ~free_chosen)  # a subset of what the draw chose
+    assert np.array_equal(out[~chosen], ids[~chosen])
+    if free_chosen.sum() <= cap:
+      np.testing.assert_array_equal(labels, free_labels)
+      np.testing.assert_array_equal(out, free_out)
+      continue
+    capped_rows += 1
+    if not whole_word:
+      assert chosen.sum() == cap
+      continue
+    word = np.cumsum(starts)
+    for w in np.unique(word[free_chosen]):
+      pieces = (word == w) & free_chosen
+      # every word is kept whole or dropped, and a dropped one would not have fitted
+      assert chosen[pieces].all() or (
+          not chosen[pieces].any() and pieces.sum() > cap - chosen.sum())
+  assert capped_rows > 50
+  with pytest.raises(ValueError, match="max_predictions"):
+    TokenMaskConfig(vocab_size=10, mask_id=4, special_ids=(0,), max_predictions=-1)

@@ -1,5 +1,7 @@
 """Each FLAVA loss equals transformers' FlavaForPreTraining loss on the same weights and inputs."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,18 @@ from flava_jax.losses.masked import IGNORE_INDEX
 from flava_jax.tools import parity
 
 CFG = flava_losses.LossConfig()
+
+
+def _slots_config(x, cfg=CFG):
+  """The heads on the fewest positions that hold every row's labels (the tightest slots)."""
+  image = int(np.asarray(x["masked_pos"]).reshape(len(x["ids"]), -1).sum(1).max())
+  text = int((x["mlm_labels"] != IGNORE_INDEX).sum(1).max())
+  return dataclasses.replace(cfg, image_prediction_slots=image, paired_text_prediction_slots=text,
+                             text_prediction_slots=text)
+
+
+def _configs(x):
+  return {"every_position": CFG, "slots": _slots_config(x)}
 
 
 def _batch(hf_config, itm_labels, seed=0):
@@ -42,9 +56,9 @@ def _paired_batch(x):
               attention_mask=jnp.asarray(x["mask"]), mlm_labels=jnp.asarray(x["mlm_labels"]))
 
 
-def _ours_paired(model, params, x):
+def _ours_paired(model, params, x, cfg=CFG):
   total, metrics = jax.jit(lambda p: flava_losses.paired_loss(
-      model, p, _paired_batch(x), jnp.asarray(x["codes"]), jax.random.key(0), CFG,
+      model, p, _paired_batch(x), jnp.asarray(x["codes"]), jax.random.key(0), cfg,
       itm_labels=jnp.asarray(x["itm_labels"])))(params)
   return float(total), {k: float(v) for k, v in metrics.items()}
 
@@ -55,12 +69,14 @@ def test_paired_losses_match_reference(tiny_hf_pretraining, itm_labels):
   model, params = flava_jax.from_transformers(tiny_hf_pretraining)
   x = _batch(tiny_hf_pretraining.config, itm_labels)
   ref = _reference_losses(tiny_hf_pretraining, x)
-  total, ours = _ours_paired(model, params, x)
   assert set(ref) == {"global_contrastive", "itm", "mmm_image", "mmm_text"}
-  for name, value in ref.items():
-    assert abs(ours[name] - value) <= 1e-4, (name, ours[name], value)
-  assert abs(total - sum(ref.values())) <= 1e-4
-  assert ours["itm_negative_fraction"] == pytest.approx(1 - np.mean(itm_labels))
+  for cfg_name, cfg in _configs(x).items():
+    total, ours = _ours_paired(model, params, x, cfg)
+    for name, value in ref.items():
+      assert abs(ours[name] - value) <= 1e-4, (cfg_name, name, ours[name], value)
+    assert abs(total - sum(ref.values())) <= 1e-4
+    assert ours["itm_negative_fraction"] == pytest.approx(1 - np.mean(itm_labels))
+    assert ours.get("mmm_image_overflow", 0) == ours.get("mmm_text_overflow", 0) == 0
 
 
 def test_unimodal_losses_match_reference(tiny_hf_pretraining):
@@ -75,13 +91,36 @@ def test_unimodal_losses_match_reference(tiny_hf_pretraining):
                                   return_loss=True).loss_info.mlm
   image_batch = dict(pixels=jnp.asarray(x["pixels"].transpose(0, 2, 3, 1)),
                      patch_mask=jnp.asarray(x["masked_pos"]))
-  mim, metrics = flava_losses.image_loss(model, params, image_batch, jnp.asarray(x["codes"]), CFG)
-  assert abs(float(mim) - float(mim_ref)) <= 1e-4
-  assert int(metrics["mim_tokens"]) == int(x["masked_pos"].sum())
   text_batch = dict(input_ids_masked=jnp.asarray(x["ids_masked"]),
                     attention_mask=jnp.asarray(x["mask"]), mlm_labels=jnp.asarray(x["mlm_labels"]))
-  mlm, _ = flava_losses.text_loss(model, params, text_batch, CFG)
-  assert abs(float(mlm) - float(mlm_ref)) <= 1e-4
+  for cfg in _configs(x).values():
+    mim, metrics = flava_losses.image_loss(model, params, image_batch, jnp.asarray(x["codes"]),
+                                           cfg)
+    assert abs(float(mim) - float(mim_ref)) <= 1e-4
+    assert int(metrics["mim_tokens"]) == int(x["masked_pos"].sum())
+    mlm, _ = flava_losses.text_loss(model, params, text_batch, cfg)
+    assert abs(float(mlm) - float(mlm_ref)) <= 1e-4
+
+
+def test_prediction_slots_give_the_same_gradients_and_count_overflow(tiny_hf_pretraining):
+  model, params = flava_jax.from_transformers(tiny_hf_pretraining)
+  x = _batch(tiny_hf_pretraining.config, [1, 0, 1, 1], seed=5)
+  slots = _slots_config(x)
+
+  def grads(cfg):
+    return jax.grad(lambda p: flava_losses.paired_loss(
+        model, p, _paired_batch(x), jnp.asarray(x["codes"]), jax.random.key(0), cfg,
+        itm_labels=jnp.asarray(x["itm_labels"]))[0])(params)
+
+  full, gathered = grads(CFG), grads(slots)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(full), jax.tree.leaves(gathered)):
+    np.testing.assert_allclose(b, a, atol=1e-6, rtol=1e-5, err_msg=jax.tree_util.keystr(path))
+  # One slot fewer than the fullest row needs: its last label is left out and counted.
+  cap = slots.paired_text_prediction_slots - 1
+  _, metrics = _ours_paired(model, params, x,
+                            dataclasses.replace(slots, paired_text_prediction_slots=cap))
+  overflow = np.maximum((x["mlm_labels"] != IGNORE_INDEX).sum(1) - cap, 0)
+  assert metrics["mmm_text_overflow"] == overflow.sum() > 0
 
 
 def test_loss_weights_scale_the_total(tiny_hf_pretraining):

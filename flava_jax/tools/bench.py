@@ -1,0 +1,412 @@
+"""Train-step speed and memory on this machine's devices, beside transformers' FlavaForPreTraining.
+
+    python -m flava_jax.tools.bench --config=configs/flava.py:full --batch=128 --text_len=77 \\
+        [--peer=transformers] [--kinds=paired] [--max_batch] [--memory_limit_gb=80]
+
+For each batch kind (paired: GC + MMM + ITM with the dVAE's targets; image: MIM; text: MLM) it
+compiles the sharded, donated train step on random batches of the config's shapes, runs warm-up
+steps, then times steps one by one with the device synchronised and prints: examples/s, the
+median step time, FLOPs per step (analytic, and XLA's cost analysis, which counts a scanned
+layer stack's body once), TFLOP/s, MFU against the device's bf16 peak and peak device memory.
+--max_batch finds the largest batch whose step fits in the device memory (or
+--memory_limit_gb): compiled memory is linear in the batch, so two compiles predict it, a
+third checks it and one step runs it. --peer=transformers also times FlavaForPreTraining in a
+child process (eager and torch.compile, bf16 autocast on CUDA; flava_jax/tools/peer.py) on the
+same shapes and prints the ratios. --json_out writes every figure. Nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from flava_jax import flops as flop_counts
+from flava_jax import sharding, train
+from flava_jax.losses.flava import BATCH_KINDS, LossConfig
+from flava_jax.models.config import DVAEConfig, FlavaConfig, dataclass_from_dict, dvae_view_size
+from flava_jax.models.dvae import DVAE, init_dvae_params
+from flava_jax.models.flava import FlavaModel
+from flava_jax.tools import aot, random_batches
+
+_GIB = 2.0**30
+
+
+@dataclasses.dataclass
+class StepTiming:
+  """What one timed train step costs."""
+
+  name: str  # "flava_jax", "transformers eager", "transformers compile"
+  kind: str
+  batch: int
+  step_seconds: float  # median
+  min_seconds: float
+  max_seconds: float
+  steps: int
+  flops_per_step: float = 0.0  # analytic (ours) or PyTorch's flop counter (the peer)
+  xla_flops_per_step: float = float("nan")
+  peak_bytes: float | None = None  # the device's peak over the run
+  compiled_bytes: float | None = None  # XLA's memory analysis: arguments + outputs + temps
+  num_devices: int = 1
+  peak_flops_per_device: float | None = None
+
+  @property
+  def examples_per_second(self) -> float:
+    return self.batch / self.step_seconds
+
+  @property
+  def tflops_per_device(self) -> float:
+    return self.flops_per_step / self.step_seconds / self.num_devices / 1e12
+
+  @property
+  def mfu(self) -> float | None:
+    if not self.peak_flops_per_device:
+      return None
+    return self.tflops_per_device * 1e12 / self.peak_flops_per_device
+
+  def to_dict(self) -> dict[str, Any]:
+    return dict(dataclasses.asdict(self), examples_per_second=self.examples_per_second,
+                tflops_per_device=self.tflops_per_device, mfu=self.mfu)
+
+
+def bench_config(config: Any, batch: int, text_len: int, mlm_text_len: int) -> Any:
+  """The config with the bench's batch and text lengths (0 keeps the config's)."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.global_batch = batch or config.global_batch
+    config.paired_text_length = text_len or config.paired_text_length
+    config.text_length = mlm_text_len or config.text_length
+    loss = config.loss
+    loss.paired_text_prediction_slots = min(loss.get("paired_text_prediction_slots", 0),
+                                            config.paired_text_length)
+    loss.text_prediction_slots = min(loss.get("text_prediction_slots", 0), config.text_length)
+  return config
+
+
+class Bench:
+  """The model, optimizer, mesh and frozen dVAE of a config, and train steps built from them."""
+
+  def __init__(self, config: Any, devices: list[Any] | None = None):
+    self.config = config
+    self.model_config = FlavaConfig.from_dict(config.model)
+    self.dvae_config = DVAEConfig.from_dict(config.dvae)
+    self.model, self.dvae = FlavaModel(self.model_config), DVAE(self.dvae_config)
+    self.loss_config = dataclass_from_dict(LossConfig, config.loss, "loss")
+    self.devices = devices or jax.devices()
+    self.mesh = sharding.make_mesh(config.sharding.mesh, self.devices)
+    self.rules = sharding.rules_from_config(config.sharding.rules)
+    self.tx = train.make_optimizer(config.optimizer, config.total_steps)
+    self.shapes = random_batches.BatchShapes.from_config(config)
+    self._state = None
+    self._dvae_params = None
+
+  @property
+  def data_parallel(self) -> int:
+    return sharding.data_parallel_size(self.mesh)
+
+  def state(self):
+    if self._state is None:
+      self._state, self.state_shardings = train.create_train_state(
+          self.model, self.tx, jax.random.key(0, impl="rbg"), self.mesh, self.rules)
+      size = dvae_view_size(self.model_config.image, self.dvae_config)
+      self._dvae_params = jax.device_put(
+          init_dvae_params(self.dvae, jax.random.key(1), size), sharding.replicated(self.mesh))
+    return self._state
+
+  def step(self, kind: str, batch: int):
+    self.state()
+    return train.make_train_step(self.model, self.dvae, self.tx, self.loss_config, self.mesh,
+                                 self.rules, kind, self.state_shardings,
+                                 local_batch=batch // self.data_parallel)
+
+  def batch(self, kind: str, batch: int, seed: int = 0) -> dict[str, jax.Array]:
+    arrays = random_batches.random_batch(kind, batch, self.shapes, seed)
+    return jax.device_put(arrays, sharding.batch_sharding(self.mesh))
+
+  def compile(self, kind: str, batch: int) -> tuple[Any, dict[str, jax.Array]]:
+    """The compiled step for `batch` rows and a device batch for it."""
+    step, rng = self.step(kind, batch), jax.random.key(0)
+    arrays = self.batch(kind, batch)
+    with jax.set_mesh(self.mesh):
+      compiled = step.jitted.lower(self.state(), self._dvae_params, arrays, rng).compile()
+    return compiled, arrays
+
+  def run(self, compiled: Any, arrays: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """One step; the state is donated and replaced."""
+    with jax.set_mesh(self.mesh):
+      self._state, metrics = compiled(self._state, self._dvae_params, arrays, jax.random.key(0))
+    return metrics
+
+  def time(self, kind: str, batch: int, steps: int, warmup: int) -> StepTiming:
+    compiled, arrays = self.compile(kind, batch)
+    for _ in range(warmup):
+      jax.block_until_ready(self.run(compiled, arrays))
+    times = []
+    for _ in range(steps):
+      start = time.perf_counter()
+      jax.block_until_ready((self.run(compiled, arrays), self._state))
+      times.append(time.perf_counter() - start)
+    loss = float(self.run(compiled, arrays)["loss"])
+    if not np.isfinite(loss):
+      raise FloatingPointError(f"the {kind} step's loss is {loss} on random data")
+    memory = compiled_memory(compiled)
+    return StepTiming(
+        name="flava_jax", kind=kind, batch=batch, step_seconds=statistics.median(times),
+        min_seconds=min(times), max_seconds=max(times), steps=steps,
+        flops_per_step=flop_counts.config_step_flops(self.config, kind, batch),
+        xla_flops_per_step=xla_flops(compiled) * len(self.devices),
+        peak_bytes=peak_device_bytes(self.devices), compiled_bytes=memory,
+        num_devices=len(self.devices),
+        peak_flops_per_device=flop_counts.peak_flops_per_device(self.devices[0]))
+
+  def compiled_bytes(self, kind: str, batch: int) -> float:
+    """XLA's memory per device for a step of `batch` rows (compiled, not run)."""
+    config = self.config.copy_and_resolve_references()
+    config.global_batch = batch
+    report = aot.compile_steps(config, self.devices, (kind,))[0][0]
+    if report.error:
+      return float("inf")
+    return float(report.total_bytes)
+
+  def largest_batch(self, kind: str, start: int, limit_bytes: float, run: bool = True
+                    ) -> dict[str, Any]:
+    """The largest batch (a multiple of the data-parallel size times 8) whose step fits."""
+    unit = 8 * self.data_parallel
+    start = max(unit, start // unit * unit)
+    first, second = self.compiled_bytes(kind, start), self.compiled_bytes(kind, 2 * start)
+    per_example = (second - first) / start
+    fixed = first - per_example * start
+    if not np.isfinite(per_example) or per_example <= 0:
+      return {"batch": None, "note": f"memory not linear in the batch ({first}, {second} bytes)"}
+    batch = int((limit_bytes - fixed) / per_example) // unit * unit
+    for _ in range(4):
+      if batch < unit:
+        return {"batch": None, "note": "even one unit of batch does not fit"}
+      need = self.compiled_bytes(kind, batch)
+      if need <= limit_bytes:
+        break
+      batch = int(batch * limit_bytes / need) // unit * unit
+    result = {"batch": batch, "compiled_bytes": need, "per_example_bytes": per_example,
+              "fixed_bytes": fixed}
+    if run:  # one real step at that batch: what the analysis promised must also execute
+      compiled, arrays = self.compile(kind, batch)
+      jax.block_until_ready(self.run(compiled, arrays))
+      result["ran"] = True
+      result["peak_bytes"] = peak_device_bytes(self.devices)
+    return result
+
+
+def compiled_memory(compiled: Any) -> float | None:
+  memory = compiled.memory_analysis()
+  if memory is None:
+    return None
+  return float(memory.argument_size_in_bytes + memory.output_size_in_bytes
+               - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+
+
+def xla_flops(compiled: Any) -> float:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float((cost or {}).get("flops", float("nan")))
+
+
+def peak_device_bytes(devices: list[Any]) -> float | None:
+  """The largest per-device peak of memory in use, where the runtime reports it (GPU, TPU)."""
+  peaks = []
+  for device in devices:
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "peak_bytes_in_use" in stats:
+      peaks.append(float(stats["peak_bytes_in_use"]))
+  return max(peaks) if peaks else None
+
+
+def device_memory_limit(devices: list[Any]) -> float | None:
+  stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
+  return float(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+
+
+def run_peer(config: Any, kinds: tuple[str, ...], modes: tuple[str, ...], steps: int,
+             warmup: int, max_batch_kinds: tuple[str, ...], memory_limit: float | None,
+             timeout: float = 3600) -> dict[str, Any]:
+  """transformers' FlavaForPreTraining timed in a child process (flava_jax/tools/peer.py)."""
+  request = dict(model=config.model.to_dict(), dvae=config.dvae.to_dict(), kinds=list(kinds),
+                 modes=list(modes), batch=config.global_batch, steps=steps, warmup=warmup,
+                 shapes=random_batches.BatchShapes.from_config(config).to_dict(),
+                 max_batch_kinds=list(max_batch_kinds), memory_limit_bytes=memory_limit)
+  env = dict(os.environ, JAX_PLATFORMS="cpu")  # the child's jax (config code) stays off the GPU
+  proc = subprocess.run([sys.executable, "-m", "flava_jax.tools.peer", json.dumps(request)],
+                        capture_output=True, text=True, env=env, timeout=timeout, check=False)
+  for line in proc.stdout.splitlines():
+    if line.startswith("PEER_RESULT "):
+      return json.loads(line[len("PEER_RESULT "):])
+  raise RuntimeError(f"the transformers peer failed (exit {proc.returncode}):\n"
+                     f"{proc.stderr[-4000:]}")
+
+
+def peer_timings(result: dict[str, Any], batch: int, peak_flops: float | None
+                 ) -> list[StepTiming]:
+  timings = []
+  for mode, per_kind in result["modes"].items():
+    for kind, entry in per_kind.items():
+      if "step_seconds" not in entry:
+        continue
+      timings.append(StepTiming(
+          name=f"transformers {mode}", kind=kind, batch=batch, step_seconds=entry["step_seconds"],
+          min_seconds=entry["min_seconds"], max_seconds=entry["max_seconds"],
+          steps=entry["steps"], flops_per_step=entry.get("flops_per_step", 0.0),
+          peak_bytes=entry.get("peak_bytes"), peak_flops_per_device=peak_flops))
+  return timings
+
+
+def _gib(value: float | None) -> str:
+  return "n/a" if value is None else f"{value / _GIB:.2f} GiB"
+
+
+def _flop_text(value: float, unit: str = "FLOP") -> str:
+  for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M")):
+    if value >= scale:
+      return f"{value / scale:.4g} {prefix}{unit}"
+  return f"{value:.4g} {unit}"
+
+
+def format_timing(t: StepTiming) -> str:
+  parts = [f"[{t.kind}] {t.name}: {t.examples_per_second:,.1f} examples/s, step "
+           f"{t.step_seconds * 1e3:.2f} ms (median of {t.steps}; {t.min_seconds * 1e3:.2f}-"
+           f"{t.max_seconds * 1e3:.2f})"]
+  if t.flops_per_step:
+    label = "analytic" if t.name == "flava_jax" else "torch flop counter"
+    parts.append(f"{_flop_text(t.flops_per_step)}/step ({label}, "
+                 f"{_flop_text(t.flops_per_step / t.batch)}/example)")
+  if np.isfinite(t.xla_flops_per_step):
+    parts.append(f"XLA {_flop_text(t.xla_flops_per_step)}/step (a scanned stack's body counted "
+                 "once)")
+  if t.flops_per_step:
+    parts.append(f"{_flop_text(t.tflops_per_device * 1e12, 'FLOP/s')} per device")
+  if t.mfu is not None:
+    parts.append(f"MFU {100 * t.mfu:.1f}%")
+  parts.append(f"peak memory {_gib(t.peak_bytes)}")
+  if t.compiled_bytes is not None:
+    parts.append(f"compiled {_gib(t.compiled_bytes)} per device")
+  return ", ".join(parts)
+
+
+def format_ratios(timings: list[StepTiming]) -> list[str]:
+  ours = {t.kind: t for t in timings if t.name == "flava_jax"}
+  lines = []
+  for t in timings:
+    if t.name != "flava_jax" and t.kind in ours:
+      ratio = ours[t.kind].examples_per_second / t.examples_per_second
+      lines.append(f"[{t.kind}] flava_jax / {t.name}: {ratio:.2f}x examples/s")
+  return lines
+
+
+def describe_devices(devices: list[Any]) -> str:
+  peak = flop_counts.peak_flops_per_device(devices[0])
+  text = f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform})"
+  return text + (f", bf16 peak {peak / 1e12:.0f} TFLOP/s each" if peak else ", no known peak")
+
+
+def main(argv):
+  del argv
+  from absl import flags, logging  # pylint: disable=import-outside-toplevel
+  f = flags.FLAGS
+  if not f["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  config = bench_config(f.config, f.batch, f.text_len, f.mlm_text_len)
+  kinds = BATCH_KINDS if f.kinds == ["all"] else tuple(f.kinds)
+  for kind in kinds:
+    if kind not in BATCH_KINDS:
+      raise ValueError(f"--kinds: {kind!r} is not one of {BATCH_KINDS}")
+  max_kinds = tuple(k for k in f.max_batch_kinds if k in kinds) if f.max_batch else ()
+  limit = f.memory_limit_gb * _GIB if f.memory_limit_gb else None
+  results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "batch": config.global_batch,
+                             "paired_text_length": config.paired_text_length,
+                             "text_length": config.text_length, "variant": config.variant}
+  peer = None
+  if f.peer == "transformers":  # first: the child has the device to itself
+    peer = run_peer(config, kinds, tuple(f.peer_modes), f.steps, f.warmup, max_kinds, limit)
+    results["peer"] = peer
+  bench = Bench(config)
+  model = bench.model_config
+  print(f"devices: {describe_devices(bench.devices)}; mesh {dict(bench.mesh.shape)}")
+  print(f"config {config.variant}: batch {config.global_batch}, paired text "
+        f"{config.paired_text_length}, text {config.text_length}, dtype {model.dtype}, attention "
+        f"{model.attention_impl}, remat {model.remat_policy}, scan_unroll {model.scan_unroll}, "
+        f"prediction slots {bench.loss_config.image_prediction_slots}/"
+        f"{bench.loss_config.paired_text_prediction_slots}/"
+        f"{bench.loss_config.text_prediction_slots}")
+  timings = []
+  for kind in kinds:
+    timing = bench.time(kind, config.global_batch, f.steps, f.warmup)
+    timings.append(timing)
+    print(format_timing(timing), flush=True)
+  if peer is not None:
+    print(f"peer: transformers FlavaForPreTraining on {peer['device']}, torch {peer['torch']}, "
+          f"bf16 autocast {peer['autocast_bf16']}")
+    for timing in peer_timings(peer, config.global_batch,
+                               flop_counts.peak_flops_per_device(bench.devices[0])):
+      timings.append(timing)
+      print(format_timing(timing))
+    for line in format_ratios(timings):
+      print(line)
+  results["timings"] = [t.to_dict() for t in timings]
+  if max_kinds:
+    limit = limit or device_memory_limit(bench.devices)
+    if limit is None:
+      print("largest batch: no device memory limit known here; pass --memory_limit_gb")
+    else:
+      results["largest_batch"] = {}
+      for kind in max_kinds:
+        found = bench.largest_batch(kind, config.global_batch, limit,
+                                    run=bench.devices[0].platform != "cpu")
+        results["largest_batch"][kind] = found
+        line = (f"[{kind}] largest batch in {_gib(limit)}: flava_jax {found['batch']} "
+                f"(compiled {_gib(found.get('compiled_bytes'))} per device)")
+        theirs = ((peer or {}).get("modes", {}).get("eager", {}).get(kind, {})
+                  .get("largest_batch"))
+        if theirs:
+          line += f", transformers eager {theirs['batch']}"
+          if found["batch"] and theirs["batch"]:
+            line += f" ({found['batch'] / theirs['batch']:.2f}x)"
+        print(line)
+  if f.json_out:
+    with open(f.json_out, "w") as out:
+      json.dump(results, out, indent=1)
+
+
+def define_flags() -> None:
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  config_flags.DEFINE_config_file("config", os.path.join(repo, "configs", "flava.py"),
+                                  "config file, e.g. configs/flava.py:full")
+  flags.DEFINE_integer("batch", 0, "global batch per step (0: the config's global_batch)")
+  flags.DEFINE_integer("text_len", 0, "paired caption length (0: config.paired_text_length)")
+  flags.DEFINE_integer("mlm_text_len", 0, "text-only length (0: config.text_length)")
+  flags.DEFINE_list("kinds", ["all"], "batch kinds: paired,image,text or all")
+  flags.DEFINE_integer("steps", 20, "timed steps per kind (the median is reported)")
+  flags.DEFINE_integer("warmup", 3, "untimed steps after the compile")
+  flags.DEFINE_enum("peer", "", ["", "transformers"], "also time this implementation")
+  flags.DEFINE_list("peer_modes", ["eager", "compile"], "the peer's modes: eager, compile")
+  flags.DEFINE_bool("max_batch", False, "find the largest batch that fits (ours and the peer's "
+                    "eager step)")
+  flags.DEFINE_list("max_batch_kinds", ["paired"], "batch kinds --max_batch searches")
+  flags.DEFINE_float("memory_limit_gb", 0.0, "device memory to fit in (0: the device's own)")
+  flags.DEFINE_string("json_out", "", "write every figure to this JSON file")
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=import-outside-toplevel
+  # XLA takes 75% of GPU memory by default; the bench wants nearly all of it for the largest
+  # batch. The peer runs first in its own process and has returned its memory by then.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+  define_flags()
+  app.run(main)

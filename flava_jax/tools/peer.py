@@ -1,0 +1,178 @@
+"""The transformers peer of the bench tool: FlavaForPreTraining's train step, timed in PyTorch.
+
+The bench (flava_jax/tools/bench.py) runs this module in a child process, so that PyTorch's and
+XLA's allocators never share the device:
+
+    python -m flava_jax.tools.peer '{"model": {...}, "dvae": {...}, "kinds": ["paired"], ...}'
+
+It builds transformers' FlavaForPreTraining (with its image codebook) at the sizes of our config,
+feeds it random batches of the bench's shapes (the codebook computes the MIM/MMM targets, as in
+training) and times forward + backward + AdamW, eager and under torch.compile, with bf16 autocast
+on CUDA. It prints one JSON line: per mode and kind the step times, PyTorch's FLOP count of one
+step, peak memory, and (eager, CUDA only) the largest batch that fits in the memory limit.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from flava_jax.tools import random_batches
+
+
+def _inputs(kind: str, batch: int, shapes: dict[str, Any], seed: int, device: Any
+            ) -> dict[str, Any]:
+  """The bench's random batch of one kind (random_batches.py) as FlavaForPreTraining inputs."""
+  import torch  # pylint: disable=import-outside-toplevel
+  batch_shapes = random_batches.BatchShapes(**shapes)
+  ours = random_batches.random_batch(kind, batch, batch_shapes, seed)
+  inputs = random_batches.transformers_inputs(kind, ours, batch_shapes.itm_negative_rate, seed)
+  return {k: torch.from_numpy(v).to(device) for k, v in inputs.items()}
+
+
+class PeerStep:
+  """One FlavaForPreTraining train step (forward with every loss, backward, AdamW)."""
+
+  def __init__(self, hf_config: Any, device: Any, autocast: bool, compiled: bool):
+    import torch  # pylint: disable=import-outside-toplevel
+    from transformers import FlavaForPreTraining  # pylint: disable=import-outside-toplevel
+    torch.manual_seed(0)
+    self.torch = torch
+    self.device = device
+    self.model = FlavaForPreTraining(hf_config).to(device).train()
+    self.forward = torch.compile(self.model) if compiled else self.model
+    params = [p for p in self.model.parameters() if p.requires_grad]
+    self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1,
+                                       fused=device.type == "cuda")
+    self.autocast = autocast
+
+  def __call__(self, inputs: dict[str, Any]) -> None:
+    with self.torch.autocast(self.device.type, dtype=self.torch.bfloat16, enabled=self.autocast):
+      loss = self.forward(**inputs, return_loss=True).loss
+    loss.backward()
+    self.optimizer.step()
+    self.optimizer.zero_grad(set_to_none=True)
+
+  def sync(self) -> None:
+    if self.device.type == "cuda":
+      self.torch.cuda.synchronize()
+
+
+def _time(fn: Callable[[], None], sync: Callable[[], None], steps: int, warmup: int
+          ) -> list[float]:
+  for _ in range(warmup):
+    fn()
+  sync()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    fn()
+    sync()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def _flops(step: PeerStep, inputs: dict[str, Any]) -> float:
+  from torch.utils.flop_counter import FlopCounterMode  # pylint: disable=import-outside-toplevel
+  counter = FlopCounterMode(display=False)
+  with counter:
+    step(inputs)
+  return float(counter.get_total_flops())
+
+
+def _fits(step: PeerStep, kind: str, batch: int, shapes: dict, device: Any) -> float | None:
+  """Peak bytes of one step at `batch`, or None when it runs out of memory."""
+  torch = step.torch
+  try:
+    inputs = _inputs(kind, batch, shapes, 1, device)
+    torch.cuda.reset_peak_memory_stats()
+    step(inputs)
+    step.sync()
+    return float(torch.cuda.max_memory_allocated())
+  except torch.OutOfMemoryError:
+    return None
+  finally:
+    step.optimizer.zero_grad(set_to_none=True)
+    inputs = None
+    torch.cuda.empty_cache()
+
+
+def largest_batch(step: PeerStep, kind: str, start: int, limit: float, shapes: dict,
+                  device: Any) -> dict[str, Any]:
+  """The largest batch (a multiple of 8) whose eager step fits in `limit` bytes: peak memory is
+  linear in the batch, so two measured points predict it, then runs confirm it."""
+  first = _fits(step, kind, start, shapes, device)
+  second = _fits(step, kind, 2 * start, shapes, device) if first else None
+  if first is None or second is None:
+    batch = start // 2 if first is None else start
+    while batch >= 8 and _fits(step, kind, batch, shapes, device) is None:
+      batch //= 2
+    return {"batch": batch, "peak_bytes": None, "note": "fitted by halving"}
+  per_example = (second - first) / start
+  fixed = first - per_example * start
+  batch = max(8, int((limit - fixed) / per_example) // 8 * 8)
+  while batch > 8:
+    peak = _fits(step, kind, batch, shapes, device)
+    if peak is not None and peak <= limit:
+      return {"batch": batch, "peak_bytes": peak,
+              "per_example_bytes": per_example, "fixed_bytes": fixed}
+    batch = int(batch * 0.95) // 8 * 8
+  return {"batch": batch, "peak_bytes": None}
+
+
+def run(request: dict[str, Any]) -> dict[str, Any]:
+  import torch  # pylint: disable=import-outside-toplevel
+  from flava_jax.convert import config_to_transformers  # pylint: disable=import-outside-toplevel
+  from flava_jax.models.config import DVAEConfig, FlavaConfig  # pylint: disable=import-outside-toplevel
+  device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+  hf_config = config_to_transformers(FlavaConfig.from_dict(request["model"]),
+                                     DVAEConfig.from_dict(request["dvae"]))
+  autocast = device.type == "cuda" and request.get("autocast", True)
+  limit = request.get("memory_limit_bytes") or 0
+  if device.type == "cuda":
+    total = torch.cuda.get_device_properties(device).total_memory
+    limit = min(limit or total, total)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), device)
+  result: dict[str, Any] = {
+      "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+      "torch": torch.__version__, "autocast_bf16": autocast, "modes": {}}
+  batch, shapes = request["batch"], request["shapes"]
+  for mode in request["modes"]:
+    step = PeerStep(hf_config, device, autocast, compiled=mode == "compile")
+    per_kind = {}
+    for kind in request["kinds"]:
+      inputs = _inputs(kind, batch, shapes, 0, device)
+      if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+      times = _time(lambda: step(inputs), step.sync, request["steps"],
+                    request["warmup"] + (2 if mode == "compile" else 0))
+      entry = {"step_seconds": statistics.median(times), "min_seconds": min(times),
+               "max_seconds": max(times), "steps": len(times)}
+      if device.type == "cuda":
+        entry["peak_bytes"] = float(torch.cuda.max_memory_allocated())
+      if mode == "eager":
+        entry["flops_per_step"] = _flops(step, inputs)
+      per_kind[kind] = entry
+      inputs = None
+    if mode == "eager" and device.type == "cuda":
+      for kind in request.get("max_batch_kinds", []):
+        per_kind.setdefault(kind, {})["largest_batch"] = largest_batch(
+            step, kind, batch, limit, shapes, device)
+    result["modes"][mode] = per_kind
+    del step
+    if device.type == "cuda":
+      torch.cuda.empty_cache()
+  return result
+
+
+def main(argv: list[str]) -> None:
+  request = json.loads(argv[1])
+  print("PEER_RESULT " + json.dumps(run(request)), flush=True)
+
+
+if __name__ == "__main__":
+  main(sys.argv)

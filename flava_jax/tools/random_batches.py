@@ -1,0 +1,108 @@
+"""Random train-step batches of a config's shapes, for the bench tool and its PyTorch peer.
+
+Pixels are uniform uint8 (as the data pipeline ships them), patch masks are BEiT block masks of
+data.mask_patches, text is full-length random ids with MLM masking at data.mlm_rate (capped at the
+loss's prediction slots, as the pipeline caps it). numpy only: the peer's process imports it too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from flava_jax.data import masking
+
+MASK_ID = 103  # BERT's [MASK]; any id serves for timing
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchShapes:
+  image_size: int
+  dvae_size: int
+  grid: int
+  paired_text_length: int
+  text_length: int
+  text_vocab_size: int
+  masked_patches: int
+  mask_min_block: int
+  mlm_rate: float
+  paired_text_slots: int
+  text_slots: int
+  itm_negative_rate: float
+
+  @classmethod
+  def from_config(cls, config: Any) -> "BatchShapes":
+    from flava_jax.models.config import (  # pylint: disable=import-outside-toplevel
+        DVAEConfig, FlavaConfig, dvae_view_size)
+    model = FlavaConfig.from_dict(config.model)
+    loss, data = config.loss, config.data
+    return cls(image_size=model.image.image_size,
+               dvae_size=dvae_view_size(model.image, DVAEConfig.from_dict(config.dvae)),
+               grid=model.image.grid_size, paired_text_length=config.paired_text_length,
+               text_length=config.text_length, text_vocab_size=model.text.vocab_size,
+               masked_patches=min(data.mask_patches, model.image.num_patches),
+               mask_min_block=data.mask_min_block, mlm_rate=data.mlm_rate,
+               paired_text_slots=loss.get("paired_text_prediction_slots", 0),
+               text_slots=loss.get("text_prediction_slots", 0),
+               itm_negative_rate=loss.itm_negative_rate)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def random_batch(kind: str, batch: int, shapes: BatchShapes, seed: int = 0
+                 ) -> dict[str, np.ndarray]:
+  """One batch of kind paired | image | text with the keys the train step takes."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  if kind != "text":
+    size, dvae_size = shapes.image_size, shapes.dvae_size
+    out["pixels"] = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    out["dvae_pixels"] = rng.integers(0, 256, (batch, dvae_size, dvae_size, 3), dtype=np.uint8)
+    block = masking.BlockMaskConfig(grid_size=shapes.grid, num_masked=shapes.masked_patches,
+                                    min_block=min(shapes.mask_min_block, shapes.masked_patches))
+    out["patch_mask"] = np.stack([masking.block_mask(rng, block).reshape(-1)
+                                  for _ in range(batch)])
+  if kind != "image":
+    length = shapes.paired_text_length if kind == "paired" else shapes.text_length
+    vocab = shapes.text_vocab_size
+    low = min(1000, vocab // 2)  # above the special ids
+    ids = rng.integers(low, vocab, (batch, length)).astype(np.int32)
+    mlm = masking.TokenMaskConfig(
+        vocab_size=vocab, mask_id=MASK_ID % vocab, special_ids=(0,), rate=shapes.mlm_rate,
+        max_predictions=shapes.paired_text_slots if kind == "paired" else shapes.text_slots)
+    masked, labels = zip(*(masking.mask_tokens(row, rng, mlm) for row in ids))
+    out.update(input_ids_masked=np.stack(masked).astype(np.int32),
+               attention_mask=np.ones((batch, length), np.int32),
+               mlm_labels=np.stack(labels).astype(np.int32))
+    if kind == "paired":
+      out["input_ids"] = ids
+  return out
+
+
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+
+def transformers_inputs(kind: str, batch: dict[str, np.ndarray], itm_negative_rate: float,
+                        seed: int = 0) -> dict[str, np.ndarray]:
+  """The same batch as FlavaForPreTraining's keyword arguments (NCHW floats, int64 ids)."""
+  out = {}
+  if kind != "text":
+    pixels = (batch["pixels"].astype(np.float32) / 255 - CLIP_MEAN) / CLIP_STD
+    out["pixel_values"] = pixels.transpose(0, 3, 1, 2)
+    out["codebook_pixel_values"] = (batch["dvae_pixels"].astype(np.float32) / 255).transpose(
+        0, 3, 1, 2)
+    out["bool_masked_pos"] = batch["patch_mask"]
+  if kind != "image":
+    out.update(input_ids_masked=batch["input_ids_masked"].astype(np.int64),
+               attention_mask=batch["attention_mask"].astype(np.int64),
+               mlm_labels=batch["mlm_labels"].astype(np.int64))
+  if kind == "paired":
+    out["input_ids"] = batch["input_ids"].astype(np.int64)
+    rng = np.random.default_rng(seed)
+    rows = len(batch["input_ids"])
+    out["itm_labels"] = (rng.random(rows) >= itm_negative_rate).astype(np.int64)
+  return {k: np.ascontiguousarray(v) for k, v in out.items()}

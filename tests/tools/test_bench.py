@@ -1,0 +1,86 @@
+"""The bench tool on the tiny config: its figures are consistent, the peer runs, the largest
+batch it reports fits. (Speeds are printed by the tool, never asserted.)"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import flava as flava_configs
+from flava_jax import flops
+from flava_jax.tools import bench, random_batches
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def tiny_bench():
+  return bench.Bench(bench.bench_config(flava_configs.get_config("tiny"), 16, 0, 0))
+
+
+def test_random_batches_have_the_step_shapes_and_mask_statistics():
+  config = flava_configs.get_config("full")
+  shapes = random_batches.BatchShapes.from_config(config)
+  batch = random_batches.random_batch("paired", 32, shapes)
+  assert batch["pixels"].shape == (32, 224, 224, 3) and batch["pixels"].dtype == np.uint8
+  assert batch["dvae_pixels"].shape == (32, 112, 112, 3)
+  masked = batch["patch_mask"].sum(1)
+  assert masked.max() <= 75 and masked.mean() > 65  # BEiT block masks of 75 patches
+  labels = (batch["mlm_labels"] != -100).sum(1)
+  assert labels.max() <= 32 and abs(labels.mean() / 77 - 0.15) < 0.03
+  inputs = random_batches.transformers_inputs("paired", batch, 0.1)
+  assert inputs["pixel_values"].shape == (32, 3, 224, 224)
+  assert inputs["itm_labels"].dtype == np.int64 and set(np.unique(inputs["itm_labels"])) <= {0, 1}
+
+
+def test_timings_are_consistent(tiny_bench):
+  for kind in ("paired", "image", "text"):
+    t = tiny_bench.time(kind, 16, steps=3, warmup=1)
+    assert t.min_seconds <= t.step_seconds <= t.max_seconds and t.steps == 3
+    assert t.examples_per_second == pytest.approx(16 / t.step_seconds)
+    assert t.flops_per_step == flops.config_step_flops(tiny_bench.config, kind, 16)
+    # XLA counts the scanned stacks' bodies once, but never more than the whole step
+    assert 0 < t.xla_flops_per_step < 1.5 * t.flops_per_step
+    assert t.compiled_bytes > 0 and t.num_devices == jax.device_count() == 8
+    assert "examples/s" in bench.format_timing(t)
+
+
+def test_prediction_slots_cut_the_heads_flops():
+  config = flava_configs.get_config("full")
+  with_slots = flops.config_step_flops(config, "text", 1)
+  config.loss.text_prediction_slots = 0
+  without = flops.config_step_flops(config, "text", 1)
+  # MLM over 128 of 512 positions: 3 x 2 x 384 x 768 x (768 + 30522) FLOPs fewer
+  assert without - with_slots == pytest.approx(3 * 2 * 384 * 768 * (768 + 30522))
+
+
+def test_largest_batch_fits_the_limit_and_one_unit_more_does_not(tiny_bench):
+  unit = 8 * tiny_bench.data_parallel
+  limit = 1.5 * tiny_bench.compiled_bytes("image", 2 * unit)
+  found = tiny_bench.largest_batch("image", unit, limit, run=False)
+  assert found["batch"] >= 2 * unit and found["compiled_bytes"] <= limit
+  assert found["batch"] % unit == 0
+  assert tiny_bench.compiled_bytes("image", found["batch"] + 2 * unit) > limit
+
+
+def test_bench_binary_with_the_transformers_peer(tmp_path):
+  out = tmp_path / "bench.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  proc = subprocess.run(
+      [sys.executable, "-m", "flava_jax.tools.bench", "--batch=4", "--kinds=paired",
+       "--steps=2", "--warmup=1", "--peer=transformers", "--peer_modes=eager",
+       f"--json_out={out}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "flava_jax / transformers eager" in proc.stdout
+  result = json.loads(out.read_text())
+  ours, theirs = result["timings"]
+  assert (ours["name"], theirs["name"]) == ("flava_jax", "transformers eager")
+  assert ours["batch"] == theirs["batch"] == 4 and theirs["step_seconds"] > 0
+  # Two independent FLOP counts of the same step: our analytic one and PyTorch's counter (which
+  # sees the heads on the labelled positions only, and no slot padding)
+  assert 0.75 < theirs["flops_per_step"] / ours["flops_per_step"] < 1.1
