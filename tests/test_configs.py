@@ -122,7 +122,9 @@ def test_model_runs_sharded_by_the_config_rules():
 
 @pytest.fixture(scope="module")
 def compile_options_case():
-  base = flava_jax.FlavaConfig.from_dict(flava_configs.get_config("tiny").model)
+  # A loop over layers (the full config's form; tiny itself is unrolled) against the options.
+  base = flava_jax.FlavaConfig.from_dict(flava_configs.get_config("tiny").model).replace(
+      scan_unroll=1)
   params = flava_jax.init_params(flava_jax.FlavaModel(base), jax.random.key(0))
   rng = np.random.default_rng(0)
   pixels = jnp.asarray(rng.normal(size=(2, 64, 64, 3)), jnp.float32)

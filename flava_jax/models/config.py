@@ -13,7 +13,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
@@ -102,7 +102,8 @@ class FlavaConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   # "xla": portable einsum attention; "cudnn": cuDNN flash attention (GPU only, requires
-  # right-padded masks); "auto": cudnn on GPUs in bfloat16/float16 compute, xla elsewhere.
+  # right-padded masks); "splash": Pallas splash attention (TPU only; models/splash.py);
+  # "auto": cudnn on GPUs in bfloat16/float16 compute, xla elsewhere.
   attention_impl: str = "xla"
   # Rematerialisation of each transformer block: none | full | dots | dots_no_batch.
   remat_policy: str = "none"

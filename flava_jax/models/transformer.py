@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from flava_jax.models.config import EncoderConfig, FlavaConfig
+from flava_jax.models.splash import splash_attention
 
 Dtype = Any
 Array = jax.Array
@@ -105,6 +106,8 @@ def attention_kernel(query: Array, key: Array, value: Array, mask: Array | None,
   if implementation == "auto":
     implementation = auto_attention_impl(query.dtype)
   impl = implementation
+  if implementation == "splash":
+    return splash_attention(query, key, value, mask)
   if mask is None:
     return jax.nn.dot_product_attention(query, key, value, implementation=impl)
   if implementation == "cudnn":

@@ -1,7 +1,7 @@
 """Train-step speed and memory on this machine's devices, beside transformers' FlavaForPreTraining.
 
     python -m flava_jax.tools.bench --config=configs/flava.py:full --batch=128 --text_len=77 \\
-        [--peer=transformers] [--kinds=paired] [--max_batch] [--memory_limit_gb=80]
+        [--peer=transformers] [--kinds=paired] [--max_batch] [--memory_limit_gib=79.6]
 
 For each batch kind (paired: GC + MMM + ITM with the dVAE's targets; image: MIM; text: MLM) it
 compiles the sharded, donated train step on random batches of the config's shapes, runs warm-up
@@ -9,7 +9,7 @@ steps, then times steps one by one with the device synchronised and prints: exam
 median step time, FLOPs per step (analytic, and XLA's cost analysis, which counts a scanned
 layer stack's body once), TFLOP/s, MFU against the device's bf16 peak and peak device memory.
 --max_batch finds the largest batch whose step fits in the device memory (or
---memory_limit_gb): compiled memory is linear in the batch, so two compiles predict it, a
+--memory_limit_gib): compiled memory is linear in the batch, so two compiles predict it, a
 third checks it and one step runs it. --peer=transformers also times FlavaForPreTraining in a
 child process (eager and torch.compile, bf16 autocast on CUDA; flava_jax/tools/peer.py) on the
 same shapes and prints the ratios. --json_out writes every figure. Nothing here asserts a speed.
@@ -26,6 +26,7 @@ import sys
 import time
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -35,6 +36,7 @@ from flava_jax.losses.flava import BATCH_KINDS, LossConfig
 from flava_jax.models.config import DVAEConfig, FlavaConfig, dataclass_from_dict, dvae_view_size
 from flava_jax.models.dvae import DVAE, init_dvae_params
 from flava_jax.models.flava import FlavaModel
+from flava_jax.models.transformer import auto_attention_impl, dtype_of
 from flava_jax.tools import aot, random_batches
 
 _GIB = 2.0**30
@@ -106,7 +108,7 @@ class Bench:
     self.tx = train.make_optimizer(config.optimizer, config.total_steps)
     self.shapes = random_batches.BatchShapes.from_config(config)
     self._state = None
-    self._dvae_params = None
+    self.dvae_params = None
 
   @property
   def data_parallel(self) -> int:
@@ -117,7 +119,7 @@ class Bench:
       self._state, self.state_shardings = train.create_train_state(
           self.model, self.tx, jax.random.key(0, impl="rbg"), self.mesh, self.rules)
       size = dvae_view_size(self.model_config.image, self.dvae_config)
-      self._dvae_params = jax.device_put(
+      self.dvae_params = jax.device_put(
           init_dvae_params(self.dvae, jax.random.key(1), size), sharding.replicated(self.mesh))
     return self._state
 
@@ -136,16 +138,18 @@ class Bench:
     step, rng = self.step(kind, batch), jax.random.key(0)
     arrays = self.batch(kind, batch)
     with jax.set_mesh(self.mesh):
-      compiled = step.jitted.lower(self.state(), self._dvae_params, arrays, rng).compile()
+      compiled = step.jitted.lower(self.state(), self.dvae_params, arrays, rng).compile()
     return compiled, arrays
 
   def run(self, compiled: Any, arrays: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """One step; the state is donated and replaced."""
     with jax.set_mesh(self.mesh):
-      self._state, metrics = compiled(self._state, self._dvae_params, arrays, jax.random.key(0))
+      self._state, metrics = compiled(self._state, self.dvae_params, arrays, jax.random.key(0))
     return metrics
 
-  def time(self, kind: str, batch: int, steps: int, warmup: int) -> StepTiming:
+  def time(self, kind: str, batch: int, steps: int, warmup: int, profile_dir: str = ""
+           ) -> StepTiming:
+    """Times `steps` steps after `warmup`; with profile_dir, traces 3 more (jax.profiler)."""
     compiled, arrays = self.compile(kind, batch)
     for _ in range(warmup):
       jax.block_until_ready(self.run(compiled, arrays))
@@ -154,6 +158,10 @@ class Bench:
       start = time.perf_counter()
       jax.block_until_ready((self.run(compiled, arrays), self._state))
       times.append(time.perf_counter() - start)
+    if profile_dir:
+      with jax.profiler.trace(os.path.join(profile_dir, kind)):
+        for _ in range(3):
+          jax.block_until_ready(self.run(compiled, arrays))
     loss = float(self.run(compiled, arrays)["loss"])
     if not np.isfinite(loss):
       raise FloatingPointError(f"the {kind} step's loss is {loss} on random data")
@@ -202,6 +210,26 @@ class Bench:
       result["ran"] = True
       result["peak_bytes"] = peak_device_bytes(self.devices)
     return result
+
+
+def attention_check(config: Any, devices: list[Any], impl: str, batch: int = 8
+                    ) -> dict[str, float]:
+  """The paired loss at initialisation with XLA's attention and with the configured one (e.g.
+  cuDNN's) on the same batch: a fast kernel must not change the numbers."""
+  losses = {}
+  for name in ("xla", impl):
+    variant = config.copy_and_resolve_references()
+    variant.model.attention_impl = name
+    variant.global_batch = batch
+    bench = Bench(variant, devices)
+    state = bench.state()
+    loss_fn = train.make_loss_fn(bench.model, bench.dvae, bench.loss_config, "paired",
+                                 bench.mesh, batch // bench.data_parallel)
+    with jax.set_mesh(bench.mesh), nn.logical_axis_rules(list(bench.rules)):
+      loss, _ = jax.jit(loss_fn)(state.params, bench.dvae_params, bench.batch("paired", batch),
+                                 jax.random.key(0))
+    losses[name] = float(loss)
+  return losses
 
 
 def compiled_memory(compiled: Any) -> float | None:
@@ -326,7 +354,7 @@ def main(argv):
     if kind not in BATCH_KINDS:
       raise ValueError(f"--kinds: {kind!r} is not one of {BATCH_KINDS}")
   max_kinds = tuple(k for k in f.max_batch_kinds if k in kinds) if f.max_batch else ()
-  limit = f.memory_limit_gb * _GIB if f.memory_limit_gb else None
+  limit = f.memory_limit_gib * _GIB if f.memory_limit_gib else None
   results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "batch": config.global_batch,
                              "paired_text_length": config.paired_text_length,
                              "text_length": config.text_length, "variant": config.variant}
@@ -337,15 +365,19 @@ def main(argv):
   bench = Bench(config)
   model = bench.model_config
   print(f"devices: {describe_devices(bench.devices)}; mesh {dict(bench.mesh.shape)}")
+  attention = model.attention_impl
+  if attention == "auto":
+    attention = auto_attention_impl(dtype_of(model.dtype))
   print(f"config {config.variant}: batch {config.global_batch}, paired text "
         f"{config.paired_text_length}, text {config.text_length}, dtype {model.dtype}, attention "
-        f"{model.attention_impl}, remat {model.remat_policy}, scan_unroll {model.scan_unroll}, "
+        f"{model.attention_impl} ({attention}), remat {model.remat_policy}, scan_unroll "
+        f"{model.scan_unroll}, "
         f"prediction slots {bench.loss_config.image_prediction_slots}/"
         f"{bench.loss_config.paired_text_prediction_slots}/"
         f"{bench.loss_config.text_prediction_slots}")
   timings = []
   for kind in kinds:
-    timing = bench.time(kind, config.global_batch, f.steps, f.warmup)
+    timing = bench.time(kind, config.global_batch, f.steps, f.warmup, f.profile_dir)
     timings.append(timing)
     print(format_timing(timing), flush=True)
   if peer is not None:
@@ -358,10 +390,15 @@ def main(argv):
     for line in format_ratios(timings):
       print(line)
   results["timings"] = [t.to_dict() for t in timings]
+  if f.check_attention and attention != "xla":
+    losses = attention_check(config, bench.devices, attention)
+    results["attention_check"] = losses
+    print("attention check (paired loss at initialisation, batch 8): " + ", ".join(
+        f"{impl} {value:.6f}" for impl, value in losses.items()))
   if max_kinds:
     limit = limit or device_memory_limit(bench.devices)
     if limit is None:
-      print("largest batch: no device memory limit known here; pass --memory_limit_gb")
+      print("largest batch: no device memory limit known here; pass --memory_limit_gib")
     else:
       results["largest_batch"] = {}
       for kind in max_kinds:
@@ -399,8 +436,13 @@ def define_flags() -> None:
   flags.DEFINE_bool("max_batch", False, "find the largest batch that fits (ours and the peer's "
                     "eager step)")
   flags.DEFINE_list("max_batch_kinds", ["paired"], "batch kinds --max_batch searches")
-  flags.DEFINE_float("memory_limit_gb", 0.0, "device memory to fit in (0: the device's own)")
+  flags.DEFINE_float("memory_limit_gib", 0.0, "device memory to fit in, GiB (0: the device's "
+                     "own; an H100 80GB holds 79.6)")
   flags.DEFINE_string("json_out", "", "write every figure to this JSON file")
+  flags.DEFINE_string("profile_dir", "", "also trace 3 steps per kind there (TensorBoard's "
+                      "profile plugin or Perfetto read it)")
+  flags.DEFINE_bool("check_attention", True, "compare the paired loss with XLA's attention "
+                    "and the configured one (when it is not xla)")
 
 
 if __name__ == "__main__":

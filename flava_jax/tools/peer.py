@@ -105,23 +105,23 @@ def largest_batch(step: PeerStep, kind: str, start: int, limit: float, shapes: d
                   device: Any) -> dict[str, Any]:
   """The largest batch (a multiple of 8) whose eager step fits in `limit` bytes: peak memory is
   linear in the batch, so two measured points predict it, then runs confirm it."""
-  first = _fits(step, kind, start, shapes, device)
-  second = _fits(step, kind, 2 * start, shapes, device) if first else None
-  if first is None or second is None:
-    batch = start // 2 if first is None else start
-    while batch >= 8 and _fits(step, kind, batch, shapes, device) is None:
-      batch //= 2
-    return {"batch": batch, "peak_bytes": None, "note": "fitted by halving"}
-  per_example = (second - first) / start
-  fixed = first - per_example * start
-  batch = max(8, int((limit - fixed) / per_example) // 8 * 8)
-  while batch > 8:
+  high = start
+  while high >= 16 and _fits(step, kind, high, shapes, device) is None:
+    high //= 2
+  low = high // 2
+  high_peak, low_peak = (_fits(step, kind, b, shapes, device) for b in (high, low))
+  if high_peak is None or low_peak is None or high_peak <= low_peak:
+    return {"batch": None, "note": f"no linear fit from batches {low} and {high}"}
+  per_example = (high_peak - low_peak) / (high - low)
+  fixed = high_peak - per_example * high
+  batch = int((limit - fixed) / per_example) // 8 * 8
+  while batch >= 8:
     peak = _fits(step, kind, batch, shapes, device)
     if peak is not None and peak <= limit:
-      return {"batch": batch, "peak_bytes": peak,
-              "per_example_bytes": per_example, "fixed_bytes": fixed}
+      return {"batch": batch, "peak_bytes": peak, "per_example_bytes": per_example,
+              "fixed_bytes": fixed}
     batch = int(batch * 0.95) // 8 * 8
-  return {"batch": batch, "peak_bytes": None}
+  return {"batch": None, "note": "not even 8 rows fit"}
 
 
 def run(request: dict[str, Any]) -> dict[str, Any]:

@@ -37,9 +37,11 @@ def test_random_batches_have_the_step_shapes_and_mask_statistics():
   assert inputs["itm_labels"].dtype == np.int64 and set(np.unique(inputs["itm_labels"])) <= {0, 1}
 
 
-def test_timings_are_consistent(tiny_bench):
-  for kind in ("paired", "image", "text"):
-    t = tiny_bench.time(kind, 16, steps=3, warmup=1)
+def test_timings_are_consistent(tiny_bench, tmp_path):
+  for kind in ("paired", "text"):  # the image step compiles in the largest-batch test
+    t = tiny_bench.time(kind, 16, steps=3, warmup=1, profile_dir=str(tmp_path))
+    assert any(name.endswith(".xplane.pb") for _, _, names in os.walk(tmp_path / kind)
+               for name in names)
     assert t.min_seconds <= t.step_seconds <= t.max_seconds and t.steps == 3
     assert t.examples_per_second == pytest.approx(16 / t.step_seconds)
     assert t.flops_per_step == flops.config_step_flops(tiny_bench.config, kind, 16)
