@@ -1,7 +1,7 @@
 """Splash attention (a Pallas TPU flash-attention kernel) for `model.attention_impl="splash"`.
 
 The kernel works on blocks of 128 positions, so sequences are padded up to a multiple of 128
-(ViT's 197 tokens to 256, captions of 77 to 128, the fused 276 to 384) and padding, ours and the
+(ViT's 197 tokens to 256, captions of 77 to 128, the fused 275 to 384) and padding, ours and the
 batch's, is expressed as segment ids: real positions are segment 1 and attend to real keys only,
 exactly as the masked softmax does; padded positions are segment 0 and attend among themselves,
 so their outputs (which nothing reads: no loss weights a padded position, no real query attends
