@@ -47,6 +47,19 @@ class StepReport:
   def total_bytes(self) -> int:
     return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
 
+  @classmethod
+  def from_compiled(cls, kind: str, batch: int, compiled: Any, analytic_flops: float
+                    ) -> "StepReport":
+    """XLA's memory and cost analyses of a compiled step."""
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+    return cls(kind=kind, batch=batch, argument_bytes=memory.argument_size_in_bytes,
+               output_bytes=memory.output_size_in_bytes, alias_bytes=memory.alias_size_in_bytes,
+               temp_bytes=memory.temp_size_in_bytes,
+               xla_flops_per_chip=float(cost.get("flops", float("nan"))),
+               analytic_flops_per_step=analytic_flops)
+
 
 def tpu_devices(topology: str) -> list[Any]:
   """Abstract devices of a TPU topology such as "v5p:2x2x1" (needs libtpu, not a TPU)."""
@@ -118,16 +131,8 @@ def compile_steps(config: Any, devices: list[Any], kinds: tuple[str, ...] = BATC
       reports.append(StepReport(kind, config.global_batch, 0, 0, 0, 0, float("nan"), 0.0,
                                 error=str(e).split("\n")[0]))
       continue
-    memory = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    analytic = flop_counts.config_step_flops(config, kind)
-    reports.append(StepReport(
-        kind=kind, batch=config.global_batch, argument_bytes=memory.argument_size_in_bytes,
-        output_bytes=memory.output_size_in_bytes, alias_bytes=memory.alias_size_in_bytes,
-        temp_bytes=memory.temp_size_in_bytes,
-        xla_flops_per_chip=float(cost.get("flops", float("nan"))),
-        analytic_flops_per_step=analytic))
+    reports.append(StepReport.from_compiled(kind, config.global_batch, compiled,
+                                            flop_counts.config_step_flops(config, kind)))
   return reports, state_shardings.params
 
 

@@ -165,13 +165,14 @@ class Bench:
     loss = float(self.run(compiled, arrays)["loss"])
     if not np.isfinite(loss):
       raise FloatingPointError(f"the {kind} step's loss is {loss} on random data")
-    memory = compiled_memory(compiled)
+    report = aot.StepReport.from_compiled(
+        kind, batch, compiled, flop_counts.config_step_flops(self.config, kind, batch))
     return StepTiming(
         name="flava_jax", kind=kind, batch=batch, step_seconds=statistics.median(times),
         min_seconds=min(times), max_seconds=max(times), steps=steps,
-        flops_per_step=flop_counts.config_step_flops(self.config, kind, batch),
-        xla_flops_per_step=xla_flops(compiled) * len(self.devices),
-        peak_bytes=peak_device_bytes(self.devices), compiled_bytes=memory,
+        flops_per_step=report.analytic_flops_per_step,
+        xla_flops_per_step=report.xla_flops_per_chip * len(self.devices),
+        peak_bytes=peak_device_bytes(self.devices), compiled_bytes=float(report.total_bytes),
         num_devices=len(self.devices),
         peak_flops_per_device=flop_counts.peak_flops_per_device(self.devices[0]))
 
@@ -195,13 +196,13 @@ class Bench:
     if not np.isfinite(per_example) or per_example <= 0:
       return {"batch": None, "note": f"memory not linear in the batch ({first}, {second} bytes)"}
     batch = int((limit_bytes - fixed) / per_example) // unit * unit
-    for _ in range(4):
-      if batch < unit:
-        return {"batch": None, "note": "even one unit of batch does not fit"}
-      need = self.compiled_bytes(kind, batch)
-      if need <= limit_bytes:
+    for _ in range(4):  # the prediction, then smaller batches until XLA confirms one fits
+      need = self.compiled_bytes(kind, batch) if batch >= unit else float("inf")
+      if need <= limit_bytes or batch < unit:
         break
       batch = int(batch * limit_bytes / need) // unit * unit
+    if not need <= limit_bytes:
+      return {"batch": None, "note": f"no batch of {unit} rows or more found to fit"}
     result = {"batch": batch, "compiled_bytes": need, "per_example_bytes": per_example,
               "fixed_bytes": fixed}
     if run:  # one real step at that batch: what the analysis promised must also execute
@@ -230,20 +231,6 @@ def attention_check(config: Any, devices: list[Any], impl: str, batch: int = 8
                                  jax.random.key(0))
     losses[name] = float(loss)
   return losses
-
-
-def compiled_memory(compiled: Any) -> float | None:
-  memory = compiled.memory_analysis()
-  if memory is None:
-    return None
-  return float(memory.argument_size_in_bytes + memory.output_size_in_bytes
-               - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
-
-
-def xla_flops(compiled: Any) -> float:
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float((cost or {}).get("flops", float("nan")))
 
 
 def peak_device_bytes(devices: list[Any]) -> float | None:
@@ -283,6 +270,9 @@ def peer_timings(result: dict[str, Any], batch: int, peak_flops: float | None
                  ) -> list[StepTiming]:
   timings = []
   for mode, per_kind in result["modes"].items():
+    if "error" in per_kind:
+      print(f"peer: transformers {mode} failed: {per_kind['error']}")
+      continue
     for kind, entry in per_kind.items():
       if "step_seconds" not in entry:
         continue
@@ -358,9 +348,16 @@ def main(argv):
                              "paired_text_length": config.paired_text_length,
                              "text_length": config.text_length, "variant": config.variant}
   peer = None
+  if f.compile_cache_dir:  # a second run (or a later call on a warm machine) skips compiles
+    jax.config.update("jax_compilation_cache_dir", f.compile_cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   if f.peer == "transformers":  # first: the child has the device to itself
-    peer = run_peer(config, kinds, tuple(f.peer_modes), f.steps, f.warmup, max_kinds, limit)
-    results["peer"] = peer
+    try:
+      peer = run_peer(config, kinds, tuple(f.peer_modes), f.steps, f.warmup, max_kinds, limit)
+      results["peer"] = peer
+    except (RuntimeError, subprocess.TimeoutExpired) as e:  # ours is still worth measuring
+      print(f"peer: {e}")
+      results["peer_error"] = str(e)
   bench = Bench(config)
   model = bench.model_config
   print(f"devices: {describe_devices(bench.devices)}; mesh {dict(bench.mesh.shape)}")
@@ -396,8 +393,9 @@ def main(argv):
   if f.check_attention and attention != "xla":
     losses = attention_check(config, bench.devices, attention)
     results["attention_check"] = losses
-    print("attention check (paired loss at initialisation, batch 8): " + ", ".join(
-        f"{impl} {value:.6f}" for impl, value in losses.items()))
+    xla, fast = losses["xla"], losses[attention]
+    print(f"attention check (paired loss at initialisation, batch 8): xla {xla:.6f}, "
+          f"{attention} {fast:.6f}, relative difference {abs(fast - xla) / abs(xla):.2e}")
   if max_kinds:
     limit = limit or device_memory_limit(bench.devices)
     if limit is None:
@@ -442,6 +440,7 @@ def define_flags() -> None:
   flags.DEFINE_float("memory_limit_gib", 0.0, "device memory to fit in, GiB (0: the device's "
                      "own; an H100 80GB holds 79.6)")
   flags.DEFINE_string("json_out", "", "write every figure to this JSON file")
+  flags.DEFINE_string("compile_cache_dir", "", "XLA's persistent compilation cache (\"\": off)")
   flags.DEFINE_string("profile_dir", "", "also trace 3 steps per kind there (TensorBoard's "
                       "profile plugin or Perfetto read it)")
   flags.DEFINE_bool("check_attention", True, "compare the paired loss with XLA's attention "

@@ -140,33 +140,42 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
   result: dict[str, Any] = {
       "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
       "torch": torch.__version__, "autocast_bf16": autocast, "modes": {}}
-  batch, shapes = request["batch"], request["shapes"]
   for mode in request["modes"]:
-    step = PeerStep(hf_config, device, autocast, compiled=mode == "compile")
-    per_kind = {}
-    for kind in request["kinds"]:
-      inputs = _inputs(kind, batch, shapes, 0, device)
-      if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-      times = _time(lambda: step(inputs), step.sync, request["steps"],
-                    request["warmup"] + (2 if mode == "compile" else 0))
-      entry = {"step_seconds": statistics.median(times), "min_seconds": min(times),
-               "max_seconds": max(times), "steps": len(times)}
-      if device.type == "cuda":
-        entry["peak_bytes"] = float(torch.cuda.max_memory_allocated())
-      if mode == "eager":
-        entry["flops_per_step"] = _flops(step, inputs)
-      per_kind[kind] = entry
-      inputs = None
-    if mode == "eager" and device.type == "cuda":
-      for kind in request.get("max_batch_kinds", []):
-        per_kind.setdefault(kind, {})["largest_batch"] = largest_batch(
-            step, kind, batch, limit, shapes, device)
-    result["modes"][mode] = per_kind
-    del step
+    try:
+      result["modes"][mode] = _run_mode(mode, request, hf_config, device, autocast, limit)
+    except Exception as e:  # pylint: disable=broad-except  (one mode failing keeps the others)
+      result["modes"][mode] = {"error": f"{type(e).__name__}: {str(e)[:2000]}"}
     if device.type == "cuda":
       torch.cuda.empty_cache()
   return result
+
+
+def _run_mode(mode: str, request: dict[str, Any], hf_config: Any, device: Any, autocast: bool,
+              limit: float) -> dict[str, Any]:
+  import torch  # pylint: disable=import-outside-toplevel
+  batch, shapes = request["batch"], request["shapes"]
+  step = PeerStep(hf_config, device, autocast, compiled=mode == "compile")
+  per_kind = {}
+  for kind in request["kinds"]:
+    inputs = _inputs(kind, batch, shapes, 0, device)
+    if device.type == "cuda":
+      torch.cuda.reset_peak_memory_stats()
+    # torch.compile compiles on the first calls: two more untimed steps
+    times = _time(lambda: step(inputs), step.sync, request["steps"],  # pylint: disable=cell-var-from-loop
+                  request["warmup"] + (2 if mode == "compile" else 0))
+    entry = {"step_seconds": statistics.median(times), "min_seconds": min(times),
+             "max_seconds": max(times), "steps": len(times)}
+    if device.type == "cuda":
+      entry["peak_bytes"] = float(torch.cuda.max_memory_allocated())
+    if mode == "eager":
+      entry["flops_per_step"] = _flops(step, inputs)
+    per_kind[kind] = entry
+    inputs = None
+  if mode == "eager" and device.type == "cuda":
+    for kind in request.get("max_batch_kinds", []):
+      per_kind.setdefault(kind, {})["largest_batch"] = largest_batch(
+          step, kind, batch, limit, shapes, device)
+  return per_kind
 
 
 def main(argv: list[str]) -> None:
