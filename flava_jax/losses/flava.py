@@ -127,15 +127,9 @@ def image_loss(model: Any, params: Any, batch: Mapping[str, Array], image_codes:
   """MIM: the image encoder on [MASK]ed patches predicts their dVAE codes."""
   hidden = model.apply({"params": params}, batch["pixels"], batch["patch_mask"],
                        method="encode_image")
-  weights = batch["patch_mask"].astype(jnp.float32)
-  positions = prediction_slots(weights, cfg.image_prediction_slots)
-  logits = model.apply({"params": params}, take_positions(hidden[:, 1:], positions),
-                       method="mim_logits")
-  slot_weights = take_slots(weights, positions)
-  mim, count = masked_prediction_loss(logits, take_slots(image_codes, positions), slot_weights)
-  metrics = {"mim": mim, "mim_tokens": count}
-  if positions is not None:
-    metrics["mim_overflow"] = slot_overflow(weights, slot_weights)
+  mim, metrics = _head_loss(model, params, hidden[:, 1:], image_codes,
+                            batch["patch_mask"].astype(jnp.float32), cfg.image_prediction_slots,
+                            "mim_logits", "mim")
   return cfg.mim * mim, metrics
 
 
@@ -144,13 +138,20 @@ def text_loss(model: Any, params: Any, batch: Mapping[str, Array], cfg: LossConf
   """MLM: the text encoder on masked ids predicts the original ids."""
   hidden = model.apply({"params": params}, batch["input_ids_masked"], batch["attention_mask"],
                        method="encode_text")
-  weights = label_weights(batch["mlm_labels"])
-  positions = prediction_slots(weights, cfg.text_prediction_slots)
-  logits = model.apply({"params": params}, take_positions(hidden, positions), method="mlm_logits")
-  slot_weights = take_slots(weights, positions)
-  mlm, count = masked_prediction_loss(logits, take_slots(batch["mlm_labels"], positions),
-                                      slot_weights)
-  metrics = {"mlm": mlm, "mlm_tokens": count}
-  if positions is not None:
-    metrics["mlm_overflow"] = slot_overflow(weights, slot_weights)
+  mlm, metrics = _head_loss(model, params, hidden, batch["mlm_labels"],
+                            label_weights(batch["mlm_labels"]), cfg.text_prediction_slots,
+                            "mlm_logits", "mlm")
   return cfg.mlm * mlm, metrics
+
+
+def _head_loss(model: Any, params: Any, hidden: Array, labels: Array, weights: Array, slots: int,
+               head: str, name: str) -> tuple[Array, dict[str, Array]]:
+  """A masked-prediction head on hidden [B, T, D] (at its prediction slots) and its loss."""
+  positions = prediction_slots(weights, slots)
+  logits = model.apply({"params": params}, take_positions(hidden, positions), method=head)
+  slot_weights = take_slots(weights, positions)
+  loss, count = masked_prediction_loss(logits, take_slots(labels, positions), slot_weights)
+  metrics = {name: loss, f"{name}_tokens": count}
+  if positions is not None:
+    metrics[f"{name}_overflow"] = slot_overflow(weights, slot_weights)
+  return loss, metrics
