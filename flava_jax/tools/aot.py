@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flava_jax import flops as flop_counts
 from flava_jax import sharding, train
@@ -27,8 +28,9 @@ from flava_jax.models.config import (DVAEConfig, FlavaConfig, dataclass_from_dic
 from flava_jax.models.dvae import DVAE, init_dvae_params
 from flava_jax.models.flava import FlavaModel
 
-# Dense bf16 peak per chip, for the ideal step time.
+# Dense bf16 peak per chip, for the ideal step time, and HBM per chip (GiB), for --max_batch.
 PEAK_FLOPS = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12}
+HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
 
 
 @dataclasses.dataclass
@@ -136,6 +138,42 @@ def compile_steps(config: Any, devices: list[Any], kinds: tuple[str, ...] = BATC
   return reports, state_shardings.params
 
 
+def compiled_bytes(config: Any, devices: list[Any], kind: str, batch: int) -> float:
+  """XLA's memory per device for one step of `batch` rows (inf where the compiler says it does
+  not fit); compiled, not run."""
+  config = config.copy_and_resolve_references()
+  config.global_batch = batch
+  report = compile_steps(config, devices, (kind,))[0][0]
+  return float("inf") if report.error else float(report.total_bytes)
+
+
+def largest_batch(config: Any, devices: list[Any], kind: str, start: int, limit_bytes: float
+                  ) -> dict[str, Any]:
+  """The largest global batch, a multiple of 8 x the data-parallel size, whose step XLA lays out
+  in `limit_bytes` per device. Memory is linear in the batch: compiles at `start` and 2 x start
+  predict it, then compiles confirm it (or step down)."""
+  unit = 8 * sharding.data_parallel_size(sharding.make_mesh(config.sharding.mesh, devices))
+  start = max(unit, start // unit * unit)
+  first, second = (compiled_bytes(config, devices, kind, b) for b in (start, 2 * start))
+  per_example = (second - first) / start
+  fixed = first - per_example * start
+  if not np.isfinite(per_example) or per_example <= 0:
+    return {"batch": None, "note": f"memory not linear in the batch ({first}, {second} bytes)"}
+  batch = int((limit_bytes - fixed) / per_example) // unit * unit
+  need = float("inf")
+  for _ in range(4):  # the prediction, then smaller batches until XLA confirms one fits
+    if batch < unit:
+      break
+    need = compiled_bytes(config, devices, kind, batch)
+    if need <= limit_bytes:
+      break
+    batch = int(batch * limit_bytes / need) // unit * unit
+  if not need <= limit_bytes:
+    return {"batch": None, "note": f"no batch of {unit} rows or more found to fit"}
+  return {"batch": batch, "compiled_bytes": need, "per_example_bytes": per_example,
+          "fixed_bytes": fixed}
+
+
 def _gib(n: float) -> str:
   return f"{n / 2**30:8.2f} GiB"
 
@@ -181,6 +219,14 @@ def main(argv):
   layers = max(model.image.num_layers, model.text.num_layers, model.multimodal.num_layers)
   print(format_report(reports, f.topology, len(devices), mesh,
                       scanned=model.scan_unroll < layers))
+  if f.max_batch:
+    limit = HBM_GIB[f.topology.split(":")[0]] * 2**30
+    for kind in kinds:
+      found = largest_batch(config, devices, kind, config.global_batch, limit)
+      per_chip = found["batch"] // len(devices) if found["batch"] else None
+      print(f"[{kind}] largest global batch in {limit / 2**30:.0f} GiB per chip: "
+            f"{found['batch']} ({per_chip} per chip; compiled "
+            f"{found.get('compiled_bytes', float('nan')) / 2**30:.2f} GiB) {found.get('note', '')}")
   if f.shardings:
     print("parameter shardings (mesh axes per dimension):")
     for path, spec in sharding.describe(param_shardings).items():
@@ -196,4 +242,6 @@ if __name__ == "__main__":
   flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology, e.g. v5p:8x8x4 or v5e:4x4")
   flags.DEFINE_list("kinds", ["all"], "batch kinds to compile: paired,image,text or all")
   flags.DEFINE_bool("shardings", True, "print every parameter's sharding")
+  flags.DEFINE_bool("max_batch", False, "also find the largest batch that fits a chip's HBM "
+                    "(three or four more compiles per kind)")
   app.run(main)

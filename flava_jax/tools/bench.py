@@ -178,35 +178,14 @@ class Bench:
 
   def compiled_bytes(self, kind: str, batch: int) -> float:
     """XLA's memory per device for a step of `batch` rows (compiled, not run)."""
-    config = self.config.copy_and_resolve_references()
-    config.global_batch = batch
-    report = aot.compile_steps(config, self.devices, (kind,))[0][0]
-    if report.error:
-      return float("inf")
-    return float(report.total_bytes)
+    return aot.compiled_bytes(self.config, self.devices, kind, batch)
 
   def largest_batch(self, kind: str, start: int, limit_bytes: float, run: bool = True
                     ) -> dict[str, Any]:
-    """The largest batch (a multiple of the data-parallel size times 8) whose step fits."""
-    unit = 8 * self.data_parallel
-    start = max(unit, start // unit * unit)
-    first, second = self.compiled_bytes(kind, start), self.compiled_bytes(kind, 2 * start)
-    per_example = (second - first) / start
-    fixed = first - per_example * start
-    if not np.isfinite(per_example) or per_example <= 0:
-      return {"batch": None, "note": f"memory not linear in the batch ({first}, {second} bytes)"}
-    batch = int((limit_bytes - fixed) / per_example) // unit * unit
-    for _ in range(4):  # the prediction, then smaller batches until XLA confirms one fits
-      need = self.compiled_bytes(kind, batch) if batch >= unit else float("inf")
-      if need <= limit_bytes or batch < unit:
-        break
-      batch = int(batch * limit_bytes / need) // unit * unit
-    if not need <= limit_bytes:
-      return {"batch": None, "note": f"no batch of {unit} rows or more found to fit"}
-    result = {"batch": batch, "compiled_bytes": need, "per_example_bytes": per_example,
-              "fixed_bytes": fixed}
-    if run:  # one real step at that batch: what the analysis promised must also execute
-      compiled, arrays = self.compile(kind, batch)
+    """aot.largest_batch on these devices; with run, one real step at that batch too."""
+    result = aot.largest_batch(self.config, self.devices, kind, start, limit_bytes)
+    if run and result["batch"]:  # what the analysis promised must also execute
+      compiled, arrays = self.compile(kind, result["batch"])
       jax.block_until_ready(self.run(compiled, arrays))
       result["ran"] = True
       result["peak_bytes"] = peak_device_bytes(self.devices)
