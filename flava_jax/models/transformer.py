@@ -8,11 +8,13 @@ Layers are scanned (`nn.scan`): parameters of layer i sit at index i of a leadin
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 from flava_jax.models.config import EncoderConfig, FlavaConfig
 from flava_jax.models.splash import splash_attention
@@ -101,21 +103,38 @@ def attention_kernel(query: Array, key: Array, value: Array, mask: Array | None,
 
   mask: [B, S] boolean, True for real key positions, or None. The cuDNN path expresses padding as
   key lengths, which is exact when masks are right-padded prefixes (what tokenizers and our data
-  pipeline produce); the XLA path takes any mask.
+  pipeline produce); the XLA path takes any mask. "auto" falls back to XLA's attention, with a
+  warning, where cuDNN refuses the shapes or is missing.
   """
-  if implementation == "auto":
-    implementation = auto_attention_impl(query.dtype)
-  impl = implementation
   if implementation == "splash":
     return splash_attention(query, key, value, mask)
-  if mask is None:
-    return jax.nn.dot_product_attention(query, key, value, implementation=impl)
+  if implementation == "auto":
+    if auto_attention_impl(query.dtype) == "cudnn":
+      try:
+        return _cudnn_attention(query, key, value, mask)
+      except (RuntimeError, NotImplementedError, ValueError) as e:
+        _warn_once(f"attention_impl=auto: cuDNN attention unavailable for {query.shape} "
+                   f"{query.dtype} ({type(e).__name__}: {e}); using XLA's")
+    implementation = "xla"
   if implementation == "cudnn":
-    lengths = jnp.sum(mask.astype(jnp.int32), axis=-1)
-    return jax.nn.dot_product_attention(
-        query, key, value, key_value_seq_lengths=lengths, implementation="cudnn")
+    return _cudnn_attention(query, key, value, mask)
+  if mask is None:
+    return jax.nn.dot_product_attention(query, key, value, implementation="xla")
   return jax.nn.dot_product_attention(
-      query, key, value, mask=mask[:, None, None, :], implementation=impl)
+      query, key, value, mask=mask[:, None, None, :], implementation="xla")
+
+
+def _cudnn_attention(query: Array, key: Array, value: Array, mask: Array | None) -> Array:
+  if mask is None:
+    return jax.nn.dot_product_attention(query, key, value, implementation="cudnn")
+  lengths = jnp.sum(mask.astype(jnp.int32), axis=-1)
+  return jax.nn.dot_product_attention(
+      query, key, value, key_value_seq_lengths=lengths, implementation="cudnn")
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+  logging.warning(message)
 
 
 class SelfAttention(nn.Module):
