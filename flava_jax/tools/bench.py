@@ -324,6 +324,7 @@ def main(argv):
   max_kinds = tuple(k for k in f.max_batch_kinds if k in kinds) if f.max_batch else ()
   limit = f.memory_limit_gib * _GIB if f.memory_limit_gib else None
   results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "batch": config.global_batch,
+                             "xla_flags": os.environ.get("XLA_FLAGS", ""),
                              "paired_text_length": config.paired_text_length,
                              "text_length": config.text_length, "variant": config.variant}
   peer = None
@@ -339,7 +340,8 @@ def main(argv):
       results["peer_error"] = str(e)
   bench = Bench(config)
   model = bench.model_config
-  print(f"devices: {describe_devices(bench.devices)}; mesh {dict(bench.mesh.shape)}")
+  print(f"devices: {describe_devices(bench.devices)}; mesh {dict(bench.mesh.shape)}; "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   attention = model.attention_impl
   if attention == "auto":
     attention = auto_attention_impl(dtype_of(model.dtype))
