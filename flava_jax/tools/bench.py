@@ -304,6 +304,21 @@ def format_ratios(timings: list[StepTiming]) -> list[str]:
   return lines
 
 
+def markdown_rows(timings: list[StepTiming], device: str, config: Any, date: str) -> list[str]:
+  """One performance-table row per batch kind: ours, the peer's modes, the ratio, our MFU."""
+  rows = []
+  for ours in (t for t in timings if t.name == "flava_jax"):
+    peers = {t.name: t for t in timings if t.kind == ours.kind and t.name != "flava_jax"}
+    eager, compiled = peers.get("transformers eager"), peers.get("transformers compile")
+    cell = lambda t: f"{t.examples_per_second:,.0f}" if t else "-"  # noqa: E731
+    ratio = f"{ours.examples_per_second / compiled.examples_per_second:.2f}x" if compiled else "-"
+    mfu = f"{100 * ours.mfu:.1f}%" if ours.mfu is not None else "-"
+    length = config.paired_text_length if ours.kind == "paired" else config.text_length
+    rows.append(f"| {device} | {config.variant}, batch {ours.batch}, text {length} | {ours.kind} | "
+                f"{cell(ours)} | {cell(eager)} | {cell(compiled)} | {ratio} | {mfu} | {date} |")
+  return rows
+
+
 def describe_devices(devices: list[Any]) -> str:
   peak = flop_counts.peak_flops_per_device(devices[0])
   text = f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform})"
@@ -396,6 +411,10 @@ def main(argv):
           if found["batch"] and theirs["batch"]:
             line += f" ({found['batch'] / theirs['batch']:.2f}x)"
         print(line)
+  print("README rows (device | shapes | batch kind | flava_jax | transformers eager | "
+        "torch.compile | ours / compile | MFU | date):")
+  for row in markdown_rows(timings, bench.devices[0].device_kind, config, results["date"]):
+    print(row)
   if f.json_out:
     with open(f.json_out, "w") as out:
       json.dump(results, out, indent=1)

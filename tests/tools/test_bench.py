@@ -79,6 +79,8 @@ def test_bench_binary_with_the_transformers_peer(tmp_path):
        f"--json_out={out}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "flava_jax / transformers eager" in proc.stdout
+  row = next(line for line in proc.stdout.splitlines() if line.startswith("| cpu | tiny"))
+  assert row.count("|") == 10 and "| paired |" in row
   result = json.loads(out.read_text())
   ours, theirs = result["timings"]
   assert (ours["name"], theirs["name"]) == ("flava_jax", "transformers eager")
