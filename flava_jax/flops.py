@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from flava_jax.models.config import DVAEConfig, EncoderConfig, FlavaConfig, dvae_view_size
+from flava_jax.losses.flava import LossConfig
+from flava_jax.models.config import (DVAEConfig, EncoderConfig, FlavaConfig, dataclass_from_dict,
+                                     dvae_view_size)
 
 
 def encoder_flops(cfg: EncoderConfig, tokens: int) -> float:
@@ -149,10 +151,10 @@ def train_step_flops(cfg: FlavaConfig, dvae: DVAEConfig, kind: str, global_batch
 
 def config_step_flops(config: Any, kind: str, global_batch: int | None = None) -> float:
   """train_step_flops for a training config (its model, dVAE, text lengths, prediction slots)."""
-  loss = config.get("loss") or {}
-  length = config.paired_text_length if kind == "paired" else config.text_length
-  text_slots = loss.get("paired_text_prediction_slots" if kind == "paired"
-                        else "text_prediction_slots", 0)
-  return train_step_flops(FlavaConfig.from_dict(config.model), DVAEConfig.from_dict(config.dvae),
-                          kind, global_batch or config.global_batch, length,
-                          loss.get("image_prediction_slots", 0), text_slots)
+  loss = dataclass_from_dict(LossConfig, config.loss, "loss")
+  paired = kind == "paired"
+  return train_step_flops(
+      FlavaConfig.from_dict(config.model), DVAEConfig.from_dict(config.dvae), kind,
+      global_batch or config.global_batch,
+      config.paired_text_length if paired else config.text_length, loss.image_prediction_slots,
+      loss.paired_text_prediction_slots if paired else loss.text_prediction_slots)
