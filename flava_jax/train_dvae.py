@@ -185,40 +185,51 @@ def train_dvae(config: Any, workdir: str, stop_after: int | None = None) -> dict
   optimizer_cfg = dataclass_from_dict(train.OptimizerConfig, config.optimizer, "optimizer")
   ckpt_cfg = dataclass_from_dict(trainer.CheckpointConfig, config.checkpoint, "checkpoint")
   tx = train.make_optimizer(optimizer_cfg, config.total_steps)
-  data = pipeline.make_pipeline(config)
-  trainer.save_run_config(config, workdir)
-
-  rng = jax.random.key(config.seed)
-  init_fn = lambda r: init_dvae_params(dvae, r, image_size=image_size)
-  logical = nn.get_partition_spec(jax.eval_shape(
-      lambda: init_dvae_params(dvae, jax.random.key(0), image_size=image_size, boxed=True)))
-  param_shardings = sharding.logical_to_shardings(logical, mesh, rules)
-  state, shardings = train.create_state(init_fn, tx, param_shardings, mesh,
-                                        trainer.init_key(config.seed), rules)
-  if jax.process_index() == 0:
-    print(f"dVAE {config.get('variant', '')}: {num_parameters(state.params):,} parameters, "
-          f"{image_size} px -> {image_size // dvae_cfg.downsample}^2 codes of "
-          f"{dvae_cfg.vocab_size}; mesh {dict(mesh.shape)}; corpora {data.kinds}; global batch "
-          f"{config.global_batch}", flush=True)
-  step_fn = make_dvae_step(dvae, tx, training, mesh, shardings, config.get("grad_accum", 1))
-  kinds = sorted(set(data.kinds.values()))
-  run = trainer.Run(
-      config=config, workdir=workdir, mesh=mesh, data=data, state=state,
-      steps={k: step_fn for k in kinds},
-      step_flops={k: config.global_batch * flops.dvae_train_flops(dvae_cfg, image_size)
-                  for k in kinds},
-      schedule=train.learning_rate_schedule(optimizer_cfg, config.total_steps),
-      checkpoint=ckpt_cfg, rng=rng,
-      host_batch=lambda batch: {"dvae_pixels": batch["dvae_pixels"]})
-  state, step, stopped = trainer.run_loop(run, stop_after)
-  if stopped:
-    return {"stopped_at": step, "state": state}
-  results = evaluate_dvae(config, dvae, state.params, training.eval_examples)
-  trainer.write_metrics(workdir, step, {f"eval/{k}": v for k, v in results.items()})
+  with trainer.Session(config, workdir) as session:
+    workdir = session.workdir
+    data = pipeline.make_pipeline(config)
+    try:
+      rng = jax.random.key(config.seed)
+      init_fn = lambda r: init_dvae_params(dvae, r, image_size=image_size)
+      logical = nn.get_partition_spec(jax.eval_shape(
+          lambda: init_dvae_params(dvae, jax.random.key(0), image_size=image_size, boxed=True)))
+      param_shardings = sharding.logical_to_shardings(logical, mesh, rules)
+      state, shardings = train.create_state(init_fn, tx, param_shardings, mesh,
+                                            trainer.init_key(config.seed), rules)
+    except BaseException:
+      data.close()
+      raise
+    if jax.process_index() == 0:
+      print(f"dVAE {config.get('variant', '')}: {num_parameters(state.params):,} parameters, "
+            f"{image_size} px -> {image_size // dvae_cfg.downsample}^2 codes of "
+            f"{dvae_cfg.vocab_size}; mesh {dict(mesh.shape)}; corpora {data.kinds}; global "
+            f"batch {config.global_batch}", flush=True)
+    step_fn = make_dvae_step(dvae, tx, training, mesh, shardings, config.get("grad_accum", 1))
+    kinds = sorted(set(data.kinds.values()))
+    run = trainer.Run(
+        config=config, workdir=workdir, mesh=mesh, data=data, state=state,
+        steps={k: step_fn for k in kinds},
+        step_flops={k: config.global_batch * flops.dvae_train_flops(dvae_cfg, image_size)
+                    for k in kinds},
+        schedule=train.learning_rate_schedule(optimizer_cfg, config.total_steps),
+        checkpoint=ckpt_cfg, rng=rng, session=session, final_evals=1,
+        host_batch=lambda batch: {"dvae_pixels": batch["dvae_pixels"]})
+    state, step, stopped = trainer.run_loop(run, stop_after)
+    if stopped or session.stop.requested:
+      if not stopped:
+        print(f"{session.stop.requested}: stopped before the final evaluation (training is "
+              "complete; a rerun evaluates)", flush=True)
+      return {"stopped_at": step, "state": state}
+    if trainer.final_metrics_logged(workdir, step, "eval/"):
+      print(f"the final evaluation at step {step} is already in {trainer.METRICS_FILE}: not "
+            "run again", flush=True)
+      return {"state": state}
+    results = evaluate_dvae(config, dvae, state.params, training.eval_examples)
+    trainer.write_metrics(workdir, step, {f"eval/{k}": v for k, v in results.items()})
   print(f"held-out dVAE ({results['examples']} images): reconstruction MSE {results['mse']:.4f} "
         f"(PSNR {results['psnr']:.1f} dB), {results['codes_used']} of {dvae_cfg.vocab_size} "
         f"codes used, perplexity {results['code_perplexity']:.1f}; use it with "
-        f"--config.init.dvae_from={os.path.abspath(workdir)}", flush=True)
+        f"--config.init.dvae_from={workdir}", flush=True)
   results["state"] = state
   return results
 

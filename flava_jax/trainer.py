@@ -13,21 +13,25 @@ A NaN/Inf loss stops the run naming the step and the loss; the last good checkpo
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
 import math
 import os
-import signal
+import sys
 import time
 from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 
-from flava_jax import binary, evals, evaluate, flops, sharding, train, warm_start
+from flava_jax import (binary, evals, evaluate, flops, progress, sharding, stopping, train,
+                       warm_start)
+from flava_jax import workdir as workdir_lib
 from flava_jax.model_summary import num_parameters
 from flava_jax.data import pipeline
 from flava_jax.losses.flava import LossConfig
@@ -36,12 +40,20 @@ from flava_jax.models.dvae import DVAE, init_dvae_params
 from flava_jax.models.flava import FlavaModel, init_params
 
 CHECKPOINT_DIR = warm_start.CHECKPOINT_DIR
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = progress.METRICS_FILE
 RUN_CONFIG = warm_start.RUN_CONFIG
 
 
 class NonFiniteLoss(RuntimeError):
-  pass
+  """A step's loss is NaN or Inf: the run stops (its message says which checkpoint is kept)."""
+
+  def __init__(self, message: str, step: int):
+    super().__init__(message)
+    self.step = step
+
+
+class NonFiniteState(NonFiniteLoss):
+  """The state to be saved holds NaN or Inf: it is not saved, the run stops."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,73 +61,6 @@ class CheckpointConfig:
   every_steps: int = 1000
   keep: int = 3
   async_save: bool = True
-
-
-class _Preemption:
-  """Turns SIGTERM into a flag the loop checks between steps."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread (notebooks): no handler
-      self._previous = None
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
-class MetricWriter:
-  """Progress lines on stdout, WORKDIR/metrics.jsonl and TensorBoard events (process 0 only)."""
-
-  def __init__(self, workdir: str, total_steps: int):
-    self.total_steps = total_steps
-    self.enabled = jax.process_index() == 0
-    self._jsonl = None
-    self._tb = None
-    if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a", encoding="utf-8")
-      try:
-        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      except ImportError:
-        logging.warning("tensorboardX is not installed: no TensorBoard events")
-    self._start = time.time()
-    self._start_step = None
-
-  def write(self, step: int, metrics: dict[str, float], progress: bool = True) -> None:
-    if not self.enabled:
-      return
-    self._jsonl.write(json.dumps({"step": step, **metrics}, sort_keys=True) + "\n")
-    self._jsonl.flush()
-    if self._tb is not None:
-      for k, v in metrics.items():
-        if isinstance(v, (int, float)) and math.isfinite(v):
-          self._tb.add_scalar(k, v, step)
-    if progress:
-      if self._start_step is None:
-        self._start_step, self._start = step, time.time()
-      done = step - self._start_step
-      eta = (time.time() - self._start) / done * (self.total_steps - step) if done > 0 else 0
-      shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())
-                       if k.endswith("loss") or k in ("examples_per_s", "mfu", "learning_rate"))
-      print(f"step {step}/{self.total_steps} {shown} eta {eta:.0f}s", flush=True)
-
-  def close(self) -> None:
-    if self._jsonl is not None:
-      self._jsonl.close()
-    if self._tb is not None:
-      self._tb.close()
 
 
 # Top-level fields of a training config; sections are checked by their own dataclasses.
@@ -222,48 +167,168 @@ def check_batch(config: Any, mesh) -> None:
 def _manager(workdir: str, cfg: CheckpointConfig) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep,
                                          enable_async_checkpointing=cfg.async_save)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
-                               options=options)
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR), options=options,
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "data": grain.checkpoint.CheckpointHandler()})
+
+
+class Session:
+  """One start of a run on its workdir: the lock, the stop signals, and what changed.
+
+  Opened before anything is written or started (data workers included): the workdir is checked
+  (a file or an unwritable path fails in one line) and locked against a second run; SIGTERM and
+  SIGINT become stop requests; when the workdir holds checkpoints, the config is compared with
+  the one they were written under and a change a resume cannot take stops here, naming the
+  fields (workdir.RESUME_CHANGES lists those it takes). `record(step)` keeps this start's config
+  (run_configs/, run_config.json) once the run knows where it starts.
+  """
+
+  def __init__(self, config: Any, workdir: str):
+    self.config = config
+    self.workdir = workdir
+    self.config_json = workdir_lib.config_dict(config)
+    self.previous = None
+    self.changes: list[tuple[str, Any, Any]] = []
+    self.notes: list[str] = []
+    self.stop = stopping.StopRequests()
+    self._lock = None
+
+  def __enter__(self) -> "Session":
+    self.workdir = workdir_lib.prepare(self.workdir)
+    if jax.process_index() == 0:
+      self._lock = workdir_lib.Lock(self.workdir).acquire()
+    try:
+      if workdir_lib.checkpoint_steps(self.workdir):
+        self.previous = workdir_lib.read_run_config(self.workdir)
+        if self.previous is not None:
+          newest = workdir_lib.checkpoint_steps(self.workdir)[0]
+          self.changes = workdir_lib.changes(self.previous, self.config_json)
+          self.notes = workdir_lib.check_resume(self.previous, self.config_json, newest,
+                                                self.workdir)
+      self.stop.__enter__()
+    except BaseException:
+      self._release()
+      raise
+    return self
+
+  def record(self, step: int) -> None:
+    """This start's config, kept; the accepted changes said (when resuming)."""
+    if jax.process_index() != 0:
+      return
+    workdir_lib.record_start(self.workdir, self.config_json, step)
+    if step and self.notes:
+      print(f"resuming with {len(self.notes)} changed field(s):", flush=True)
+      for note in self.notes:
+        print(f"  {note}", flush=True)
+
+  def _release(self) -> None:
+    if self._lock is not None:
+      self._lock.release()
+      self._lock = None
+
+  def __exit__(self, *exc) -> None:
+    self.stop.__exit__()
+    self._release()
+
+
+def _one_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0][:200] if text else ''}"
 
 
 def _restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
-                    data: pipeline.DataIterator) -> tuple[Any, int] | None:
-  """The newest readable checkpoint (falling back to older ones with a warning), or None."""
+                    data: pipeline.DataIterator, changed: list[str]
+                    ) -> tuple[Any, int] | None:
+  """The newest readable checkpoint, or None when there is none.
+
+  A checkpoint that does not fit this config (other array shapes, or a data-iterator state this
+  pipeline cannot take) stops the run naming the changed fields: falling back to an older one
+  would only fail the same way. A damaged one (unreadable files) is renamed STEP.unreadable
+  (kept, said on stdout) and the next older one is tried.
+  """
+  checkpoint_dir = str(manager.directory)
   for step in sorted(manager.all_steps(), reverse=True):
     try:
       restored = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state),
           data=grain.checkpoint.CheckpointRestore(data)))
       return restored["state"], step
-    except Exception as e:  # pylint: disable=broad-except  (Orbax raises many types)
-      logging.warning("checkpoint at step %d cannot be restored (%s: %s); trying an older one",
-                      step, type(e).__name__, e)
-      print(f"warning: checkpoint at step {step} cannot be restored ({type(e).__name__}); "
-            "trying an older one", flush=True)
+    except Exception as e:  # pylint: disable=broad-except  (Orbax and grain raise many types)
+      error = e
+    why = _incompatible(manager, step, abstract_state, error)
+    if why:
+      fields = ", ".join(changed) or "none (was it written by another version of the code?)"
+      raise workdir_lib.ResumeRefused(
+          f"checkpoint {step} in {checkpoint_dir} does not fit this config: {why}. Config "
+          f"fields changed since it was written: {fields}. Resume with the checkpoint's config "
+          "or use a new workdir")
+    logging.warning("checkpoint %d cannot be restored: %s", step, error)
+    if jax.process_index() == 0:
+      moved = workdir_lib.set_aside(checkpoint_dir, step, "unreadable")
+      print(f"warning: checkpoint {step} cannot be read ({_one_line(error)}); set aside as "
+            f"{moved}; trying an older one", flush=True)
+    manager.reload()
   return None
 
 
-def save_run_config(config: Any, workdir: str) -> None:
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, RUN_CONFIG), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort")
-              else json.dumps(dict(config), indent=2, default=str))
-
-
-def _warn_if_dvae_changed(workdir: str, dvae_from: str) -> None:
-  """The frozen dVAE is not part of the checkpoint: a resumed run must name the same one."""
-  path = os.path.join(workdir, RUN_CONFIG)
-  if not os.path.exists(path):
-    return
+def _incompatible(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
+                  error: Exception) -> str:
+  """Why a checkpoint that failed to restore does not fit the config ("" when it is damaged)."""
   try:
-    with open(path, encoding="utf-8") as f:
-      before = json.load(f).get("init", {}).get("dvae_from", "")
-  except (OSError, ValueError):
-    return
-  if before != dvae_from:
-    print(f"warning: this workdir was trained with init.dvae_from={before!r}, now "
-          f"{dvae_from!r}: resumed steps will learn other MIM/MMM targets", flush=True)
+    saved = manager.item_metadata(step)["state"]
+  except Exception:  # pylint: disable=broad-except  (unreadable metadata: damaged)
+    return ""
+  mismatch = workdir_lib.state_mismatch(saved, abstract_state) if saved is not None else []
+  if mismatch:
+    return "its arrays differ (" + "; ".join(mismatch) + ")"
+  # The arrays fit; is it the data state? Restore the state alone to tell.
+  try:
+    manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))
+  except Exception:  # pylint: disable=broad-except  (array files unreadable: damaged)
+    return ""
+  data_dir = os.path.join(str(manager.directory), str(step), "data")
+  for name in os.listdir(data_dir) if os.path.isdir(data_dir) else ():
+    try:
+      with open(os.path.join(data_dir, name), encoding="utf-8") as f:
+        if name.endswith(".json"):
+          json.load(f)
+    except (OSError, ValueError):
+      return ""  # the data state's file is damaged
+  return f"the saved data-iterator state does not fit this input pipeline ({_one_line(error)})"
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+_all_finite_jit = jax.jit(_all_finite)
+
+
+def _newest_step(manager: ocp.CheckpointManager) -> int | None:
+  steps = manager.all_steps()
+  return max(steps) if steps else None
+
+
+def _non_finite_message(manager: ocp.CheckpointManager, what: str, step: int) -> str:
+  """The stop's one line, true about which checkpoint a rerun resumes from.
+
+  The checkpoint of the step before holds the parameters that gave the non-finite loss: it is
+  set aside (STEP.nonfinite), so a rerun resumes from an older one.
+  """
+  newest = _newest_step(manager)
+  note = ""
+  if what.startswith("loss") and newest is not None and newest == step - 1:
+    moved = workdir_lib.set_aside(str(manager.directory), newest, "nonfinite")
+    manager.reload()
+    note = f"; checkpoint {newest} held the parameters that gave it and was set aside as {moved}"
+    newest = _newest_step(manager)
+  kept = (f"the newest usable checkpoint is step {newest}: a rerun resumes from it (lower "
+          "optimizer.learning_rate or set optimizer.grad_clip_norm)" if newest is not None
+          else "no checkpoint was saved before it: a rerun starts from step 0")
+  return f"step {step}: {what}{note}; {kept}"
 
 
 @dataclasses.dataclass
@@ -280,116 +345,222 @@ class Run:
   schedule: Any
   checkpoint: CheckpointConfig
   rng: Any
+  session: Session
   on_fresh_start: Any = None      # state -> state, when no checkpoint is resumed (config.init)
   host_batch: Any = None          # host batch -> the part the steps read (before the transfer)
   evaluate: Any = None            # Evaluations: the evals due at a step, on the current params
+  final_evals: int = 0            # evaluations after the last step (for the ETA)
 
 
-def run_loop(run: Run, stop_after: int | None = None) -> tuple[Any, int, bool]:
+SKIP_WARNING_RATE = 0.1  # a corpus skipping more than this share of its examples is warned about
+
+
+def run_loop(run: Run, stop_after: int | None = None) -> tuple[Any, int, str]:
   """Resumes, trains to config.total_steps (or stop_after more steps), checkpoints.
 
-  Returns (state, step reached, stopped early).
+  Returns (state, step reached, why it stopped early: "" when it reached total_steps). Every
+  exit path waits for the checkpoint being written and stops the data workers.
   """
   config, data = run.config, run.data
   manager = _manager(run.workdir, run.checkpoint)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          run.state)
-  restored = _restore_latest(manager, abstract, data)
-  state = run.state
-  if restored is not None:
-    state, start = restored
-    print(f"resumed from step {start} in {run.workdir}", flush=True)
-  elif run.on_fresh_start is not None:
-    state = run.on_fresh_start(state)
-  peak = flops.peak_flops_per_device(jax.devices()[0])
-  writer = MetricWriter(run.workdir, config.total_steps)
-  step_rng = jax.random.fold_in(run.rng, 2)
-  first = int(jax.device_get(state.step))
-  stop_at = config.total_steps if stop_after is None else min(first + stop_after,
-                                                               config.total_steps)
-  pending = None  # (step, corpus, device metrics, start time) fetched one step late
+  writer = None
+  try:
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), run.state)
+    restored = _restore_latest(manager, abstract, data,
+                               [field for field, _, _ in run.session.changes])
+    state = run.state
+    if restored is not None:
+      state, start = restored
+      print(f"resumed from step {start} in {run.workdir}", flush=True)
+    elif run.on_fresh_start is not None:
+      state = run.on_fresh_start(state)
+    first = int(jax.device_get(state.step))
+    run.session.record(first)
+    writer = progress.MetricWriter(run.workdir, config.total_steps)
+    return _train(run, manager, writer, state, first, stop_after)
+  except (NonFiniteLoss, NonFiniteState) as e:
+    _wait(manager)
+    raise type(e)(_non_finite_message(manager, str(e), e.step), e.step) from None
+  finally:
+    _wait(manager)
+    manager.close()
+    data.close()
+    if writer is not None:
+      writer.close()
 
-  def flush(pending_item, now):
-    step, corpus, metrics, started = pending_item
+
+def _wait(manager: ocp.CheckpointManager) -> None:
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except  (reported, the exit goes on)
+    print(f"warning: the checkpoint being written could not be finished ({_one_line(e)})",
+          flush=True)
+
+
+def _train(run: Run, manager: ocp.CheckpointManager, writer: progress.MetricWriter, state: Any,
+           first: int, stop_after: int | None) -> tuple[Any, int, str]:
+  config, data, stop = run.config, run.data, run.session.stop
+  total = config.total_steps
+  stop_at = total if stop_after is None else min(first + stop_after, total)
+  peak = flops.peak_flops_per_device(jax.devices()[0])
+  step_rng = jax.random.fold_in(run.rng, 2)
+  clock = progress.StepClock()
+  means = progress.CorpusMeans()
+  interval = dict(seconds=0.0, flops=0.0, steps=0)
+  skipped_before = collections.Counter(data.skipped)
+  taken_before = collections.Counter(data.batches)
+  host_rows = config.global_batch // jax.process_count()
+  compiled: set[str] = set()
+  kinds = set(data.kinds.values())
+  every = run.checkpoint.every_steps
+  pending = None  # (step, corpus, device metrics): fetched one step late
+
+  def evals_left(step):
+    if run.evaluate is None:
+      return 0
+    return run.evaluate.calls_between(step, total) + run.final_evals
+
+  def skip_rates():
+    """{corpus: share of its examples skipped since the last log line} and the counts."""
+    rates = {}
+    for corpus in data.kinds:
+      skipped = sum(v - skipped_before[k] for k, v in data.skipped.items()
+                    if k.startswith(corpus + "/"))
+      taken = (data.batches[corpus] - taken_before[corpus]) * host_rows
+      if skipped + taken:
+        rates[corpus] = skipped / (skipped + taken)
+    return rates
+
+  def flush(item):
+    step, corpus, metrics = item
     host = jax.device_get(metrics)
+    seconds = clock.ready()
     loss = float(host["loss"])
     if not math.isfinite(loss):
-      raise NonFiniteLoss(f"step {step}: {corpus} loss is {loss} "
-                          f"({ {k: float(v) for k, v in host.items()} }); the last good "
-                          "checkpoint is kept")
-    if step % config.log_every_steps == 0 or step == config.total_steps:
-      seconds = max(now - started, 1e-9)
-      kind = data.kinds[corpus]
-      out = {f"{corpus}/{k}": float(v) for k, v in host.items()}
-      out.update(examples_per_s=config.global_batch / seconds,
+      raise NonFiniteLoss(f"loss is {loss} on the {corpus} batch "
+                          f"({ {k: float(v) for k, v in host.items()} })", step)
+    means.add(corpus, host)
+    interval["seconds"] += seconds
+    interval["flops"] += run.step_flops[data.kinds[corpus]]
+    interval["steps"] += 1
+    if step % config.log_every_steps == 0 or step == total:
+      out = means.take()
+      seconds, n = interval["seconds"], interval["steps"]
+      out.update(examples_per_s=config.global_batch * n / seconds,
+                 step_seconds=seconds / n,
                  learning_rate=float(run.schedule(step - 1)),
-                 tflops_per_device=run.step_flops[kind] / seconds / jax.device_count() / 1e12)
+                 tflops_per_device=interval["flops"] / seconds / jax.device_count() / 1e12)
       if peak:
-        out["mfu"] = run.step_flops[kind] / seconds / jax.device_count() / peak
+        out["mfu"] = interval["flops"] / seconds / jax.device_count() / peak
       out.update({f"skipped/{k}": v for k, v in data.skipped.items()})
-      writer.write(step, out)
+      rates = skip_rates()
+      for corpus_name, rate in rates.items():
+        if rate > 0:
+          out[f"skip_rate/{corpus_name}"] = rate
+      interval.update(seconds=0.0, flops=0.0, steps=0)
+      saves_left = len(range((step // every + 1) * every, total, every)) + (step < total)
+      writer.write(step, out, eta=clock.eta(total - step, len(kinds - compiled),
+                                            saves_left, evals_left(step)))
+      for corpus_name, rate in rates.items():
+        if rate > SKIP_WARNING_RATE and jax.process_index() == 0:
+          reasons = ", ".join(f"{k.split('/', 1)[1]} {v - skipped_before[k]}"
+                              for k, v in sorted(data.skipped.items())
+                              if k.startswith(corpus_name + "/") and v > skipped_before[k])
+          print(f"warning: corpus {corpus_name} skipped {rate:.0%} of its examples since the "
+                f"last log line ({reasons}): check data.corpora.{corpus_name}", flush=True)
+      skipped_before.clear()
+      skipped_before.update(data.skipped)
+      taken_before.clear()
+      taken_before.update(data.batches)
 
-  stopped = False
-  with _Preemption() as preemption:
-    step = first
-    while step < config.total_steps:
-      corpus, batch = next(data)
-      if run.host_batch is not None:
-        batch = run.host_batch(batch)
-      started = time.time()
-      state, metrics = run.steps[data.kinds[corpus]](state, pipeline.to_global(batch, run.mesh),
-                                                     step_rng)
-      step += 1
-      if pending is not None:
-        flush(pending, started)
-      pending = (step, corpus, metrics, started)
-      stopping = preemption.requested or step == stop_at
-      if step % run.checkpoint.every_steps == 0 or step == config.total_steps or stopping:
-        flush(pending, time.time())
-        pending = None
-        manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data)),
-            force=True)
-        if jax.process_index() == 0:
-          print(f"checkpoint {step} saving", flush=True)
-      if run.evaluate is not None and step < config.total_steps:
-        if pending is not None and run.evaluate.due(step):
-          flush(pending, time.time())  # before the evaluation, which is not step time
-          pending = None
-        results = run.evaluate(step, state.params)
-        if results:
-          writer.write(step, results, progress=False)
-      if stopping and step < config.total_steps:
-        why = "SIGTERM" if preemption.requested else "stop_after"
-        manager.wait_until_finished()
-        print(f"{why}: saved step {step} and stopped", flush=True)
-        stopped = True
-        break
-  # The last step always checkpoints, which flushes its metrics.
-  manager.wait_until_finished()
-  manager.close()
-  data.close()
-  writer.close()
-  return state, step, stopped
+  def save(step):
+    started = time.perf_counter()
+    if not bool(_all_finite_jit(state)):
+      raise NonFiniteState("the updated parameters or optimizer state hold NaN or Inf (the "
+                           "step's loss was finite); not saved", step)
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data)),
+        force=True)
+    clock.pause("save", time.perf_counter() - started)
+    if jax.process_index() == 0:
+      print(f"checkpoint {step} saving", flush=True)
+
+  step = first
+  if stop.requested:  # a signal during start-up: nothing has been trained since the checkpoint
+    print(f"{stop.requested}: stopped before the first step (nothing new to save)", flush=True)
+    return state, step, stop.requested
+  clock.start()
+  while step < total:
+    corpus, batch = next(data)
+    if run.host_batch is not None:
+      batch = run.host_batch(batch)
+    kind = data.kinds[corpus]
+    dispatched = time.perf_counter()
+    state, metrics = run.steps[kind](state, pipeline.to_global(batch, run.mesh), step_rng)
+    if kind not in compiled:  # the first call of a kind's step compiles it
+      compiled.add(kind)
+      seconds = time.perf_counter() - dispatched
+      clock.pause("compile", seconds)
+      writer.write(step + 1, {f"compile_seconds/{kind}": seconds}, progress=False)
+      if jax.process_index() == 0:
+        print(f"compiled the {kind} step in {seconds:.1f}s", flush=True)
+    step += 1
+    if pending is not None:
+      flush(pending)
+    pending = (step, corpus, metrics)
+    save_due = step % every == 0 or step == total
+    eval_due = run.evaluate is not None and step < total and run.evaluate.due(step)
+    if save_due or eval_due or stop.requested or step == stop_at:
+      flush(pending)  # before a save (a checkpoint holds only finite steps) or an evaluation
+      pending = None
+    if eval_due:
+      results = run.evaluate(step, state.params, clock=clock)
+      if results:
+        writer.write(step, results, progress=False)
+    stopping = stop.requested or ("stop_after" if step == stop_at and step < total else "")
+    if save_due or stopping:
+      save(step)
+    if stopping and step < total:
+      manager.wait_until_finished()
+      print(f"{stopping}: saved step {step} and stopped", flush=True)
+      return state, step, stopping
+  return state, step, ""
 
 
 def write_metrics(workdir: str, step: int, metrics: dict[str, float]) -> None:
-  writer = MetricWriter(workdir, step)
+  writer = progress.MetricWriter(workdir, step, tensorboard=False)
   writer.write(step, metrics, progress=False)
   writer.close()
+
+
+def final_metrics_logged(workdir: str, step: int, prefix: str) -> bool:
+  """Whether metrics.jsonl holds a row of `prefix*` metrics at `step` (a rerun skips them)."""
+  return any(row.get("step") == step and any(k.startswith(prefix) for k in row)
+             for row in progress.logged_steps(workdir))
 
 
 def run_binary(argv, check, train_fn) -> None:
   """The body of both binaries (flava_jax.main, flava_jax.train_dvae): joins the other processes
   when --multiprocess, logs the topology, stops with a one-line usage error on a bad config,
-  then trains with --config and --workdir."""
+  then trains with --config and --workdir. A workdir that cannot be used, a resume the config
+  does not allow and a non-finite loss end in one `error:` line and exit 1; a second Ctrl-C in
+  exit 130 without saving."""
   from absl import app, flags  # pylint: disable=import-outside-toplevel,g-multiple-import
   binary.start(argv)
   try:
     check(flags.FLAGS.config)
   except (ValueError, TypeError, FileNotFoundError) as e:
     raise app.UsageError(f"bad config: {e}") from None
-  train_fn(flags.FLAGS.config, flags.FLAGS.workdir)
+  try:
+    train_fn(flags.FLAGS.config, flags.FLAGS.workdir)
+  except (workdir_lib.WorkdirError, NonFiniteLoss, NonFiniteState) as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+  except KeyboardInterrupt:
+    print("error: interrupted by a second SIGINT: stopped without saving the steps since the "
+          "last checkpoint", file=sys.stderr, flush=True)
+    sys.exit(130)
 
 
 class Evaluations:
@@ -407,14 +578,28 @@ class Evaluations:
   def due(self, step: int) -> bool:
     return any(self._due(e, step) for e in self.evaluators.values())
 
-  def __call__(self, step: int, params: Any, final: bool = False) -> dict[str, float]:
+  def calls_between(self, step: int, total: int) -> int:
+    """Periodic evaluations due after `step` and before `total`."""
+    return sum(len(range((step // e.cfg.every_steps + 1) * e.cfg.every_steps, total,
+                         e.cfg.every_steps))
+               for e in self.evaluators.values() if e.cfg.every_steps)
+
+  def run_one(self, name: str, step: int, params: Any,
+              clock: progress.StepClock | None = None) -> dict[str, float]:
+    started = time.perf_counter()
+    metrics = self.evaluators[name](params)
+    if clock is not None:
+      clock.pause("evaluation", time.perf_counter() - started)
+    if jax.process_index() == 0:
+      print(f"step {step} " + evaluate.format_metrics(f"eval {name}", metrics), flush=True)
+    return {f"eval/{name}/{k}": v for k, v in metrics.items()}
+
+  def __call__(self, step: int, params: Any, final: bool = False,
+               clock: progress.StepClock | None = None) -> dict[str, float]:
     out = {}
     for name, evaluator in self.evaluators.items():
       if final or self._due(evaluator, step):
-        metrics = evaluator(params)
-        if jax.process_index() == 0:
-          print(f"step {step} " + evaluate.format_metrics(f"eval {name}", metrics), flush=True)
-        out.update({f"eval/{name}/{k}": v for k, v in metrics.items()})
+        out.update(self.run_one(name, step, params, clock))
     return out
 
 
@@ -429,66 +614,93 @@ def make_evaluations(config: Any, model: FlavaModel, mesh, rules) -> Evaluations
                       for name, task in config.evals.items()})
 
 
+def final_evaluations(evaluations: Evaluations, workdir: str, step: int, params: Any,
+                      stop: stopping.StopRequests) -> tuple[dict[str, float], str]:
+  """The evaluations after the last step that metrics.jsonl does not hold yet, each written as
+  soon as it is done; a stop signal ends them between two (a rerun does the rest).
+  Returns (metrics, the stop signal's name or "")."""
+  results = {}
+  names = [n for n in evaluations.evaluators
+           if not final_metrics_logged(workdir, step, f"eval/{n}/")]
+  for i, name in enumerate(names):
+    if stop.requested:
+      print(f"{stop.requested}: stopped during the final evaluation; "
+            f"{', '.join(names[i:])} left for a rerun (training is complete)", flush=True)
+      return results, stop.requested
+    metrics = evaluations.run_one(name, step, params)
+    write_metrics(workdir, step, metrics)
+    results.update(metrics)
+  done = [n for n in evaluations.evaluators if n not in names]
+  if done:
+    print(f"final evaluation{'s' if len(done) > 1 else ''} {', '.join(done)} already in "
+          f"{progress.METRICS_FILE}: not run again", flush=True)
+  return results, ""
+
+
 def train_and_evaluate(config: Any, workdir: str, stop_after: int | None = None
                        ) -> dict[str, Any]:
   """Trains for config.total_steps (resuming from workdir), then evaluates; returns metrics.
 
   stop_after: save a checkpoint and return after this many steps of this call (as a preempted
-  run does); a later call with the same workdir carries on.
+  run does); a later call with the same workdir carries on. A stopped run returns
+  {"stopped_at": step, "state": ...}.
   """
   check_config(config)
-  mesh = sharding.make_mesh(config.sharding.mesh)
-  rules = sharding.rules_from_config(config.sharding.rules)
-  model = FlavaModel(FlavaConfig.from_dict(config.model))
-  dvae = DVAE(DVAEConfig.from_dict(config.dvae))
-  loss_cfg = dataclass_from_dict(LossConfig, config.loss, "loss")
-  optimizer_cfg = dataclass_from_dict(train.OptimizerConfig, config.optimizer, "optimizer")
-  ckpt_cfg = dataclass_from_dict(CheckpointConfig, config.checkpoint, "checkpoint")
-  init_cfg = dataclass_from_dict(warm_start.InitConfig, config.init, "init")  # paths checked
-  tx = train.make_optimizer(optimizer_cfg, config.total_steps)
-  data = pipeline.make_pipeline(config)  # start-up errors of the data come before any compile
-  evaluations = make_evaluations(config, model, mesh, rules)  # and of the held-out splits
-  _warn_if_dvae_changed(workdir, init_cfg.dvae_from)
-  save_run_config(config, workdir)
+  with Session(config, workdir) as session:
+    workdir = session.workdir
+    mesh = sharding.make_mesh(config.sharding.mesh)
+    rules = sharding.rules_from_config(config.sharding.rules)
+    model = FlavaModel(FlavaConfig.from_dict(config.model))
+    dvae = DVAE(DVAEConfig.from_dict(config.dvae))
+    loss_cfg = dataclass_from_dict(LossConfig, config.loss, "loss")
+    optimizer_cfg = dataclass_from_dict(train.OptimizerConfig, config.optimizer, "optimizer")
+    ckpt_cfg = dataclass_from_dict(CheckpointConfig, config.checkpoint, "checkpoint")
+    init_cfg = dataclass_from_dict(warm_start.InitConfig, config.init, "init")  # paths checked
+    tx = train.make_optimizer(optimizer_cfg, config.total_steps)
+    data = pipeline.make_pipeline(config)  # start-up errors of the data come before any compile
+    try:
+      evaluations = make_evaluations(config, model, mesh, rules)  # and of the held-out splits
+      rng = jax.random.key(config.seed)
+      state, shardings = train.create_train_state(model, tx, init_key(config.seed), mesh, rules)
+      dvae_params = None  # text-only runs (the MLM stage) never tokenise images
+      if set(data.kinds.values()) & {"image", "paired"}:
+        dvae_params = _dvae_params(dvae, dvae_view_size(model.config.image, dvae.config),
+                                   init_cfg.dvae_from, config.seed)
+    except BaseException:
+      data.close()
+      raise
+    if jax.process_index() == 0:
+      print(f"FLAVA {config.get('variant', '')}: {num_parameters(state.params):,} parameters; "
+            f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
+            f"device(s); corpora {data.kinds}; global batch {config.global_batch}"
+            + (f" in {config.grad_accum} micro-batches" if config.get("grad_accum", 1) > 1
+               else "")
+            + ("" if dvae_params is None else f"; dVAE from {init_cfg.dvae_from}"
+               if init_cfg.dvae_from else "; dVAE random (init.dvae_from not set)"), flush=True)
 
-  rng = jax.random.key(config.seed)
-  state, shardings = train.create_train_state(model, tx, init_key(config.seed), mesh, rules)
-  dvae_params = None  # text-only runs (the MLM stage) never tokenise images
-  if set(data.kinds.values()) & {"image", "paired"}:
-    dvae_params = _dvae_params(dvae, dvae_view_size(model.config.image, dvae.config),
-                               init_cfg.dvae_from, config.seed)
-  if jax.process_index() == 0:
-    print(f"FLAVA {config.get('variant', '')}: {num_parameters(state.params):,} parameters; "
-          f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
-          f"device(s); corpora {data.kinds}; global batch {config.global_batch}"
-          + (f" in {config.grad_accum} micro-batches" if config.get("grad_accum", 1) > 1
-             else "")
-          + ("" if dvae_params is None else f"; dVAE from {init_cfg.dvae_from}"
-             if init_cfg.dvae_from else "; dVAE random (init.dvae_from not set)"), flush=True)
+    def fresh_start(state):
+      params, notes = warm_start.initial_params(state.params, init_cfg)
+      for note in notes:
+        print(f"init: {note}", flush=True)
+      return state.replace(params=params)
 
-  def fresh_start(state):
-    params, notes = warm_start.initial_params(state.params, init_cfg)
-    for note in notes:
-      print(f"init: {note}", flush=True)
-    return state.replace(params=params)
-
-  local_batch = config.global_batch // sharding.data_parallel_size(mesh)
-  steps = {}
-  for kind in sorted(set(data.kinds.values())):
-    step_fn = train.make_train_step(model, dvae, tx, loss_cfg, mesh, rules, kind, shardings,
-                                    local_batch, config.get("grad_accum", 1))
-    steps[kind] = functools.partial(lambda f, s, b, r: f(s, dvae_params, b, r), step_fn)
-  step_flops = {kind: flops.config_step_flops(config, kind) for kind in steps}
-  run = Run(config=config, workdir=workdir, mesh=mesh, data=data, state=state, steps=steps,
-            step_flops=step_flops,
-            schedule=train.learning_rate_schedule(optimizer_cfg, config.total_steps),
-            checkpoint=ckpt_cfg, rng=rng, on_fresh_start=fresh_start,
-            evaluate=evaluations)
-  state, step, stopped = run_loop(run, stop_after)
-  if stopped:
-    return {"stopped_at": step, "state": state}
-  results = evaluations(step, state.params, final=True)
-  if results:
-    write_metrics(workdir, step, results)
-  results["state"] = state
-  return results
+    local_batch = config.global_batch // sharding.data_parallel_size(mesh)
+    steps = {}
+    for kind in sorted(set(data.kinds.values())):
+      step_fn = train.make_train_step(model, dvae, tx, loss_cfg, mesh, rules, kind, shardings,
+                                      local_batch, config.get("grad_accum", 1))
+      steps[kind] = functools.partial(lambda f, s, b, r: f(s, dvae_params, b, r), step_fn)
+    step_flops = {kind: flops.config_step_flops(config, kind) for kind in steps}
+    run = Run(config=config, workdir=workdir, mesh=mesh, data=data, state=state, steps=steps,
+              step_flops=step_flops,
+              schedule=train.learning_rate_schedule(optimizer_cfg, config.total_steps),
+              checkpoint=ckpt_cfg, rng=rng, session=session, on_fresh_start=fresh_start,
+              evaluate=evaluations, final_evals=len(evaluations.evaluators))
+    state, step, stopped = run_loop(run, stop_after)
+    if stopped:
+      return {"stopped_at": step, "state": state}
+    results, stopped = final_evaluations(evaluations, workdir, step, state.params, session.stop)
+    if stopped:
+      results["stopped_at"] = step
+    results["state"] = state
+    return results

@@ -1,0 +1,193 @@
+"""What a training run reports: metric rows (stdout, metrics.jsonl, TensorBoard), step timing.
+
+    StepClock     how long each step really took: from the moment the previous step's results
+                  were on the host to the moment this step's are, less the compiles, saves and
+                  evaluations in between (each timed apart); an ETA from those figures
+    CorpusMeans   per-corpus means of every step metric since the last log line
+    MetricWriter  one row per step to metrics.jsonl and TensorBoard, a progress line on stdout
+                  (process 0 only); metric names are the same in all three places
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Mapping
+
+import jax
+from absl import logging
+
+METRICS_FILE = "metrics.jsonl"
+
+# TensorBoard rewrites any other character to "_": names that pass are the same everywhere.
+_NAME = re.compile(r"^[-\w./]+$")
+
+
+def check_name(name: str) -> str:
+  if not _NAME.match(name) or name.startswith("/"):
+    raise ValueError(f"metric name {name!r}: use letters, digits and -_./ only (TensorBoard "
+                     "would rename it)")
+  return name
+
+
+class StepClock:
+  """Step durations without the host's one-step lag, compiles, checkpoint saves or evaluations.
+
+  Protocol of the loop: `start()` before the first step; `pause(kind, seconds)` for work that is
+  not step time (a compile, a save, an evaluation) and its duration; `ready()` when a step's
+  results have reached the host -> that step's duration in seconds.
+  """
+
+  def __init__(self, clock: Callable[[], float] = time.perf_counter):
+    self._clock = clock
+    self._last = None
+    self._excluded = 0.0
+    self.step_seconds: list[float] = []
+    self.paused = collections.defaultdict(list)  # kind -> durations
+
+  def start(self) -> None:
+    self._last = self._clock()
+    self._excluded = 0.0
+
+  def pause(self, kind: str, seconds: float) -> None:
+    self.paused[kind].append(seconds)
+    self._excluded += seconds
+
+  def ready(self) -> float:
+    now = self._clock()
+    seconds = max(now - self._last - self._excluded, 1e-9)
+    self._last, self._excluded = now, 0.0
+    self.step_seconds.append(seconds)
+    return seconds
+
+  def mean(self, kind: str) -> float | None:
+    values = self.paused.get(kind)
+    return sum(values) / len(values) if values else None
+
+  def eta(self, steps_left: int, compiles_left: int = 0, saves_left: int = 0,
+          evals_left: int = 0) -> str:
+    """Seconds to the end: steps at their median time, plus the compiles, saves and
+    evaluations still to come at their mean times so far ("?" where none was timed yet)."""
+    if not self.step_seconds:
+      return "?"
+    recent = sorted(self.step_seconds[-50:])
+    total = recent[len(recent) // 2] * steps_left
+    unknown = []
+    for kind, count in (("compile", compiles_left), ("save", saves_left),
+                        ("evaluation", evals_left)):
+      if count:
+        mean = self.mean(kind)
+        if mean is None:
+          unknown.append(kind)
+        else:
+          total += mean * count
+    return f"{total:.0f}s" + "".join(f" + {k}" for k in unknown)
+
+
+class CorpusMeans:
+  """Sums of each corpus's step metrics since the last `take()`."""
+
+  def __init__(self):
+    self._sums = collections.defaultdict(lambda: collections.defaultdict(float))
+    self._counts = collections.Counter()
+
+  def add(self, corpus: str, metrics: Mapping[str, float]) -> None:
+    self._counts[corpus] += 1
+    for key, value in metrics.items():
+      self._sums[corpus][key] += float(value)
+
+  def take(self) -> dict[str, float]:
+    """{"corpus/metric": mean over its steps since the last take, "corpus/steps": n}."""
+    out = {}
+    for corpus, count in self._counts.items():
+      for key, total in self._sums[corpus].items():
+        out[f"{corpus}/{key}"] = total / count
+      out[f"{corpus}/steps"] = count
+    self._sums.clear()
+    self._counts.clear()
+    return out
+
+
+class MetricWriter:
+  """Progress lines on stdout, WORKDIR/metrics.jsonl and TensorBoard events (process 0 only).
+
+  metrics.jsonl is opened for appending; if it is deleted or moved while the run writes, a new
+  one is started (with a warning) rather than writing into the vanished file.
+  """
+
+  def __init__(self, workdir: str, total_steps: int, tensorboard: bool = True):
+    self.total_steps = total_steps
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self._jsonl = None
+    self._tb = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._open()
+      if tensorboard:
+        try:
+          from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+          self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        except ImportError:
+          logging.warning("tensorboardX is not installed: no TensorBoard events")
+
+  def _open(self) -> None:
+    self._jsonl = open(self.path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+    self._inode = os.fstat(self._jsonl.fileno()).st_ino
+
+  def _file_moved(self) -> bool:
+    try:
+      return os.stat(self.path).st_ino != self._inode
+    except FileNotFoundError:
+      return True
+
+  def write(self, step: int, metrics: Mapping[str, float], progress: bool = True,
+            eta: str | None = None) -> None:
+    if not self.enabled:
+      return
+    for name in metrics:
+      check_name(name)
+    if self._file_moved():
+      self._jsonl.close()
+      self._open()
+      print(f"warning: {self.path} was deleted or moved during the run; rows from step {step} "
+            "on go to a new file there", flush=True)
+    self._jsonl.write(json.dumps({"step": step, **metrics}, sort_keys=True) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in metrics.items():
+        if isinstance(v, (int, float)) and math.isfinite(v):
+          self._tb.add_scalar(k, v, step)
+    if progress:
+      shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())
+                       if k.endswith("loss") or k.startswith("skip_rate/")
+                       or k in ("examples_per_s", "mfu", "learning_rate"))
+      print(f"step {step}/{self.total_steps} {shown}" + (f" eta {eta}" if eta else ""),
+            flush=True)
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+      self._jsonl = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+
+def logged_steps(workdir: str) -> list[dict]:
+  """The rows of WORKDIR/metrics.jsonl (unreadable lines skipped)."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except ValueError:
+        continue
+  return rows
