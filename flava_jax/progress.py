@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import os
@@ -34,57 +35,96 @@ def check_name(name: str) -> str:
   return name
 
 
-class StepClock:
-  """Step durations without the host's one-step lag, compiles, checkpoint saves or evaluations.
+# JAX's compile events (tracing, lowering, XLA compilation or a persistent-cache read).
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                  "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration")
 
-  Protocol of the loop: `start()` before the first step; `pause(kind, seconds)` for work that is
-  not step time (a compile, a save, an evaluation) and its duration; `ready()` when a step's
-  results have reached the host -> that step's duration in seconds.
+
+class StepClock:
+  """How long each step took, compiles apart, without the host's one-step lag.
+
+  A step starts when the host begins fetching its batch, or when the previous step's results
+  reached the host if that is later (the host runs ahead of the device), and ends when its own
+  results reach the host; JAX compiles in between (timed by JAX's compile events while
+  `listening()`) are subtracted. Work between steps (a save, an evaluation) falls outside every
+  step's span; `with clock.paused(kind):` times it for the ETA.
+
+  The loop calls `begin(step)` before fetching the step's batch and `ready(step)` once its
+  metrics are on the host (-> the step's seconds).
   """
 
   def __init__(self, clock: Callable[[], float] = time.perf_counter):
     self._clock = clock
-    self._last = None
-    self._excluded = 0.0
+    self._last_ready = None
+    self._begun: dict[int, float] = {}
+    self._compiles: list[tuple[float, float]] = []  # (when it ended, seconds)
     self.step_seconds: list[float] = []
-    self.paused = collections.defaultdict(list)  # kind -> durations
+    self.pauses = collections.defaultdict(list)  # kind -> durations
+    self.compile_seconds = 0.0  # every compile so far
 
-  def start(self) -> None:
-    self._last = self._clock()
-    self._excluded = 0.0
+  def begin(self, step: int) -> None:
+    self._begun[step] = self._clock()
 
-  def pause(self, kind: str, seconds: float) -> None:
-    self.paused[kind].append(seconds)
-    self._excluded += seconds
-
-  def ready(self) -> float:
+  def ready(self, step: int) -> float:
     now = self._clock()
-    seconds = max(now - self._last - self._excluded, 1e-9)
-    self._last, self._excluded = now, 0.0
+    start = self._begun.pop(step, now)
+    if self._last_ready is not None:
+      start = max(start, self._last_ready)
+    compiling = sum(s for t, s in self._compiles if start < t <= now)
+    self._compiles = [(t, s) for t, s in self._compiles if t > now]
+    self._last_ready = now
+    seconds = max(now - start - compiling, 1e-9)
     self.step_seconds.append(seconds)
     return seconds
 
+  @contextlib.contextmanager
+  def paused(self, kind: str):
+    """Times work between steps (its own compiles left out: they happen once)."""
+    started, compiled = self._clock(), self.compile_seconds
+    try:
+      yield
+    finally:
+      self.pauses[kind].append(self._clock() - started - (self.compile_seconds - compiled))
+
+  def compiled(self, seconds: float) -> None:
+    self.compile_seconds += seconds
+    self._compiles.append((self._clock(), seconds))
+
+  def _on_event(self, event: str, seconds: float, **unused) -> None:
+    if event in COMPILE_EVENTS:
+      self.compiled(seconds)
+
+  @contextlib.contextmanager
+  def listening(self):
+    jax.monitoring.register_event_duration_secs_listener(self._on_event)
+    try:
+      yield self
+    finally:
+      jax.monitoring.unregister_event_duration_listener(self._on_event)
+
   def mean(self, kind: str) -> float | None:
-    values = self.paused.get(kind)
+    values = self.pauses.get(kind)
     return sum(values) / len(values) if values else None
 
   def eta(self, steps_left: int, compiles_left: int = 0, saves_left: int = 0,
-          evals_left: int = 0) -> str:
+          evals_left: int = 0, compile_guess: float | None = None) -> str:
     """Seconds to the end: steps at their median time, plus the compiles, saves and
-    evaluations still to come at their mean times so far ("?" where none was timed yet)."""
+    evaluations still to come at their mean times so far ("+ kind" where none was timed)."""
     if not self.step_seconds:
       return "?"
     recent = sorted(self.step_seconds[-50:])
     total = recent[len(recent) // 2] * steps_left
     unknown = []
+    means = {"compile": compile_guess, "save": self.mean("save"),
+             "evaluation": self.mean("evaluation")}
     for kind, count in (("compile", compiles_left), ("save", saves_left),
                         ("evaluation", evals_left)):
       if count:
-        mean = self.mean(kind)
-        if mean is None:
+        if means[kind] is None:
           unknown.append(kind)
         else:
-          total += mean * count
+          total += means[kind] * count
     return f"{total:.0f}s" + "".join(f" + {k}" for k in unknown)
 
 

@@ -14,6 +14,7 @@ A NaN/Inf loss stops the run naming the step and the loss; the last good checkpo
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import json
@@ -47,9 +48,10 @@ RUN_CONFIG = warm_start.RUN_CONFIG
 class NonFiniteLoss(RuntimeError):
   """A step's loss is NaN or Inf: the run stops (its message says which checkpoint is kept)."""
 
-  def __init__(self, message: str, step: int):
+  def __init__(self, message: str, step: int, losses: list[tuple[int, str, float]] = ()):
     super().__init__(message)
     self.step = step
+    self.losses = list(losses)  # (step, corpus, loss) of the steps before it
 
 
 class NonFiniteState(NonFiniteLoss):
@@ -312,23 +314,60 @@ def _newest_step(manager: ocp.CheckpointManager) -> int | None:
   return max(steps) if steps else None
 
 
-def _non_finite_message(manager: ocp.CheckpointManager, what: str, step: int) -> str:
+DIVERGED_FACTOR = 10.0  # a loss above this multiple of its corpus's usual loss has diverged
+
+
+def divergence_onset(losses: list[tuple[int, str, float]], last: int) -> int:
+  """The step at which the run's losses left their usual level for good, up to step `last`.
+
+  losses: (step, corpus, loss) of the steps before the stop. A corpus's usual level is the lower
+  quartile of its losses (robust to the rise itself); walking back from `last`, every step whose
+  loss exceeds DIVERGED_FACTOR times its corpus's level belongs to the divergence. With no such
+  step the onset is the step after `last`.
+  """
+  by_corpus = collections.defaultdict(list)
+  for _, corpus, loss in losses:
+    by_corpus[corpus].append(loss)
+  level = {c: sorted(v)[len(v) // 4] for c, v in by_corpus.items()}
+  onset = last + 1
+  for step, corpus, loss in sorted(losses, reverse=True):
+    if step > last:
+      continue
+    if loss > DIVERGED_FACTOR * max(level[corpus], 1e-6):
+      onset = step
+    else:
+      break
+  return onset
+
+
+def _non_finite_message(manager: ocp.CheckpointManager, error: NonFiniteLoss) -> str:
   """The stop's one line, true about which checkpoint a rerun resumes from.
 
-  The checkpoint of the step before holds the parameters that gave the non-finite loss: it is
-  set aside (STEP.nonfinite), so a rerun resumes from an older one.
+  A checkpoint holds the parameters its next step's loss was computed from: those saved after
+  the divergence began (the steps whose loss rose far above its usual level, then the
+  non-finite one) gave diverged losses and are set aside (STEP.diverged, kept on disk), so that
+  a rerun resumes from the newest one whose next loss was still usual.
   """
-  newest = _newest_step(manager)
-  note = ""
-  if what.startswith("loss") and newest is not None and newest == step - 1:
-    moved = workdir_lib.set_aside(str(manager.directory), newest, "nonfinite")
+  step = error.step
+  last_loss = step if isinstance(error, NonFiniteState) else step - 1  # losses known finite
+  onset = divergence_onset(error.losses, last_loss)
+  moved = []
+  if jax.process_index() == 0:
+    for saved in sorted(manager.all_steps()):
+      if saved >= onset - 1:
+        aside = workdir_lib.set_aside(str(manager.directory), saved, "diverged")
+        moved.append(f"{saved} -> {os.path.basename(aside)}")
     manager.reload()
-    note = f"; checkpoint {newest} held the parameters that gave it and was set aside as {moved}"
-    newest = _newest_step(manager)
+  note = ""
+  if onset <= last_loss:
+    note = (f"; the loss had risen over {DIVERGED_FACTOR:g}x its usual level from step {onset}")
+  if moved:
+    note += f"; checkpoints saved since then set aside: {', '.join(moved)}"
+  newest = _newest_step(manager)
   kept = (f"the newest usable checkpoint is step {newest}: a rerun resumes from it (lower "
           "optimizer.learning_rate or set optimizer.grad_clip_norm)" if newest is not None
-          else "no checkpoint was saved before it: a rerun starts from step 0")
-  return f"step {step}: {what}{note}; {kept}"
+          else "no usable checkpoint was saved: a rerun starts from step 0")
+  return f"step {step}: {error}{note}; {kept}"
 
 
 @dataclasses.dataclass
@@ -381,7 +420,7 @@ def run_loop(run: Run, stop_after: int | None = None) -> tuple[Any, int, str]:
     return _train(run, manager, writer, state, first, stop_after)
   except (NonFiniteLoss, NonFiniteState) as e:
     _wait(manager)
-    raise type(e)(_non_finite_message(manager, str(e), e.step), e.step) from None
+    raise type(e)(_non_finite_message(manager, e), e.step) from None
   finally:
     _wait(manager)
     manager.close()
@@ -406,6 +445,7 @@ def _train(run: Run, manager: ocp.CheckpointManager, writer: progress.MetricWrit
   peak = flops.peak_flops_per_device(jax.devices()[0])
   step_rng = jax.random.fold_in(run.rng, 2)
   clock = progress.StepClock()
+  schedule = jax.jit(run.schedule)  # one compile, not one per jnp op of the schedule
   means = progress.CorpusMeans()
   interval = dict(seconds=0.0, flops=0.0, steps=0)
   skipped_before = collections.Counter(data.skipped)
@@ -415,6 +455,7 @@ def _train(run: Run, manager: ocp.CheckpointManager, writer: progress.MetricWrit
   kinds = set(data.kinds.values())
   every = run.checkpoint.every_steps
   pending = None  # (step, corpus, device metrics): fetched one step late
+  losses = collections.deque(maxlen=10_000)  # (step, corpus, loss): where a divergence began
 
   def evals_left(step):
     if run.evaluate is None:
@@ -435,11 +476,12 @@ def _train(run: Run, manager: ocp.CheckpointManager, writer: progress.MetricWrit
   def flush(item):
     step, corpus, metrics = item
     host = jax.device_get(metrics)
-    seconds = clock.ready()
+    seconds = clock.ready(step)
     loss = float(host["loss"])
     if not math.isfinite(loss):
       raise NonFiniteLoss(f"loss is {loss} on the {corpus} batch "
-                          f"({ {k: float(v) for k, v in host.items()} })", step)
+                          f"({ {k: float(v) for k, v in host.items()} })", step, losses)
+    losses.append((step, corpus, loss))
     means.add(corpus, host)
     interval["seconds"] += seconds
     interval["flops"] += run.step_flops[data.kinds[corpus]]
@@ -449,7 +491,7 @@ def _train(run: Run, manager: ocp.CheckpointManager, writer: progress.MetricWrit
       seconds, n = interval["seconds"], interval["steps"]
       out.update(examples_per_s=config.global_batch * n / seconds,
                  step_seconds=seconds / n,
-                 learning_rate=float(run.schedule(step - 1)),
+                 learning_rate=float(schedule(step - 1)),
                  tflops_per_device=interval["flops"] / seconds / jax.device_count() / 1e12)
       if peak:
         out["mfu"] = interval["flops"] / seconds / jax.device_count() / peak
@@ -460,8 +502,9 @@ def _train(run: Run, manager: ocp.CheckpointManager, writer: progress.MetricWrit
           out[f"skip_rate/{corpus_name}"] = rate
       interval.update(seconds=0.0, flops=0.0, steps=0)
       saves_left = len(range((step // every + 1) * every, total, every)) + (step < total)
-      writer.write(step, out, eta=clock.eta(total - step, len(kinds - compiled),
-                                            saves_left, evals_left(step)))
+      guess = sum(compile_times) / len(compile_times) if compile_times else None
+      writer.write(step, out, eta=clock.eta(total - step, len(kinds - compiled), saves_left,
+                                            evals_left(step), guess))
       for corpus_name, rate in rates.items():
         if rate > SKIP_WARNING_RATE and jax.process_index() == 0:
           reasons = ", ".join(f"{k.split('/', 1)[1]} {v - skipped_before[k]}"
@@ -475,14 +518,13 @@ def _train(run: Run, manager: ocp.CheckpointManager, writer: progress.MetricWrit
       taken_before.update(data.batches)
 
   def save(step):
-    started = time.perf_counter()
-    if not bool(_all_finite_jit(state)):
-      raise NonFiniteState("the updated parameters or optimizer state hold NaN or Inf (the "
-                           "step's loss was finite); not saved", step)
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data)),
-        force=True)
-    clock.pause("save", time.perf_counter() - started)
+    with clock.paused("save"):
+      if not bool(_all_finite_jit(state)):
+        raise NonFiniteState("the updated parameters or optimizer state hold NaN or Inf (the "
+                             "step's loss was finite); not saved", step, losses)
+      manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data)),
+          force=True)
     if jax.process_index() == 0:
       print(f"checkpoint {step} saving", flush=True)
 
@@ -490,41 +532,48 @@ def _train(run: Run, manager: ocp.CheckpointManager, writer: progress.MetricWrit
   if stop.requested:  # a signal during start-up: nothing has been trained since the checkpoint
     print(f"{stop.requested}: stopped before the first step (nothing new to save)", flush=True)
     return state, step, stop.requested
-  clock.start()
-  while step < total:
-    corpus, batch = next(data)
-    if run.host_batch is not None:
-      batch = run.host_batch(batch)
-    kind = data.kinds[corpus]
-    dispatched = time.perf_counter()
-    state, metrics = run.steps[kind](state, pipeline.to_global(batch, run.mesh), step_rng)
-    if kind not in compiled:  # the first call of a kind's step compiles it
-      compiled.add(kind)
-      seconds = time.perf_counter() - dispatched
-      clock.pause("compile", seconds)
-      writer.write(step + 1, {f"compile_seconds/{kind}": seconds}, progress=False)
-      if jax.process_index() == 0:
-        print(f"compiled the {kind} step in {seconds:.1f}s", flush=True)
-    step += 1
-    if pending is not None:
-      flush(pending)
-    pending = (step, corpus, metrics)
-    save_due = step % every == 0 or step == total
-    eval_due = run.evaluate is not None and step < total and run.evaluate.due(step)
-    if save_due or eval_due or stop.requested or step == stop_at:
-      flush(pending)  # before a save (a checkpoint holds only finite steps) or an evaluation
-      pending = None
-    if eval_due:
-      results = run.evaluate(step, state.params, clock=clock)
-      if results:
-        writer.write(step, results, progress=False)
-    stopping = stop.requested or ("stop_after" if step == stop_at and step < total else "")
-    if save_due or stopping:
-      save(step)
-    if stopping and step < total:
-      manager.wait_until_finished()
-      print(f"{stopping}: saved step {step} and stopped", flush=True)
-      return state, step, stopping
+  compile_times = []
+  schedule(first)  # compiled before the clock runs
+  with clock.listening():
+    while step < total:
+      clock.begin(step + 1)
+      corpus, batch = next(data)
+      if run.host_batch is not None:
+        batch = run.host_batch(batch)
+      kind = data.kinds[corpus]
+      if kind not in compiled and pending is not None:
+        flush(pending)  # the previous step ends before a compile holds the host up
+        pending = None
+      compiled_before = clock.compile_seconds
+      state, metrics = run.steps[kind](state, pipeline.to_global(batch, run.mesh), step_rng)
+      seconds = clock.compile_seconds - compiled_before
+      if kind not in compiled or seconds > 1.0:  # the first call of a kind's step compiles it
+        compile_times.append(seconds)
+        writer.write(step + 1, {f"compile_seconds/{kind}": seconds}, progress=False)
+        if jax.process_index() == 0:
+          print(f"{'re' if kind in compiled else ''}compiled the {kind} step in {seconds:.1f}s",
+                flush=True)
+        compiled.add(kind)
+      step += 1
+      if pending is not None:
+        flush(pending)
+      pending = (step, corpus, metrics)
+      save_due = step % every == 0 or step == total
+      eval_due = run.evaluate is not None and step < total and run.evaluate.due(step)
+      if save_due or eval_due or stop.requested or step == stop_at:
+        flush(pending)  # before a save (a checkpoint holds only finite steps) or an evaluation
+        pending = None
+      if eval_due:
+        results = run.evaluate(step, state.params, clock=clock)
+        if results:
+          writer.write(step, results, progress=False)
+      stopping = stop.requested or ("stop_after" if step == stop_at and step < total else "")
+      if save_due or stopping:
+        save(step)
+      if stopping and step < total:
+        manager.wait_until_finished()
+        print(f"{stopping}: saved step {step} and stopped", flush=True)
+        return state, step, stopping
   return state, step, ""
 
 
@@ -586,10 +635,8 @@ class Evaluations:
 
   def run_one(self, name: str, step: int, params: Any,
               clock: progress.StepClock | None = None) -> dict[str, float]:
-    started = time.perf_counter()
-    metrics = self.evaluators[name](params)
-    if clock is not None:
-      clock.pause("evaluation", time.perf_counter() - started)
+    with clock.paused("evaluation") if clock is not None else contextlib.nullcontext():
+      metrics = self.evaluators[name](params)
     if jax.process_index() == 0:
       print(f"step {step} " + evaluate.format_metrics(f"eval {name}", metrics), flush=True)
     return {f"eval/{name}/{k}": v for k, v in metrics.items()}
