@@ -114,6 +114,9 @@ def prepare(workdir: str) -> str:
   return path
 
 
+_HELD: set[str] = set()  # lock files this process holds
+
+
 class Lock:
   """An exclusive lock on a workdir for the life of a run (process 0 of a job takes it).
 
@@ -130,6 +133,8 @@ class Lock:
     import fcntl  # pylint: disable=import-outside-toplevel  (POSIX only)
     f = open(self.path, "a+", encoding="utf-8")  # pylint: disable=consider-using-with
     try:
+      if self.path in _HELD:  # flock may not refuse this process's own second lock
+        raise OSError("held by this process")
       fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
       f.seek(0)
@@ -143,12 +148,14 @@ class Lock:
             f"{datetime.datetime.now().isoformat(timespec='seconds')}")
     f.flush()
     self._file = f
+    _HELD.add(self.path)
     return self
 
   def release(self) -> None:
     if self._file is not None:
       self._file.close()  # closing the descriptor drops the flock
       self._file = None
+      _HELD.discard(self.path)
 
   def __enter__(self) -> "Lock":
     return self.acquire()
@@ -215,9 +222,17 @@ def changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[tuple[s
   out = []
   for key in sorted(set(a) | set(b)):
     old, new = a.get(key), b.get(key)
-    if _normal(old) != _normal(new):
-      out.append((key, old, new))
+    if _normal(old) == _normal(new):
+      continue
+    if all(v is None or v == {} for v in (old, new)) and _has_children(
+        a if old is None else b, key):
+      continue  # an empty section on one side, its fields on the other: those are the changes
+    out.append((key, old, new))
   return out
+
+
+def _has_children(flat: Mapping[str, Any], key: str) -> bool:
+  return any(k.startswith(key + ".") for k in flat)
 
 
 def _normal(value: Any) -> Any:
