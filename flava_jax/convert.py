@@ -10,6 +10,11 @@ Command line (writes/reads the Orbax checkpoints of flava_jax.checkpoint):
 
     python -m flava_jax.convert --from_transformers=DIR --out=CKPT_DIR
     python -m flava_jax.convert --to_transformers=CKPT_DIR --out=DIR
+    python -m flava_jax.convert --to_transformers=WORKDIR --out=DIR   # its newest checkpoint
+
+An existing non-empty --out is refused unless --overwrite is given (and then only a folder that
+holds a model is replaced, by one written beside it and swapped in once finished). Bad input is
+one `error:` line and a non-zero exit.
 
 Every weight is accounted for: a source weight we do not know, or a weight our model needs that the
 source lacks, is an error that names them. Conversions are transposes and reshapes only, so a
@@ -18,9 +23,15 @@ round trip is bit-exact.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -482,44 +493,229 @@ def dvae_from_transformers(src: Any, dtype: str = "float32") -> tuple[DVAE, dict
 # Command line.
 
 
-def main(argv: Sequence[str]) -> None:
-  from absl import flags  # pylint: disable=import-outside-toplevel
+class CommandError(ValueError):
+  """A command line that cannot work; main prints it as one `error:` line."""
+
+
+def _source_error(flag: str, src: str, e: Exception) -> CommandError:
+  """`e` as one line naming the source (prefixed with the flag where it does not already)."""
+  text = " ".join(str(e).split()) or type(e).__name__
+  if src not in text and os.path.abspath(src) not in text:
+    text = f"{flag}={src}: {text}"
+  return CommandError(text)
+
+
+def _holds_model(directory: str) -> bool:
+  """A transformers directory (config.json) or a flava_jax model directory."""
   from flava_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  return any(os.path.exists(os.path.join(directory, name))
+             for name in (transformers_io.CONFIG, checkpoint.MODEL_JSON))
+
+
+def _check_out(out: str, overwrite: bool, sources: Sequence[str]) -> None:
+  """Refuses an --out that is a file or a non-empty folder (without --overwrite), and never
+  replaces a folder that holds something other than a model, or the source itself."""
+  if not os.path.lexists(out):
+    return
+  if not os.path.isdir(out):
+    raise CommandError(f"--out={out} is a file, not a folder")
+  entries = sorted(os.listdir(out))
+  if not entries:
+    return
+  model = _holds_model(out)
+  if not overwrite:
+    what = "a model" if model else f"{len(entries)} files or folders (e.g. {entries[0]})"
+    raise CommandError(f"--out={out} already holds {what}; pass --overwrite to replace it, or "
+                       "choose a new --out")
+  if not model:
+    raise CommandError(
+        f"--out={out} holds {len(entries)} files or folders (e.g. {entries[0]}) but no model "
+        "(config.json or flava_jax_model.json); --overwrite only replaces a model "
+        "folder: choose a new --out")
+  real_out = os.path.realpath(out)
+  for src in sources:
+    real_src = os.path.realpath(src)
+    if real_src == real_out or real_src.startswith(real_out + os.sep):
+      raise CommandError(f"--out={out} holds the source {src}; choose another --out")
+
+
+@contextlib.contextmanager
+def _replacing(out: str) -> Iterator[str]:
+  """A new empty folder beside `out` that becomes `out` when the block succeeds.
+
+  An existing `out` is swapped for it only then (and deleted): a failed conversion leaves the
+  old folder as it was, a finished one leaves no old file behind, and neither leaves a
+  temporary folder.
+  """
+  out = os.path.realpath(out)  # a link to a folder: replace the folder, keep the link
+  parent, name = os.path.split(out)
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(dir=parent, prefix=f".{name}.converting-")
+  try:
+    if os.path.isdir(out):
+      mode = stat.S_IMODE(os.stat(out).st_mode)
+    else:
+      umask = os.umask(0)
+      os.umask(umask)
+      mode = 0o777 & ~umask
+    os.chmod(staging, mode)  # mkdtemp makes it private
+    yield staging
+    if os.path.lexists(out):
+      old = staging + ".old"
+      os.rename(out, old)
+      try:
+        os.rename(staging, out)
+      except BaseException:
+        os.rename(old, out)
+        raise
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(staging, out)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)  # absent once swapped in
+
+
+def _workdir_steps(workdir: str) -> list[int]:
+  """Finished checkpoint steps of a training workdir, newest first."""
+  from flava_jax import warm_start  # pylint: disable=import-outside-toplevel
+  root = os.path.join(workdir, warm_start.CHECKPOINT_DIR)
+  return sorted((int(n) for n in os.listdir(root)
+                 if n.isdigit() and os.path.isdir(os.path.join(root, n, warm_start.STATE_ITEM))),
+                reverse=True)
+
+
+def _read_state_item(path: str) -> Any:
+  """A checkpoint step's "state" item as host numpy arrays, read without a target (any device
+  count reads what any other wrote). The tree comes from the item handler's own metadata: a
+  Checkpointer's metadata() would look for step metadata inside the item folder, where the
+  trainer's CheckpointManager never writes it, and warn on every read."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  handler = ocp.PyTreeCheckpointHandler()
+  with ocp.Checkpointer(handler) as reader:
+    metadata = handler.metadata(epath.Path(path))
+    tree = getattr(metadata, "tree", metadata)  # a TreeMetadata; a plain tree in older Orbax
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return reader.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+
+
+def load_workdir(workdir: str, field: str = "--to_transformers"
+                 ) -> tuple[FlavaModel, Any, int, list[str]]:
+  """(model, params, step, notes) of a FLAVA training workdir's newest readable checkpoint.
+
+  The model config is the workdir's run_config.json `model`; a checkpoint that cannot be read
+  is passed over for the one before it (noted). Errors name `field` and the workdir.
+  """
+  from flava_jax import warm_start  # pylint: disable=import-outside-toplevel
+  run_config = os.path.join(workdir, warm_start.RUN_CONFIG)
+  if not os.path.exists(run_config):
+    raise FileNotFoundError(f"{field}={workdir}: the workdir has no {warm_start.RUN_CONFIG}")
+  try:
+    with open(run_config, encoding="utf-8") as f:
+      run = json.load(f)
+  except ValueError as e:
+    raise ValueError(f"{run_config} is not JSON: {e}") from None
+  model_config = run.get("model") if isinstance(run, dict) else None
+  if not isinstance(model_config, dict) or "image" not in model_config:
+    raise ValueError(f"{field}={workdir} is not a FLAVA training workdir (its "
+                     f"{warm_start.RUN_CONFIG} has no FLAVA model config: a dVAE workdir?)")
+  model = FlavaModel(FlavaConfig.from_dict(model_config))
+  notes = []
+  for step in _workdir_steps(workdir):
+    path = os.path.join(os.path.abspath(workdir), warm_start.CHECKPOINT_DIR, str(step),
+                        warm_start.STATE_ITEM)
+    try:
+      params = _read_state_item(path)["params"]
+    except Exception as e:  # pylint: disable=broad-except  (Orbax raises many types)
+      notes.append(f"step {step} cannot be read ({type(e).__name__}: {' '.join(str(e).split())})")
+      continue
+    return model, params, step, notes
+  raise ValueError(f"{field}={workdir}: no readable checkpoint ({'; '.join(notes)})")
+
+
+def run_command(from_hf: str = "", to_hf: str = "", out: str = "", overwrite: bool = False
+                ) -> str:
+  """The command line (--from_transformers=from_hf or --to_transformers=to_hf, --out,
+  --overwrite); returns what to print, raises CommandError (one line)."""
+  from flava_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  from flava_jax import warm_start  # pylint: disable=import-outside-toplevel
   from flava_jax.model_summary import num_parameters  # pylint: disable=import-outside-toplevel
 
-  del argv
-  f = flags.FLAGS
-  if bool(f.from_transformers) == bool(f.to_transformers):
-    raise SystemExit("give exactly one of --from_transformers=DIR or --to_transformers=CKPT_DIR")
-  if not f.out:
-    raise SystemExit("--out is required")
-  if f.from_transformers:
-    model, params = from_transformers(f.from_transformers)
-    dvae = dvae_params = None
-    if model.config.pretraining_heads:
-      try:
-        dvae, dvae_params = dvae_from_transformers(f.from_transformers)
-      except ConversionError as e:
-        logging.info("no image codebook converted: %s", e)
-    checkpoint.save_model(f.out, model.config, params, dvae.config if dvae else None,
-                          dvae_params)
-    print(f"wrote {f.out}: FLAVA with {num_parameters(params):,} parameters"
-          + (", pretraining heads" if model.config.pretraining_heads else ", no heads")
-          + (", dVAE encoder" if dvae else ""))
+  if bool(from_hf) == bool(to_hf):
+    raise CommandError("give exactly one of --from_transformers=DIR or --to_transformers=DIR")
+  if not out:
+    raise CommandError("--out is required")
+  flag, src = ("--from_transformers", from_hf) if from_hf else ("--to_transformers", to_hf)
+  _check_out(out, overwrite, [src])
+  notes: list[str] = []
+  try:
+    if from_hf:
+      model, params = from_transformers(src)
+      dvae = dvae_params = None
+      if model.config.pretraining_heads:
+        try:
+          dvae, dvae_params = dvae_from_transformers(src)
+        except ConversionError as e:
+          logging.info("no image codebook converted: %s", e)
+    else:
+      kind = warm_start.source_kind(src, flag)
+      if kind == "transformers":
+        raise ValueError(f"{flag}={src} is a transformers directory already; give a flava_jax "
+                         "model directory (--from_transformers writes one) or a training workdir")
+      if kind == "workdir":
+        model, params, step, notes = load_workdir(src, flag)
+        dvae = dvae_params = None
+        notes.append(f"exported step {step}, the newest readable checkpoint of {src} (without "
+                     "an image codebook: a workdir does not hold its frozen dVAE)")
+      else:
+        loaded = checkpoint.load_model(src)
+        model, params, dvae, dvae_params = (loaded.model, loaded.params, loaded.dvae,
+                                            loaded.dvae_params)
+  except (ValueError, OSError) as e:
+    raise _source_error(flag, src, e) from None
+  try:
+    with _replacing(out) as staging:
+      if from_hf:
+        checkpoint.save_model(staging, model.config, params, dvae.config if dvae else None,
+                              dvae_params)
+      else:
+        to_transformers(model, params, staging, dvae, dvae_params)
+  except OSError as e:
+    raise CommandError(f"cannot write --out={out}: {e}") from None
+  except ValueError as e:  # parameters that do not fit their config
+    raise _source_error(flag, src, e) from None
+  if from_hf:
+    done = (f"wrote {out}: FLAVA with {num_parameters(params):,} parameters"
+            + (", pretraining heads" if model.config.pretraining_heads else ", no heads")
+            + (", dVAE encoder" if dvae else ""))
   else:
-    loaded = checkpoint.load_model(f.to_transformers)
-    to_transformers(loaded.model, loaded.params, f.out, loaded.dvae, loaded.dvae_params)
-    print(f"wrote {f.out}: loadable with transformers' "
-          + ("FlavaForPreTraining" if loaded.model.config.pretraining_heads else "FlavaModel")
-          + ".from_pretrained")
+    done = (f"wrote {out}: loadable with transformers' "
+            + ("FlavaForPreTraining" if model.config.pretraining_heads else "FlavaModel")
+            + ".from_pretrained")
+  return "\n".join(notes + [done])
+
+
+def main(argv: Sequence[str]) -> None:
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  f = flags.FLAGS
+  try:
+    if len(argv) > 1:
+      raise CommandError(f"unexpected arguments {list(argv[1:])}")
+    print(run_command(f.from_transformers or "", f.to_transformers or "", f.out or "",
+                      f.overwrite))
+  except CommandError as e:
+    raise SystemExit(f"error: {e}") from None
 
 
 def _define_flags() -> None:
   from absl import flags  # pylint: disable=import-outside-toplevel
   flags.DEFINE_string("from_transformers", None,
                       "a transformers save_pretrained directory (FlavaForPreTraining/FlavaModel)")
-  flags.DEFINE_string("to_transformers", None, "a flava_jax model checkpoint directory")
-  flags.DEFINE_string("out", None, "output directory")
+  flags.DEFINE_string("to_transformers", None, "a flava_jax model directory (written by "
+                      "--from_transformers) or a training workdir (its newest checkpoint)")
+  flags.DEFINE_string("out", None, "output directory (new or empty, or see --overwrite)")
+  flags.DEFINE_bool("overwrite", False, "replace an --out folder that holds a model; the new "
+                    "one is written beside it first and swapped in when finished")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from safetensors.numpy import load_file, save_file
 from transformers import FlavaForPreTraining
 
 import flava_jax
-from flava_jax import checkpoint
+from flava_jax import checkpoint, convert
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -147,6 +147,7 @@ def test_command_line_both_ways(tiny_hf_pretraining, tiny_hf_dir, tmp_path):
       capture_output=True, text=True, check=True)
   out = run(f"--from_transformers={tiny_hf_dir}", f"--out={ckpt}")
   assert "pretraining heads" in out.stdout and "dVAE encoder" in out.stdout
+  assert "RuntimeWarning" not in out.stderr, out.stderr  # flava_jax imports convert lazily
   loaded = checkpoint.load_model(str(ckpt))
   _, params = flava_jax.from_transformers(tiny_hf_dir)
   _assert_bit_exact(loaded.params, params)
@@ -161,3 +162,152 @@ def test_command_line_both_ways(tiny_hf_pretraining, tiny_hf_dir, tmp_path):
   with pytest.raises(subprocess.CalledProcessError) as err:
     run(f"--from_transformers={tiny_hf_dir}", f"--out={ckpt}")
   assert "already holds a model" in err.value.stderr
+  assert err.value.stderr.splitlines()[-1].startswith("error: ")
+  assert "Traceback" not in err.value.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line: --out is never overwritten unasked, workdirs export, errors are one line.
+
+
+def _listing(path):
+  return {os.path.relpath(os.path.join(d, n), path): open(os.path.join(d, n), "rb").read()
+          for d, _, names in os.walk(path) for n in names}
+
+
+def _other_model(path):
+  """A folder holding someone else's transformers model (and a tokenizer file)."""
+  os.makedirs(path)
+  (path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+  (path / "model.safetensors").write_bytes(b"not ours")
+  (path / "vocab.txt").write_text("[PAD]\n")
+  return _listing(path)
+
+
+def _workdir(path, model, params_by_step):
+  """A training workdir as the trainer writes it: run_config.json and checkpoints/STEP/state."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  os.makedirs(path)
+  (path / "run_config.json").write_text(json.dumps({"model": model.config.to_dict()}))
+  with ocp.CheckpointManager(str(path / "checkpoints")) as manager:
+    for step, params in params_by_step.items():
+      manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(
+          {"step": np.int32(step), "params": params, "opt_state": {"count": np.int32(step)}})))
+    manager.wait_until_finished()
+  return str(path)
+
+
+def test_to_transformers_accepts_a_training_workdir(tiny_hf_dir, tmp_path):
+  model, params = flava_jax.from_transformers(tiny_hf_dir)  # no init compile: fast
+  older = jax.tree_util.tree_map(lambda x: x + 1, params)
+  workdir = _workdir(tmp_path / "run", model, {3: older, 7: params})
+  message = convert.run_command(to_hf=workdir, out=str(tmp_path / "hf"))
+  assert "exported step 7" in message and "FlavaForPreTraining" in message
+  back_model, back = flava_jax.from_transformers(str(tmp_path / "hf"))
+  assert back_model.config == model.config
+  _assert_bit_exact(params, back)
+  # A newest checkpoint that cannot be read is passed over, and said so.
+  os.makedirs(tmp_path / "run/checkpoints/9/state")
+  message = convert.run_command(to_hf=workdir, out=str(tmp_path / "hf2"))
+  assert "step 9 cannot be read" in message and "exported step 7" in message
+  # A dVAE workdir and one without a finished checkpoint are clear errors.
+  (tmp_path / "run/run_config.json").write_text(json.dumps({"model": {"hidden_size": 8}}))
+  with pytest.raises(convert.CommandError, match="not a FLAVA training workdir"):
+    convert.run_command(to_hf=workdir, out=str(tmp_path / "hf3"))
+  os.makedirs(tmp_path / "fresh/checkpoints")
+  with pytest.raises(convert.CommandError, match="no finished checkpoint"):
+    convert.run_command(to_hf=str(tmp_path / "fresh"), out=str(tmp_path / "hf3"))
+  assert not (tmp_path / "hf3").exists()
+
+
+def test_out_holding_a_model_needs_overwrite_and_is_replaced_whole(tiny_hf_dir, tmp_path,
+                                                                   monkeypatch):
+  model, params = flava_jax.from_transformers(tiny_hf_dir)  # no init compile: fast
+  params = jax.tree_util.tree_map(lambda x: x + 1, params)  # not the tiny_hf_dir weights
+  ckpt = str(tmp_path / "ckpt")
+  checkpoint.save_model(ckpt, model.config, params)  # without a dVAE
+  out = tmp_path / "parent/out"
+  before = _other_model(out)
+  with pytest.raises(convert.CommandError, match=r"--out=.*out already holds a model; pass "
+                     "--overwrite"):
+    convert.run_command(to_hf=ckpt, out=str(out))
+  assert _listing(out) == before
+
+  # A conversion that fails while writing leaves the old folder as it was, and no temp folder.
+  def disk_full(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+  monkeypatch.setattr(convert.transformers_io, "write_directory", disk_full)
+  with pytest.raises(convert.CommandError, match="cannot write --out=.*No space left"):
+    convert.run_command(to_hf=ckpt, out=str(out), overwrite=True)
+  monkeypatch.undo()
+  assert _listing(out) == before and os.listdir(tmp_path / "parent") == ["out"]
+
+  convert.run_command(to_hf=ckpt, out=str(out), overwrite=True)
+  assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]  # no old file left
+  assert os.listdir(tmp_path / "parent") == ["out"]
+  _assert_bit_exact(params, flava_jax.from_transformers(str(out))[1])
+
+  # The other direction: a flava_jax model directory is replaced the same way.
+  with pytest.raises(convert.CommandError, match="already holds a model"):
+    convert.run_command(from_hf=tiny_hf_dir, out=ckpt)
+  convert.run_command(from_hf=tiny_hf_dir, out=ckpt, overwrite=True)
+  loaded = checkpoint.load_model(ckpt)
+  _assert_bit_exact(loaded.params, flava_jax.from_transformers(tiny_hf_dir)[1])
+  assert loaded.dvae is not None and sorted(os.listdir(tmp_path)) == ["ckpt", "parent"]
+
+
+def test_out_that_is_not_a_model_folder_is_never_replaced(tiny_hf_dir, tmp_path):
+  model, params = flava_jax.from_transformers(tiny_hf_dir)  # no init compile: fast
+  ckpt = tmp_path / "ckpt"
+  checkpoint.save_model(str(ckpt), model.config, params)
+  (tmp_path / "mine").mkdir()
+  (tmp_path / "mine/thesis.tex").write_text("years of work")
+  (tmp_path / "a_file").write_text("a file")
+  for out, overwrite, match in ((tmp_path / "mine", False, "already holds 1 files or folders"),
+                                (tmp_path / "mine", True, "no model"),
+                                (tmp_path / "a_file", True, "is a file, not a folder"),
+                                (ckpt, True, "holds the source")):
+    with pytest.raises(convert.CommandError, match=match):
+      convert.run_command(to_hf=str(ckpt), out=str(out), overwrite=overwrite)
+  assert (tmp_path / "mine/thesis.tex").read_text() == "years of work"
+  assert (tmp_path / "a_file").read_text() == "a file"
+  assert sorted(os.listdir(tmp_path)) == ["a_file", "ckpt", "mine"]
+  # An empty --out is fine.
+  (tmp_path / "empty").mkdir()
+  convert.run_command(to_hf=str(ckpt), out=str(tmp_path / "empty"))
+  assert sorted(os.listdir(tmp_path / "empty")) == ["config.json", "model.safetensors"]
+
+
+def test_command_line_bad_sources_are_one_error_line(tmp_path):
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "bert").mkdir()
+  (tmp_path / "bert/config.json").write_text(json.dumps({"model_type": "bert"}))
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  for args, message in (
+      ([f"--to_transformers={tmp_path / 'empty'}"], "is neither a training workdir"),
+      ([f"--from_transformers={tmp_path / 'bert'}"], "expected model_type 'flava'")):
+    run = subprocess.run([sys.executable, "-m", "flava_jax.convert", *args,
+                          f"--out={tmp_path / 'out'}"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert run.returncode != 0
+    assert "Traceback" not in run.stderr and "RuntimeWarning" not in run.stderr, run.stderr
+    errors = [ln for ln in run.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0] and str(tmp_path) in errors[0], run.stderr
+  assert sorted(os.listdir(tmp_path)) == ["bert", "empty"]
+  with pytest.raises(convert.CommandError, match=r"empty.* has no config\.json"):
+    convert.run_command(from_hf=str(tmp_path / "empty"), out=str(tmp_path / "out"))
+
+
+def test_converters_are_package_attributes_imported_on_first_use():
+  code = ("import sys, flava_jax; assert 'flava_jax.convert' not in sys.modules; "
+          "from flava_jax import from_transformers, ConversionError; "
+          "import flava_jax.convert as c; "
+          "assert flava_jax.to_transformers is c.to_transformers; "
+          "assert flava_jax.dvae_from_transformers is c.dvae_from_transformers; "
+          "assert from_transformers is c.from_transformers and ConversionError is "
+          "c.ConversionError; assert 'to_transformers' in dir(flava_jax)")
+  run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120, check=False)
+  assert run.returncode == 0, run.stderr
+  with pytest.raises(AttributeError, match="no attribute 'nope'"):
+    flava_jax.nope  # pylint: disable=pointless-statement

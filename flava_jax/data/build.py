@@ -15,7 +15,9 @@ What --input may be (several --input flags or comma-separated paths; globs are e
             of its name in sorted order, names written to PREFIX.classes.json); without them the
             images have no label. Or WebDataset tars (images only, no labels).
     text    .txt files (or folders of them): blank-line separated paragraphs are joined into
-            examples of about --text_chars characters; or JSONL with a --text_field.
+            examples of about --text_chars characters (longer paragraphs and lines are split
+            into such chunks, at sentence ends or between words); or JSONL with a --text_field,
+            one example per document, a document longer than --text_chars split into chunks.
 
 Records: paired -> {image, caption, id}, image -> {image, label?, id}, text -> {text, id}; `id`
 says where the example came from. Every image is decoded once to check it, but the original file
@@ -24,8 +26,10 @@ bytes are stored unchanged. Examples that cannot be used are skipped and counted
 DIR/PREFIX.summary.json last (so its presence means the build finished), says what was written
 and what was skipped and why. Examples are written in a deterministic order (inputs as given,
 files in sorted order) round-robin over the shards. A command that cannot work (a missing
-input, an unknown format, an input that does not fit --kind, nothing written) is an error that
-names the problem, and leaves no shards behind.
+input, an unknown format, an input that does not fit --kind, an --out that cannot be written,
+nothing written) is an error that names the problem, and leaves no shards behind. A build is
+written into a hidden folder inside --out and moved into place when it has finished, so with
+--overwrite the old shards are replaced only by a finished build.
 """
 
 from __future__ import annotations
@@ -39,7 +43,10 @@ import json
 import logging
 import os
 import posixpath
+import re
+import shutil
 import tarfile
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, BinaryIO
 
@@ -339,39 +346,87 @@ def _tar_items(path: str, kind: str, opts: BuildOptions) -> Iterator[Item]:
 
 def _paragraphs(f: BinaryIO) -> Iterator[list[str]]:
   """Blank-line separated paragraphs of a text file, each as its list of lines."""
-  lines: list[str] = []
-  for number, raw in enumerate(f):
-    if number == 0:
-      raw = raw.removeprefix(b"\xef\xbb\xbf")
-    line = _decode_utf8(raw).rstrip("\r\n")
+  def lines() -> Iterator[str]:
+    for number, raw in enumerate(f):
+      if number == 0:
+        raw = raw.removeprefix(b"\xef\xbb\xbf")
+      yield _decode_utf8(raw)
+  return _paragraphs_of(lines())
+
+
+def _paragraphs_of(lines: Iterable[str]) -> Iterator[list[str]]:
+  """Blank-line separated paragraphs of `lines` (line ends are dropped)."""
+  paragraph: list[str] = []
+  for line in lines:
+    line = line.rstrip("\r\n")
     if line.strip():
-      lines.append(line)
-    elif lines:
-      yield lines
-      lines = []
-  if lines:
-    yield lines
+      paragraph.append(line)
+    elif paragraph:
+      yield paragraph
+      paragraph = []
+  if paragraph:
+    yield paragraph
+
+
+# A sentence ends with . ! ? (or an ellipsis), perhaps closing quotes or brackets, then white
+# space; CJK full stops need no space after them.
+_SENTENCE_END = re.compile(r"[.!?\u2026]+[\"'\u201d\u2019)\]]*\s+|[\u3002\uff01\uff1f]+\s*")
+_WHITE_SPACE = re.compile(r"\s+")
+
+
+def _cut(window: str, min_cut: int) -> int:
+  """Where to end a piece taken from `window`: after its last sentence end at or beyond
+  `min_cut`, else after its last white space there, else at its end (a word longer than half
+  a chunk: a URL, a base64 blob, text without spaces)."""
+  for pattern in (_SENTENCE_END, _WHITE_SPACE):
+    ends = [m.end() for m in pattern.finditer(window, min_cut)]
+    if ends:
+      return ends[-1]
+  return len(window)
+
+
+def split_text(text: str, max_chars: int) -> list[str]:
+  """`text` in pieces of at most `max_chars` characters, cut at sentence ends where possible,
+  else between words; the pieces joined again are exactly `text` (nothing is lost)."""
+  pieces = []
+  start = 0
+  while len(text) - start > max_chars:
+    cut = _cut(text[start:start + max_chars], max_chars // 2)
+    pieces.append(text[start:start + cut])
+    start += cut
+  pieces.append(text[start:])
+  return pieces
 
 
 def text_chunks(paragraphs: Iterable[list[str]], target_chars: int) -> Iterator[str]:
   """Joins paragraphs until a chunk holds about `target_chars` characters.
 
   Short paragraphs (headings, one-liners) would make poor examples on their own; a paragraph
-  longer than the target is split at its line breaks so that chunks stay near the target.
+  longer than the target is split at its line breaks, and a line longer than the target (a
+  file or document without line breaks) at sentence ends or between words (split_text), so
+  that chunks stay near the target. No text is dropped.
   """
-  chunk: list[str] = []
+  parts: list[str] = []
   size = 0
   for lines in paragraphs:
     paragraph = "\n".join(lines)
     units = lines if len(paragraph) > target_chars else [paragraph]
     for unit in units:
-      chunk.append(unit)
-      size += len(unit)
-      if size >= target_chars:
-        yield "\n\n".join(chunk)
-        chunk, size = [], 0
-  if chunk:
-    yield "\n\n".join(chunk)
+      for i, piece in enumerate(split_text(unit, target_chars)):
+        if parts and i == 0:  # pieces of one line carry their own white space
+          parts.append("\n\n")
+        parts.append(piece)
+        size += len(piece)
+        if size >= target_chars:
+          yield from _nonblank("".join(parts))
+          parts, size = [], 0
+  yield from _nonblank("".join(parts))
+
+
+def _nonblank(chunk: str) -> Iterator[str]:
+  chunk = chunk.strip()
+  if chunk:  # a chunk cut out of a long run of spaces
+    yield chunk
 
 
 def _text_file_items(path: str, opts: BuildOptions, id_root: str) -> Iterator[Item]:
@@ -381,12 +436,22 @@ def _text_file_items(path: str, opts: BuildOptions, id_root: str) -> Iterator[It
 
 
 def _text_jsonl_items(path: str, opts: BuildOptions, id_root: str) -> Iterator[Item]:
+  """One example per document; a document longer than --text_chars is split into chunks of
+  about that length (ids `FILE:LINE#i`), like the paragraphs of a .txt file."""
   name = os.path.relpath(path, id_root)
   for number, line in _jsonl_lines(path):
     try:
-      yield f"{name}:{number}", {"text": _parse_json_object(line).get(opts.text_field)}
+      text = _parse_json_object(line).get(opts.text_field)
     except Skip as e:
       yield f"{name}:{number}", e
+      continue
+    if isinstance(text, str) and len(text) > opts.text_chars:
+      chunks = list(text_chunks(_paragraphs_of(text.split("\n")), opts.text_chars))
+      if len(chunks) > 1:
+        for i, chunk in enumerate(chunks):
+          yield f"{name}:{number}#{i}", {"text": chunk}
+        continue
+    yield f"{name}:{number}", {"text": text}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -569,20 +634,126 @@ def _existing_outputs(prefix_path: str) -> list[str]:
                    if os.path.exists(p)])
 
 
-def _remove(paths: Iterable[str]) -> None:
-  for path in paths:
-    try:
-      os.remove(path)
-    except FileNotFoundError:
-      pass
-
-
 def _write_json(path: str, value: Any) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(value, f, indent=2, ensure_ascii=False)
     f.write("\n")
   os.replace(tmp, path)
+
+
+def _make_out_dir(out_dir: str) -> list[str]:
+  """Creates --out where missing; returns the folders created (deepest first), or BuildError."""
+  if os.path.isdir(out_dir):
+    return []
+  if os.path.lexists(out_dir):
+    raise BuildError(f"--out={out_dir} is a file, not a folder")
+  created, folder = [], os.path.abspath(out_dir)
+  while not os.path.lexists(folder):
+    created.append(folder)
+    folder = os.path.dirname(folder)
+  if not os.path.isdir(folder):
+    raise BuildError(f"--out={out_dir} cannot be created: {folder} is a file, not a folder")
+  try:
+    os.makedirs(out_dir)
+  except OSError as e:
+    _remove_dirs(created)
+    raise BuildError(f"--out={out_dir} cannot be created: {e.strerror or e}") from None
+  return created
+
+
+def _remove_dirs(folders: Iterable[str]) -> None:
+  """Removes folders this build created (deepest first) while they are empty."""
+  for folder in folders:
+    try:
+      os.rmdir(folder)
+    except OSError:
+      return
+
+
+def _is_summary(path: str) -> bool:
+  return path.endswith(".summary.json")
+
+
+def _install(staging: str, out_dir: str, prefix: str, old: Sequence[str]) -> None:
+  """Moves a finished build from `staging` into `out_dir`, replacing the `old` outputs.
+
+  The old outputs are first moved aside (the summary first: a prefix without a summary is an
+  unfinished build), then the new ones moved in (the summary last); on a failure everything is
+  moved back, so the folder holds either the old build or the new one.
+  """
+  new = sorted(os.listdir(staging), key=lambda n: (_is_summary(n), n))
+  backup = tempfile.mkdtemp(dir=out_dir, prefix=f".{prefix}.old-") if old else ""
+  moved_aside: list[str] = []
+  moved_in: list[str] = []
+  try:
+    for path in sorted(old, key=lambda p: (not _is_summary(p), p)):
+      os.replace(path, os.path.join(backup, os.path.basename(path)))
+      moved_aside.append(path)
+    for name in new:
+      os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+      moved_in.append(name)
+  except OSError as e:
+    for name in reversed(moved_in):
+      _try_replace(os.path.join(out_dir, name), os.path.join(staging, name))
+    for path in reversed(moved_aside):
+      _try_replace(os.path.join(backup, os.path.basename(path)), path)
+    if backup and not os.listdir(backup):
+      os.rmdir(backup)
+    raise BuildError(f"cannot move the new shards into --out={out_dir}: {e}; the old ones "
+                     "are kept") from None
+  if backup:
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _try_replace(src: str, dst: str) -> None:
+  try:
+    os.replace(src, dst)
+  except OSError as e:
+    logging.error("could not move %s back to %s: %s", src, dst, e)
+
+
+def _write_build(kind: str, sources: Sequence[Source], opts: BuildOptions, summary: Summary,
+                 staging: str, num_shards: int, inputs: Sequence[str]) -> None:
+  """Writes every usable example of `sources` into shards under `staging`, then the classes
+  and the summary (last). Raises BuildError when nothing was written."""
+  staging_prefix = os.path.join(staging, summary.prefix)
+  try:
+    writer = ShardWriter(staging_prefix, num_shards)
+  except RuntimeError as e:  # ArrayRecordWriter cannot open a file
+    raise BuildError(f"cannot write shards to --out={summary.out_dir}: {e}") from None
+  try:
+    with writer:
+      for source in sources:
+        for item_id, fields in source():
+          try:
+            if isinstance(fields, Skip):
+              raise fields
+            record = make_record(kind, fields, opts)
+          except Skip as e:
+            summary.skip(e.reason, item_id)
+            continue
+          record["id"] = item_id
+          writer.write(record)
+          if writer.count % 10000 == 0:
+            logging.info("%s: %d examples written, %d skipped", summary.out_dir, writer.count,
+                         sum(summary.skipped.values()))
+  except RuntimeError as e:  # ArrayRecordWriter: a full disk, a vanished folder
+    raise BuildError(f"writing shards to --out={summary.out_dir} failed: {e}") from None
+  summary.written = writer.count
+  summary.paths = [os.path.join(summary.out_dir, os.path.basename(p)) for p in writer.paths]
+  if not summary.written:
+    hint = ""
+    if kind == "paired" and summary.skipped.keys() & {"missing_image", "missing_text"}:
+      hint = (f"\n(are the field names right? --image_field={opts.image_field} "
+              f"--caption_field={opts.caption_field})")
+    elif kind == "text" and "missing_text" in summary.skipped:
+      hint = f"\n(is the field name right? --text_field={opts.text_field})"
+    raise BuildError(f"nothing written from {', '.join(inputs)}; "
+                     + "\n".join(summary.format_skipped()) + hint)
+  if summary.classes is not None:
+    _write_json(os.path.join(staging, os.path.basename(summary.classes_path)), summary.classes)
+  _write_json(os.path.join(staging, os.path.basename(summary.summary_path)), summary.to_dict())
 
 
 def build(kind: str, inputs: str | Sequence[str], out_dir: str, *, num_shards: int = 1,
@@ -618,48 +789,30 @@ def build(kind: str, inputs: str | Sequence[str], out_dir: str, *, num_shards: i
   else:
     sources = [s for p in paths for s in _text_sources(p, opts, summary)]
 
-  prefix_path = os.path.join(out_dir, prefix)
-  existing = _existing_outputs(prefix_path)
+  existing = _existing_outputs(os.path.join(out_dir, prefix))
   if existing and not overwrite:
     raise BuildError(f"{out_dir} already holds {len(existing)} files of prefix {prefix!r} "
                      f"(e.g. {os.path.basename(existing[0])}); pass --overwrite, or choose "
                      "another --prefix or --out")
-  _remove(existing)
-
-  writer = ShardWriter(prefix_path, num_shards)
+  # The new build is written into a hidden folder inside --out and moved into place only when
+  # it has finished: a build that fails leaves the old outputs (and nothing else) behind.
+  created = _make_out_dir(out_dir)
   try:
-    with writer:
-      for source in sources:
-        for item_id, fields in source():
-          try:
-            if isinstance(fields, Skip):
-              raise fields
-            record = make_record(kind, fields, opts)
-          except Skip as e:
-            summary.skip(e.reason, item_id)
-            continue
-          record["id"] = item_id
-          writer.write(record)
-          if writer.count % 10000 == 0:
-            logging.info("%s: %d examples written, %d skipped", prefix_path, writer.count,
-                         sum(summary.skipped.values()))
+    staging = tempfile.mkdtemp(dir=out_dir, prefix=f".{prefix}.building-")
+  except OSError as e:
+    _remove_dirs(created)
+    raise BuildError(f"cannot write to --out={out_dir}: {e.strerror or e}") from None
+  try:
+    try:
+      _write_build(kind, sources, opts, summary, staging, num_shards, paths)
+      _install(staging, out_dir, prefix, existing)
+    except OSError as e:  # an input that cannot be read, a full disk
+      raise BuildError(f"{e.filename or out_dir}: {e.strerror or e}") from None
   except BaseException:
-    _remove(writer.paths)  # no half-built shards without a summary
+    shutil.rmtree(staging, ignore_errors=True)
+    _remove_dirs(created)
     raise
-  summary.written, summary.paths = writer.count, list(writer.paths)
-  if not summary.written:
-    _remove(writer.paths)
-    hint = ""
-    if kind == "paired" and summary.skipped.keys() & {"missing_image", "missing_text"}:
-      hint = (f"\n(are the field names right? --image_field={image_field} "
-              f"--caption_field={caption_field})")
-    elif kind == "text" and "missing_text" in summary.skipped:
-      hint = f"\n(is the field name right? --text_field={text_field})"
-    raise BuildError(f"nothing written from {', '.join(paths)}; "
-                     + "\n".join(summary.format_skipped()) + hint)
-  if summary.classes is not None:
-    _write_json(summary.classes_path, summary.classes)
-  _write_json(summary.summary_path, summary.to_dict())
+  shutil.rmtree(staging, ignore_errors=True)
   return summary
 
 
@@ -671,7 +824,8 @@ def main(argv: Sequence[str]) -> None:
   from absl import flags  # pylint: disable=import-outside-toplevel
   f = flags.FLAGS
   if len(argv) > 1:
-    raise SystemExit(f"unexpected arguments {list(argv[1:])}; inputs are given with --input")
+    raise SystemExit(f"error: unexpected arguments {list(argv[1:])}; inputs are given with "
+                     "--input")
   try:
     summary = build(f.kind, f.input, f.out, num_shards=f.num_shards, prefix=f.prefix,
                     max_pixels=f.max_pixels, max_text_bytes=f.max_text_bytes,
@@ -693,14 +847,18 @@ def _define_flags() -> None:
   flags.DEFINE_string("prefix", None, "shard file name prefix (default: the kind)")
   flags.DEFINE_integer("max_pixels", DEFAULT_MAX_PIXELS, "larger images are skipped (too_large)")
   flags.DEFINE_integer("max_text_bytes", DEFAULT_MAX_TEXT_BYTES,
-                       "longer captions/texts are skipped (text_too_long)")
+                       "longer captions are skipped (text_too_long); texts are split into "
+                       "chunks of about --text_chars first")
   flags.DEFINE_string("image_field", "image", "image path field of captions JSONL/CSV/TSV")
   flags.DEFINE_string("caption_field", "caption",
                       "caption field of captions JSONL/CSV/TSV and WebDataset .json members")
   flags.DEFINE_string("text_field", "text", "text field of --kind=text JSONL")
   flags.DEFINE_integer("text_chars", DEFAULT_TEXT_CHARS,
-                       "paragraphs of .txt files are joined into examples of about this length")
-  flags.DEFINE_bool("overwrite", False, "replace shards of the same prefix already in --out")
+                       "paragraphs of .txt files are joined into examples of about this length; "
+                       "longer paragraphs, lines and JSONL documents are split into chunks of "
+                       "about this length")
+  flags.DEFINE_bool("overwrite", False, "replace shards of the same prefix already in --out "
+                    "(once the new build has finished; a failed build keeps the old one)")
   flags.mark_flags_as_required(["kind", "input", "out"])
 
 

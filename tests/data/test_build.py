@@ -152,8 +152,10 @@ def test_text_files_are_joined_paragraphs(tmp_path):
   assert summary.ignored == {"non_text_files": 1}
   assert [(r["id"], r["text"]) for r in _records(summary.paths)] == [
       ("a.txt#0", "Title First paragraph of the book."),
-      ("a.txt#1", "Short. A long paragraph that is split at lines"),
-      ("a.txt#2", "second line of it third line"),
+      # a line longer than the target is split too, between words
+      ("a.txt#1", "Short. A long paragraph that is"),
+      ("a.txt#2", "split at lines second line of it"),
+      ("a.txt#3", "third line"),
       ("sub/b.txt#0", "Only one.")]
 
 
@@ -288,3 +290,122 @@ def test_command_line(tmp_path):
   assert missing.returncode != 0
   assert f"input path does not exist: {tmp_path / 'missing.csv'}" in missing.stderr
   assert "Traceback" not in missing.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Long text is chunked, never dropped; --overwrite replaces only a finished build; --out errors.
+
+
+def _sentences(n: int) -> str:
+  return " ".join(f"Sentence number {i} says something about item {i * 7}." for i in range(n))
+
+
+def test_split_text_cuts_at_sentences_and_words_and_loses_nothing():
+  text = _sentences(40)
+  pieces = B.split_text(text, 200)
+  assert "".join(pieces) == text and len(pieces) > 5
+  assert all(len(p) <= 200 for p in pieces)
+  assert all(p.endswith(". ") for p in pieces[:-1])  # at sentence ends
+  words = "word " * 100
+  assert all(p.endswith(" ") for p in B.split_text(words, 33)[:-1])  # no sentence: between words
+  blob = "x" * 1000  # no space at all: cut where it must be
+  assert B.split_text(blob, 300) == ["x" * 300] * 3 + ["x" * 100]
+  assert B.split_text("short", 300) == ["short"]
+  assert list(B.text_chunks([["a" + " " * 5000 + "b"]], 2000)) == ["a", "b"]  # no blank chunk
+
+
+def test_long_single_line_text_and_jsonl_documents_are_chunked(tmp_path):
+  line = _sentences(2400)  # ~124 KB without a newline: over max_text_bytes as one example
+  assert len(line.encode()) > B.DEFAULT_MAX_TEXT_BYTES
+  _put(tmp_path / "in/book.txt", line)
+  doc = "\n\n".join(_sentences(200) for _ in range(10))  # ~100 KB: a long wiki article
+  _put(tmp_path / "in/wiki.jsonl", json.dumps({"text": "a short one"}) + "\n"
+       + json.dumps({"text": doc}) + "\n" + json.dumps({"text": "x" * 5000}) + "\n")
+  summary = B.build("text", str(tmp_path / "in"), str(tmp_path / "out"))
+  assert not summary.skipped
+  records = _records(summary.paths)
+  by_source = {}
+  for r in records:
+    by_source.setdefault(r["id"].rsplit("#", 1)[0] if "#" in r["id"] else r["id"], []).append(r)
+  assert set(by_source) == {"book.txt", "wiki.jsonl:1", "wiki.jsonl:2", "wiki.jsonl:3"}
+  assert [r["id"] for r in by_source["wiki.jsonl:1"]] == ["wiki.jsonl:1"]  # short: one example
+  for name, original in (("book.txt", line), ("wiki.jsonl:2", doc)):
+    chunks = [r["text"] for r in sorted(by_source[name],
+                                        key=lambda r: int(r["id"].rsplit("#", 1)[1]))]
+    assert len(chunks) >= len(original) // (2 * B.DEFAULT_TEXT_CHARS)
+    assert all(len(c) < 2 * B.DEFAULT_TEXT_CHARS for c in chunks)
+    assert " ".join(chunks) == " ".join(original.split())  # every word kept, in order
+    assert all(c.endswith(".") for c in chunks)  # cut at sentence ends
+  blob = sorted(by_source["wiki.jsonl:3"], key=lambda r: r["id"])  # no space: cut in the word
+  assert [r["text"] for r in blob] == ["x" * 2000, "x" * 2000, "x" * 1000]
+
+
+def _good_build(tmp_path):
+  _put(tmp_path / "good/cat/a.jpg", _image(0))
+  _put(tmp_path / "good/dog/b.jpg", _image(1))
+  B.build("image", str(tmp_path / "good"), str(tmp_path / "out"), num_shards=2)
+  _put(tmp_path / "out/notes.txt", "the user's own file")
+  _put(tmp_path / "bad/cat/a.jpg", b"")  # the only example is bad: nothing written
+  return {n: (tmp_path / "out" / n).read_bytes() for n in os.listdir(tmp_path / "out")}
+
+
+def test_failed_overwrite_keeps_the_old_build(tmp_path):
+  before = _good_build(tmp_path)
+  assert len(before) == 5  # 2 shards, classes, summary, notes
+  with pytest.raises(B.BuildError, match="nothing written"):
+    B.build("image", str(tmp_path / "bad"), str(tmp_path / "out"), overwrite=True)
+  after = {n: (tmp_path / "out" / n).read_bytes() for n in os.listdir(tmp_path / "out")}
+  assert after == before  # old outputs intact, no temporary leftovers
+
+
+def test_overwrite_that_fails_while_moving_in_restores_the_old_build(tmp_path, monkeypatch):
+  before = _good_build(tmp_path)
+  _put(tmp_path / "other/a.jpg", _image(5))
+  replace = os.replace
+
+  def failing_replace(src, dst):
+    if str(dst).endswith("out/image.summary.json") and "building" in str(src):
+      raise OSError(28, "No space left on device")
+    return replace(src, dst)
+
+  monkeypatch.setattr(os, "replace", failing_replace)
+  with pytest.raises(B.BuildError, match="old ones are kept"):
+    B.build("image", str(tmp_path / "other"), str(tmp_path / "out"), overwrite=True)
+  monkeypatch.undo()
+  after = {n: (tmp_path / "out" / n).read_bytes() for n in os.listdir(tmp_path / "out")}
+  assert after == before
+
+
+def test_out_that_is_a_file_or_under_a_file_is_an_error(tmp_path):
+  _put(tmp_path / "i/a.jpg", _image(0))
+  _put(tmp_path / "taken", "a file the user owns")
+  with pytest.raises(B.BuildError, match=r"--out=.*taken is a file, not a folder"):
+    B.build("image", str(tmp_path / "i"), str(tmp_path / "taken"))
+  with pytest.raises(B.BuildError, match=r"cannot be created: .*taken is a file"):
+    B.build("image", str(tmp_path / "i"), str(tmp_path / "taken/sub/out"))
+  assert (tmp_path / "taken").read_text() == "a file the user owns"
+  # A missing --out is created, and removed again when the build fails.
+  with pytest.raises(B.BuildError, match="nothing written"):
+    B.build("image", str(tmp_path / "i"), str(tmp_path / "new/deeper/out"), max_pixels=1)
+  assert not (tmp_path / "new").exists()
+
+
+def test_command_line_out_and_overwrite_errors(tmp_path):
+  before = _good_build(tmp_path)
+  _put(tmp_path / "taken", "a file")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+
+  def run(*args):
+    return subprocess.run([sys.executable, "-m", "flava_jax.data.build", "--kind=image", *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+                          check=False)
+
+  result = run(f"--input={tmp_path / 'good'}", f"--out={tmp_path / 'taken'}")
+  assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+  errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+  assert errors == [f"error: --out={tmp_path / 'taken'} is a file, not a folder"], result.stderr
+  result = run(f"--input={tmp_path / 'bad'}", f"--out={tmp_path / 'out'}", "--overwrite")
+  assert result.returncode != 0 and "error: nothing written" in result.stderr, result.stderr
+  assert "Traceback" not in result.stderr
+  after = {n: (tmp_path / "out" / n).read_bytes() for n in os.listdir(tmp_path / "out")}
+  assert after == before
