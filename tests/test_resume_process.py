@@ -1,6 +1,8 @@
 """The binary as users run it (here with the MLM stage config): killed (SIGKILL) or preempted (SIGTERM) after a checkpoint and
 started again with the same workdir, it ends bit-identical to an uninterrupted run, data order
-included. Bad configs stop at start-up naming the field."""
+included. Bad configs stop at start-up naming the field; so do resumes the checkpoint cannot
+take, a second run on a live run's workdir and a workdir that cannot be one. Ctrl-C saves and
+exits 0; a diverged run keeps only checkpoints a rerun can use."""
 
 import os
 import signal
@@ -36,9 +38,25 @@ def _command(workdir, extra=()):
           f"--workdir={workdir}", *flags, *extra]
 
 
-def _start(workdir):
-  return subprocess.Popen(_command(workdir), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+def _start(workdir, extra=(), **kwargs):
+  return subprocess.Popen(_command(workdir, extra), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def _run(workdir, extra=()):
+  return subprocess.run(_command(workdir, extra), cwd=REPO, env=_env(), capture_output=True,
+                        text=True, check=False)
+
+
+def _one_error_line(done, *texts):
+  """The run failed with exit 1 and one `error:` line holding every text, no traceback."""
+  assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+  assert "Traceback" not in done.stdout + done.stderr, done.stderr[-3000:]
+  errors = [l for l in done.stderr.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1, done.stderr[-2000:]
+  for text in texts:
+    assert text in errors[0], errors[0]
+  return errors[0]
 
 
 def _read_until(proc, text):
@@ -80,9 +98,14 @@ def _assert_same(params, reference):
 
 
 def test_sigkill_after_a_checkpoint_then_restart_is_exact(reference, tmp_path):
+  """Also: a second run on the workdir is refused while the first lives (here stopped with
+  SIGSTOP, so that it surely does), and the killed run leaves no lock behind."""
   workdir = str(tmp_path / "run")
   proc = _start(workdir)
   _read_until(proc, "checkpoint 8 saving")  # so checkpoint 4 is complete
+  proc.send_signal(signal.SIGSTOP)
+  second = _run(workdir)
+  _one_error_line(second, f"workdir={workdir!r} is in use by another run (pid {proc.pid} on ")
   proc.kill()
   proc.wait()
   assert proc.returncode == -signal.SIGKILL  # killed mid-run, not finished
@@ -123,3 +146,58 @@ def test_bad_configs_stop_at_start_up_naming_the_field(flag, message, tmp_path):
   assert done.returncode != 0
   assert message in done.stdout + done.stderr
   assert not os.path.exists(tmp_path / trainer.CHECKPOINT_DIR)
+
+
+def test_ctrl_c_to_the_process_group_saves_and_exits_0_and_resume_refusals_name_the_field(
+    tmp_path):
+  """Ctrl-C reaches the whole process group (the grain workers too): the run saves and exits 0.
+  Restarting with another worker count or model size stops at start-up naming the field (before:
+  both checkpoints were taken for corrupt and training restarted from step 0)."""
+  workdir = str(tmp_path / "run")
+  proc = _start(workdir, ["--config.data.worker_count=1"], start_new_session=True)
+  lines = _read_until(proc, "checkpoint 4 saving")
+  os.killpg(proc.pid, signal.SIGINT)
+  lines += proc.stdout.readlines()
+  proc.wait()
+  assert proc.returncode == 0, "".join(lines[-30:])
+  stopped = [l for l in lines if l.startswith("SIGINT: saved step")]
+  assert stopped and "Traceback" not in "".join(lines), "".join(lines[-30:])
+  step = int(stopped[0].split()[3])
+  checkpoints = os.path.join(workdir, trainer.CHECKPOINT_DIR)
+  assert str(step) in os.listdir(checkpoints)
+  metrics = open(os.path.join(workdir, trainer.METRICS_FILE)).read()
+  _one_error_line(_run(workdir, ["--config.data.worker_count=0"]),
+                  f"cannot resume {workdir} from step {step} with another data.worker_count 1 -> 0")
+  _one_error_line(_run(workdir, ["--config.data.worker_count=1",
+                                 "--config.model.text.hidden_size=32"]),
+                  "model.text.hidden_size 64 -> 32")
+  assert open(os.path.join(workdir, trainer.METRICS_FILE)).read() == metrics
+  assert str(step) in os.listdir(checkpoints)
+
+
+def test_a_diverged_run_stops_in_one_line_and_keeps_only_usable_checkpoints(tmp_path):
+  """lr 1e6 from step 2: the loss leaves its level at step 3 and the parameters become
+  non-finite. The checkpoints saved since the loss rose are set aside, not resumed from; the
+  rerun with a sane learning rate resumes from the last usable one and trains finitely."""
+  workdir = str(tmp_path / "run")
+  done = _run(workdir, ["--config.optimizer.learning_rate=1e6", "--config.optimizer.warmup_steps=1",
+                        "--config.checkpoint.every_steps=1"])
+  error = _one_error_line(done, "the newest usable checkpoint is step 1")
+  assert "set aside: 2 -> 2.diverged" in error, error
+  names = sorted(os.listdir(os.path.join(workdir, trainer.CHECKPOINT_DIR)))
+  assert "1" in names and "2.diverged" in names
+  assert not [n for n in names if n.isdigit() and int(n) > 1]  # nothing newer to resume from
+  assert not [n for n in names if "tmp" in n]  # no save abandoned half-written
+  done = _run(workdir, ["--config.total_steps=4", "--config.checkpoint.every_steps=2"])
+  assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+  assert "resumed from step 1 " in done.stdout
+  losses = [float(l.split("text/loss=")[1].split()[0]) for l in done.stdout.splitlines()
+            if "text/loss=" in l]
+  assert len(losses) == 3 and all(l < 20 for l in losses), done.stdout
+
+
+def test_an_unusable_workdir_is_one_error_line(tmp_path):
+  path = tmp_path / "a_file"
+  path.write_text("not a directory")
+  _one_error_line(_run(str(path)), f"workdir={str(path)!r} is a file, not a directory")
+  _one_error_line(_run(str(path / "run")), "cannot be created")
