@@ -136,10 +136,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Evaluations (flava_jax/evals/; configs/eval/ runs each alone): at the end of training, and
   # every `every_steps` steps where set. Default: zero-shot retrieval on the embedded held-out
   # pairs and zero-shot classification of the embedded held-out images.
+  # Each split names every field of its source, so that the command line can point it elsewhere:
+  # --config.evals.retrieval.data.source=array_record --config.evals.retrieval.data.paths=DIR.
+  eval_fields = {f: f for f in ("image", "caption", "text", "label", "text_pair", "answers")}
+
+  def eval_split(name):
+    return dict(source="embedded", name=name, split="test", paths="", data_dir="",
+                fields=dict(eval_fields))
+
   config.evals = ml_collections.ConfigDict(dict(
-      retrieval=dict(evaluator="retrieval", every_steps=0,
-                     data=dict(source="embedded", name="paired", split="test")),
-      zero_shot=dict(evaluator="zero_shot", every_steps=0),
+      retrieval=dict(evaluator="retrieval", every_steps=0, data=eval_split("paired")),
+      zero_shot=dict(evaluator="zero_shot", every_steps=0, data=eval_split("image")),
   ))
   # Prediction slots: the masked-prediction heads run on this many positions per row, not on
   # every patch / token (0 = every position; the loss is the same). Image: the block mask's 75

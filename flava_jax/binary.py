@@ -1,15 +1,83 @@
 """What every flava_jax binary (main, train_dvae, evaluate) does before its work.
 
-Refuses stray arguments, keeps library INFO chatter (orbax) quiet unless `-v` asks for it, joins
-the other processes of a multi-host run when --multiprocess, and logs the topology.
+Refuses stray arguments, keeps library INFO chatter (orbax) quiet unless `-v` asks for it, keeps
+an installed libtpu from starting on a machine without a TPU (skip_absent_tpu), joins the other
+processes of a multi-host run when --multiprocess, and logs the topology.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import glob
+import importlib.util
+import os
+from collections.abc import Mapping, Sequence
 
 import jax
 from absl import app, flags, logging
+
+# Device files of an attached TPU: /dev/accel0.. (v2-v4), /dev/vfio/0.. (v5e, v5p, v6e; VFIO
+# groups are numbered, /dev/vfio/vfio alone is the kernel's control file on any machine).
+TPU_DEVICE_PATTERNS = ("/dev/accel*", "/dev/vfio/[0-9]*")
+# A GPU's device files: left to JAX (its CUDA/ROCm plugins decide what to use).
+GPU_DEVICE_PATTERNS = ("/dev/nvidia[0-9]*", "/dev/kfd")
+GOOGLE_PCI_VENDOR = "0x1ae0"  # Google's PCI devices: TPU chips (and gVNIC network cards)
+
+
+def tpu_present() -> bool:
+  """Whether this machine has a TPU attached: its device files, or TPU chips on the PCI bus."""
+  if any(glob.glob(p) for p in TPU_DEVICE_PATTERNS):
+    return True
+  try:  # JAX's own test: Google PCI devices with a TPU chip's device id
+    from jax._src import hardware_utils  # pylint: disable=import-outside-toplevel
+    return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+  except Exception:  # pylint: disable=broad-except  (a private module: any Google PCI device)
+    pass
+  for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+    try:
+      with open(vendor, encoding="ascii") as f:
+        if f.read().strip() == GOOGLE_PCI_VENDOR:
+          return True
+    except OSError:
+      continue
+  return False
+
+
+def machine() -> dict[str, bool]:
+  """What platforms_without_tpu asks of this machine: tpu, gpu and libtpu (installed)."""
+  return dict(tpu=tpu_present(), gpu=any(glob.glob(p) for p in GPU_DEVICE_PATTERNS),
+              libtpu=(importlib.util.find_spec("libtpu") is not None
+                      or bool(os.environ.get("TPU_LIBRARY_PATH"))))
+
+
+def platforms_without_tpu(environ: Mapping[str, str], tpu: bool, gpu: bool,
+                          libtpu: bool) -> str | None:
+  """The JAX platforms to pin at start-up ("cpu"), or None to leave JAX's choice alone.
+
+  The rule: pin "cpu" only when nobody chose the platforms (JAX_PLATFORMS unset) and the machine
+  has nothing but its CPU to offer: libtpu is installed (else there is nothing to keep quiet), no
+  TPU device is attached, and no GPU either (JAX's GPU plugins keep choosing for themselves).
+  Without a TPU, an installed libtpu still starts when JAX looks for backends, fails, and prints
+  E0000 ... INVALID_ARGUMENT lines about TPU_WORKER_HOSTNAMES before JAX falls back to the CPU.
+  On a TPU VM (device files present) or with JAX_PLATFORMS set (the tests: cpu; a user's tpu),
+  nothing changes. The AOT tool (flava_jax/tools/aot.py) is unaffected: it loads libtpu itself
+  for jax.experimental.topologies.get_topology_desc(platform="tpu"), whatever the platforms.
+  """
+  if "JAX_PLATFORMS" in environ or not libtpu or tpu or gpu:
+    return None
+  return "cpu"
+
+
+def skip_absent_tpu() -> str | None:
+  """Applies platforms_without_tpu to this machine and process; returns what it pinned.
+
+  Must run before JAX initialises its backends (the first jax.devices(), process_index(), ...).
+  """
+  if jax.config.jax_platforms:  # set in code (jax.config.update) or by JAX_PLATFORMS
+    return None
+  platforms = platforms_without_tpu(os.environ, **machine())
+  if platforms:
+    jax.config.update("jax_platforms", platforms)
+  return platforms
 
 
 def start(argv: Sequence[str]) -> None:
@@ -17,6 +85,7 @@ def start(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  skip_absent_tpu()  # before anything below asks JAX for devices
   if flags.FLAGS.multiprocess:
     jax.distributed.initialize()
   logging.warning("process %d of %d; %d local / %d global devices (%s)", jax.process_index(),

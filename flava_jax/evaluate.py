@@ -109,11 +109,17 @@ def run(config: Any, checkpoint_path: str) -> dict[str, float]:
   return evaluator(ckpt.params)
 
 
+def format_figure(value: Any) -> str:
+  """A metric as printed: whole numbers as such, accuracies to four decimals, and small or large
+  values (an L2 strength of 1e-06, a learning rate) to three significant digits."""
+  if isinstance(value, float) and not value.is_integer():
+    return f"{value:.4f}" if 0.01 <= abs(value) < 1e4 else f"{value:.3g}"
+  return f"{value:g}"
+
+
 def format_metrics(name: str, metrics: Mapping[str, float]) -> str:
-  """One line: the figures first, counts and skips after."""
-  parts = [f"{k} {v:.4f}" if isinstance(v, float) and not float(v).is_integer() else f"{k} {v:g}"
-           for k, v in metrics.items()]
-  return f"{name}: " + ", ".join(parts)
+  """One line: the figures first, counts and skips after (format_figure)."""
+  return f"{name}: " + ", ".join(f"{k} {format_figure(v)}" for k, v in metrics.items())
 
 
 def eval_rows(config: Any, kind: str, source_config: sources.SourceConfig | None = None,
@@ -126,7 +132,7 @@ def eval_rows(config: Any, kind: str, source_config: sources.SourceConfig | None
   processor = pipeline.make_processor(kind, cfg, shapes, tok, train=False)
   source_config = source_config or sources.SourceConfig(name=kind, split="test",
                                                         cache_dir=cfg.cache_dir)
-  source = sources.open_source(source_config, f"eval.{kind}")
+  source = sources.open_source(source_config, f"eval.{kind}", kind)
   source.check(kind)
   count = len(source) if limit is None else min(limit, len(source))
   rows = [processor(source[i], None) for i in range(count)]

@@ -4,6 +4,7 @@
                   were on the host to the moment this step's are, less the compiles, saves and
                   evaluations in between (each timed apart); an ETA from those figures
     CorpusMeans   per-corpus means of every step metric since the last log line
+    SkipRates     per-corpus share of skipped (bad) examples since the last log line, warnings
     MetricWriter  one row per step to metrics.jsonl and TensorBoard, a progress line on stdout
                   (process 0 only); metric names are the same in all three places
 """
@@ -150,6 +151,38 @@ class CorpusMeans:
     self._sums.clear()
     self._counts.clear()
     return out
+
+
+class SkipRates:
+  """Per corpus, the share of its examples skipped (bad data) since the last `take`, and a
+  warning for each corpus above `warn_above` naming its reasons."""
+
+  def __init__(self, corpora, rows_per_batch: int, warn_above: float = 0.1):
+    self.corpora = list(corpora)
+    self.rows = rows_per_batch
+    self.warn_above = warn_above
+    self._skipped = collections.Counter()
+    self._batches = collections.Counter()
+
+  def take(self, skipped: Mapping[str, int], batches: Mapping[str, int]
+           ) -> tuple[dict[str, float], list[str]]:
+    """skipped: {"corpus/reason": total}, batches: {corpus: total delivered} -> (rates, warnings)."""
+    rates, warnings = {}, []
+    for corpus in self.corpora:
+      new = {k.split("/", 1)[1]: v - self._skipped[k] for k, v in sorted(skipped.items())
+             if k.startswith(corpus + "/") and v > self._skipped[k]}
+      delivered = (batches.get(corpus, 0) - self._batches[corpus]) * self.rows
+      total = sum(new.values()) + delivered
+      if not total:
+        continue
+      rates[corpus] = sum(new.values()) / total
+      if rates[corpus] > self.warn_above:
+        reasons = ", ".join(f"{reason} {count}" for reason, count in new.items())
+        warnings.append(f"corpus {corpus} skipped {rates[corpus]:.0%} of its examples since "
+                        f"the last log line ({reasons}): check data.corpora.{corpus}")
+    self._skipped = collections.Counter(skipped)
+    self._batches = collections.Counter(batches)
+    return rates, warnings
 
 
 class MetricWriter:

@@ -391,8 +391,6 @@ class Run:
   final_evals: int = 0            # evaluations after the last step (for the ETA)
 
 
-SKIP_WARNING_RATE = 0.1  # a corpus skipping more than this share of its examples is warned about
-
 
 def run_loop(run: Run, stop_after: int | None = None) -> tuple[Any, int, str]:
   """Resumes, trains to config.total_steps (or stop_after more steps), checkpoints.
@@ -448,9 +446,8 @@ def _train(run: Run, manager: ocp.CheckpointManager, writer: progress.MetricWrit
   schedule = jax.jit(run.schedule)  # one compile, not one per jnp op of the schedule
   means = progress.CorpusMeans()
   interval = dict(seconds=0.0, flops=0.0, steps=0)
-  skipped_before = collections.Counter(data.skipped)
-  taken_before = collections.Counter(data.batches)
-  host_rows = config.global_batch // jax.process_count()
+  skips = progress.SkipRates(data.kinds, config.global_batch // jax.process_count())
+  skips.take(data.skipped, data.batches)  # counts restored with the data state are not news
   compiled: set[str] = set()
   kinds = set(data.kinds.values())
   every = run.checkpoint.every_steps
@@ -461,17 +458,6 @@ def _train(run: Run, manager: ocp.CheckpointManager, writer: progress.MetricWrit
     if run.evaluate is None:
       return 0
     return run.evaluate.calls_between(step, total) + run.final_evals
-
-  def skip_rates():
-    """{corpus: share of its examples skipped since the last log line} and the counts."""
-    rates = {}
-    for corpus in data.kinds:
-      skipped = sum(v - skipped_before[k] for k, v in data.skipped.items()
-                    if k.startswith(corpus + "/"))
-      taken = (data.batches[corpus] - taken_before[corpus]) * host_rows
-      if skipped + taken:
-        rates[corpus] = skipped / (skipped + taken)
-    return rates
 
   def flush(item):
     step, corpus, metrics = item
@@ -496,26 +482,16 @@ def _train(run: Run, manager: ocp.CheckpointManager, writer: progress.MetricWrit
       if peak:
         out["mfu"] = interval["flops"] / seconds / jax.device_count() / peak
       out.update({f"skipped/{k}": v for k, v in data.skipped.items()})
-      rates = skip_rates()
-      for corpus_name, rate in rates.items():
-        if rate > 0:
-          out[f"skip_rate/{corpus_name}"] = rate
+      rates, warnings = skips.take(data.skipped, data.batches)
+      out.update({f"skip_rate/{c}": rate for c, rate in rates.items() if rate > 0})
       interval.update(seconds=0.0, flops=0.0, steps=0)
       saves_left = len(range((step // every + 1) * every, total, every)) + (step < total)
       guess = sum(compile_times) / len(compile_times) if compile_times else None
       writer.write(step, out, eta=clock.eta(total - step, len(kinds - compiled), saves_left,
                                             evals_left(step), guess))
-      for corpus_name, rate in rates.items():
-        if rate > SKIP_WARNING_RATE and jax.process_index() == 0:
-          reasons = ", ".join(f"{k.split('/', 1)[1]} {v - skipped_before[k]}"
-                              for k, v in sorted(data.skipped.items())
-                              if k.startswith(corpus_name + "/") and v > skipped_before[k])
-          print(f"warning: corpus {corpus_name} skipped {rate:.0%} of its examples since the "
-                f"last log line ({reasons}): check data.corpora.{corpus_name}", flush=True)
-      skipped_before.clear()
-      skipped_before.update(data.skipped)
-      taken_before.clear()
-      taken_before.update(data.batches)
+      if jax.process_index() == 0:
+        for warning in warnings:
+          print(f"warning: {warning}", flush=True)
 
   def save(step):
     with clock.paused("save"):

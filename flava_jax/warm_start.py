@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from flava_jax import checkpoint, convert
 
@@ -79,6 +80,23 @@ def _checkpoint_steps(workdir: str) -> list[int]:
   return sorted(steps, reverse=True)
 
 
+def _read_state_item(path: str) -> Any:
+  """A checkpoint step's "state" item (CHECKPOINT_DIR/STEP/state, the trainer's StandardSave)
+  as host numpy arrays, read without a target so that any device count reads what any wrote.
+
+  The tree's structure comes from the item handler's own metadata (the item's _METADATA). A
+  Checkpointer's metadata() would also look for step metadata (_CHECKPOINT_METADATA) inside the
+  item directory, where the CheckpointManager never writes it (it sits one level up, beside the
+  "state" and "data" items), and log "Metadata file does not exist" on every read.
+  """
+  handler = ocp.PyTreeCheckpointHandler()
+  with ocp.Checkpointer(handler) as reader:
+    metadata = handler.metadata(epath.Path(path))
+    tree = getattr(metadata, "tree", metadata)  # a TreeMetadata; a plain tree in older Orbax
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return reader.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+
+
 def read_workdir_params(workdir: str, field: str) -> Any:
   """The parameters of a workdir's newest readable checkpoint, as host numpy arrays.
 
@@ -88,10 +106,7 @@ def read_workdir_params(workdir: str, field: str) -> Any:
   for step in _checkpoint_steps(workdir):
     path = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, str(step), STATE_ITEM)
     try:
-      reader = ocp.PyTreeCheckpointer()
-      tree = reader.metadata(path).item_metadata
-      args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-      return reader.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))["params"]
+      return _read_state_item(path)["params"]
     except Exception as e:  # pylint: disable=broad-except  (Orbax raises many types)
       errors.append(f"step {step}: {type(e).__name__}: {e}")
   raise ValueError(f"{field}={workdir!r}: no readable checkpoint ({'; '.join(errors)})")

@@ -3,12 +3,14 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 import flava_jax
 from configs import flava as flava_configs
 from flava_jax.models.dvae import init_dvae_params
+from tests.flag_parsing import parse_config_flags
 
 
 def test_full_config_has_the_flava_full_numbers():
@@ -163,3 +165,75 @@ def test_prediction_slots_that_cannot_hold_the_labels_fail_at_start_up(field, va
   config.loss[field] = value
   with pytest.raises(ValueError, match=match):
     trainer.check_config(config)
+
+
+# --- data sections on the command line ---------------------------------------------------------
+
+_CONFIG_FILES = ([("flava.py", v) for v in ("tiny", "full")]
+                 + [(f, None) for f in ("mim.py", "mlm.py", "dvae.py")]
+                 + [("eval/retrieval.py", v) for v in ("embedded", "coco")]
+                 + [("eval/zero_shot.py", v) for v in ("embedded", "imagenet", "cifar10")]
+                 + [("eval/linear_probe.py", v) for v in ("embedded", "imagenet", "cifar10")]
+                 + [("eval/finetune.py", v) for v in ("text_pairs", "vqa", "ve", "rte", "sst2")])
+
+
+def _data_sections(node, prefix=""):
+  """Paths of every mapping under `node` that names a source (a data section)."""
+  out = []
+  for key, value in node.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      path = f"{prefix}{key}"
+      out += [path] if "source" in value else _data_sections(value, path + ".")
+  return out
+
+
+def _get(config, path):
+  for key in path.split("."):
+    config = config[key]
+  return config
+
+
+@pytest.mark.parametrize("name, variant", _CONFIG_FILES)
+def test_every_data_section_can_be_pointed_at_own_shards_on_the_command_line(name, variant):
+  """--config.SECTION.source=array_record --config.SECTION.paths=DIR (and the other source
+  fields) parse for every split of every config, and what they give is a valid source."""
+  from flava_jax import evals  # pylint: disable=import-outside-toplevel
+  from flava_jax.data import pipeline, sources  # pylint: disable=import-outside-toplevel
+  from flava_jax.evals import features  # pylint: disable=import-outside-toplevel
+  path = name + (f":{variant}" if variant else "")
+  sections = _data_sections(parse_config_flags(path))
+  expected = {"flava.py": 5, "mim.py": 1, "mlm.py": 1, "dvae.py": 2, "eval/retrieval.py": 1,
+              "eval/zero_shot.py": 1, "eval/linear_probe.py": 3, "eval/finetune.py": 2}[name]
+  assert len(sections) == expected, sections
+  overrides = []
+  for i, section in enumerate(sections):
+    overrides += [f"--config.{section}.source=array_record",
+                  f"--config.{section}.paths=/shards/{i}",
+                  f"--config.{section}.data_dir=/tfds/{i}",
+                  f"--config.{section}.fields.caption=caption_{i}"]
+  config = parse_config_flags(path, *overrides)
+  for i, section in enumerate(sections):
+    values = _get(config, section)
+    assert (values.source, values.paths, values.data_dir) == ("array_record", f"/shards/{i}",
+                                                              f"/tfds/{i}")
+    assert values.fields.caption == f"caption_{i}"
+    # A training corpus reads image, caption, text and label; an evaluation split any of them.
+    corpus = ".corpora." in f".{section}"
+    wanted = ("image", "caption", "text", "label") if corpus else sources.CANONICAL_FIELDS
+    assert set(wanted) <= set(values.fields), (section, values.fields)
+    if not corpus:
+      cfg = features.source_config(values, section)  # every field is a SourceConfig field
+      assert cfg.paths == f"/shards/{i}" and cfg.fields["caption"] == f"caption_{i}"
+  if "data" in config and "corpora" in config.data:
+    _, corpora = pipeline.data_config(config.data)
+    assert all(c.source == "array_record" and c.paths.startswith("/shards/")
+               for c in corpora.values())
+  for name_, task in ({"task": config.task} if "task" in config else
+                      dict(config.get("evals", {}))).items():
+    evals.parse(task, name_)
+
+
+def test_eval_configs_name_the_canonical_fields_of_the_sources():
+  from configs.eval import base  # pylint: disable=import-outside-toplevel
+  from flava_jax.data import sources  # pylint: disable=import-outside-toplevel
+  assert base.CANONICAL_FIELDS == sources.CANONICAL_FIELDS

@@ -1,4 +1,7 @@
-"""Gradient accumulation, frozen parameter groups, and runs started from a transformers checkpoint."""
+"""Gradient accumulation, frozen parameter groups, and runs started from a transformers checkpoint
+or a training workdir."""
+
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -104,3 +107,44 @@ def test_model_from_and_dvae_from_a_transformers_checkpoint(tiny_hf_dir):
                                             jax.random.key(3), mesh, rules)
   with pytest.raises(ValueError, match=r"init.model_from: image_projection/\w+ has shape"):
     warm_start.initial_params(other_state.params, warm_start.InitConfig(model_from=tiny_hf_dir))
+
+
+def _workdir_like_the_trainers(root, steps=(2, 4)):
+  """checkpoints/STEP/{state, data} as the trainer's CheckpointManager writes them (items "state":
+  StandardSave of a sharded train state, "data": grain's iterator state)."""
+  import grain  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  mesh = sharding.make_mesh({"data": -1})
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  iterator = iter(grain.MapDataset.range(10).to_iter_dataset())
+  saved = {}
+  options = ocp.CheckpointManagerOptions(max_to_keep=3, enable_async_checkpointing=False)
+  with ocp.CheckpointManager(str(root / warm_start.CHECKPOINT_DIR), options=options) as manager:
+    for step in steps:
+      params = {"image_encoder": {"w": np.arange(16.0, dtype=np.float32).reshape(8, 2) + step},
+                "logit_scale": np.float32(step)}
+      state = {"step": jax.device_put(np.int32(step), replicated),
+               "params": {"image_encoder": {"w": jax.device_put(params["image_encoder"]["w"],
+                                                                  rows)},
+                          "logit_scale": jax.device_put(params["logit_scale"], replicated)},
+               "opt_state": {"mu": jax.device_put(np.zeros(8, np.float32), rows)}}
+      next(iterator)
+      manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)))
+      saved[step] = params
+  return saved
+
+
+def test_reading_a_workdirs_parameters_is_quiet_and_exact(tmp_path, caplog):
+  saved = _workdir_like_the_trainers(tmp_path)
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    params = warm_start.read_workdir_params(str(tmp_path), "init.model_from")
+    again = warm_start.read_flava_params(str(tmp_path), "init.model_from")
+  assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+  for tree in (params, again):  # the newest step's values, as host arrays of the saved dtypes
+    assert jax.tree.structure(tree) == jax.tree.structure(saved[4])
+    for got, want in zip(jax.tree.leaves(tree), jax.tree.leaves(saved[4])):
+      assert isinstance(got, np.ndarray) and got.dtype == np.asarray(want).dtype
+      np.testing.assert_array_equal(got, want)

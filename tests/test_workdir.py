@@ -112,6 +112,17 @@ def test_corpus_means_average_every_step_since_the_last_take():
   assert means.take() == {}
 
 
+def test_skip_rates_are_per_interval_and_a_high_one_is_warned_about_with_its_reasons():
+  skips = progress.SkipRates(["paired", "image"], rows_per_batch=16)
+  rates, warnings = skips.take({"paired/missing_text": 4}, {"paired": 2})
+  assert rates == {"paired": 4 / 36} and warnings[0].startswith(
+      "corpus paired skipped 11% of its examples since the last log line (missing_text 4)")
+  rates, warnings = skips.take({"paired/missing_text": 4, "image/missing_image": 16},
+                               {"paired": 3, "image": 1})
+  assert rates == {"paired": 0.0, "image": 0.5} and len(warnings) == 1
+  assert "image skipped 50%" in warnings[0] and "check data.corpora.image" in warnings[0]
+
+
 def test_the_writer_starts_a_new_file_when_metrics_jsonl_vanishes(tmp_path, capsys):
   writer = progress.MetricWriter(str(tmp_path), 10, tensorboard=False)
   writer.write(1, {"a/loss": 1.0}, eta="?")

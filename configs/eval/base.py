@@ -6,7 +6,9 @@
 `task` is one evaluator's fields (flava_jax/evals/): the same mapping runs during training under
 a training config's `evals.NAME`. Variants name real datasets by their TFDS names; prepare them
 first (`tfds build --file_format=array_record`) and set the task's `data_dir`. The default
-variant runs on the embedded corpus's held-out splits.
+variant runs on the embedded corpus's held-out splits. Every split names all of its source's fields
+(data_section), so that any of them can be set on the command line, e.g. our own shards:
+`--config.task.data.source=array_record --config.task.data.paths=DIR`.
 """
 
 import os
@@ -29,6 +31,19 @@ def eval_config(task: dict) -> ml_collections.ConfigDict:
   ))
 
 
+# flava_jax.data.sources.CANONICAL_FIELDS (tests/test_configs.py checks they agree).
+CANONICAL_FIELDS = ("image", "caption", "text", "label", "text_pair", "answers")
+
+
+def data_section(source: str = "embedded", name: str = "", split: str = "test", **fields: str
+                 ) -> dict:
+  """A split's source with every field a command line may override (SourceConfig's): source,
+  name, split, paths (array_record: shard files, globs or a folder), data_dir (tfds) and fields
+  (each canonical field -> the records' field; those not given map to their own name)."""
+  return dict(source=source, name=name, split=split, paths="", data_dir="",
+              fields={f: fields.get(f, f) for f in CANONICAL_FIELDS})
+
+
 def tfds_split(name: str, split: str, **fields: str) -> dict:
   """A TFDS split with canonical fields mapped to the dataset's feature paths."""
-  return dict(source="tfds", name=name, split=split, data_dir="", fields=dict(fields))
+  return data_section("tfds", name, split, **fields)

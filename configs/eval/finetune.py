@@ -13,12 +13,11 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from configs.eval.base import eval_config, tfds_split  # noqa: E402
+from configs.eval.base import data_section, eval_config, tfds_split  # noqa: E402
 
 
 def _embedded(name, **fields):
-  return [dict(source="embedded", name=name, split=split, fields=dict(fields))
-          for split in ("train", "test")]
+  return [data_section("embedded", name, split, **fields) for split in ("train", "test")]
 
 
 def _glue(task, test_split="validation", pair=("sentence1", "sentence2")):

@@ -3,19 +3,21 @@ IR@1 38.38, Flickr30k 67.7 / 65.22).
 
     --config=configs/eval/retrieval.py        embedded held-out split: 200 images x 5 captions
     --config=configs/eval/retrieval.py:coco   COCO Karpathy 5K test (TFDS coco_captions)
-Flickr30k: write its test split with `python -m flava_jax.data.build` and set
---config.task.data.source=array_record --config.task.data.paths=DIR.
+Flickr30k (or any captioned images): write its test split with `python -m flava_jax.data.build
+--kind=paired --out=DIR` and set --config.task.data.source=array_record
+--config.task.data.paths=DIR --config.task.data.fields.caption=caption (the builder's records hold
+one "caption"; the embedded split's hold a list, "captions"). A folder holding other kinds of shards
+too is read for its paired ones only.
 """
 
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from configs.eval.base import eval_config, tfds_split  # noqa: E402
+from configs.eval.base import data_section, eval_config, tfds_split  # noqa: E402
 
 _DATA = {
-    "embedded": dict(source="embedded", name="retrieval", split="test",
-                     fields=dict(image="image", caption="captions")),
+    "embedded": data_section("embedded", "retrieval", "test", image="image", caption="captions"),
     "coco": tfds_split("coco_captions", "test", image="image", caption="captions/text"),
 }
 

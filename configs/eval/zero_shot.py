@@ -3,16 +3,19 @@
     --config=configs/eval/zero_shot.py            embedded held-out images, 32 classes
     --config=configs/eval/zero_shot.py:imagenet   ImageNet-1k validation (TFDS imagenet2012)
     --config=configs/eval/zero_shot.py:cifar10    CIFAR-10 test
+Own shards (`python -m flava_jax.data.build --kind=image` of class sub-folders, names from the
+build's PREFIX.classes.json): --config.task.data.source=array_record --config.task.data.paths=DIR
+--config.task.class_names=DIR/image.classes.json
 """
 
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from configs.eval.base import eval_config, tfds_split  # noqa: E402
+from configs.eval.base import data_section, eval_config, tfds_split  # noqa: E402
 
 _DATA = {
-    "embedded": dict(source="embedded", name="image", split="test"),
+    "embedded": data_section("embedded", "image", "test"),
     "imagenet": tfds_split("imagenet2012", "validation", image="image", label="label"),
     "cifar10": tfds_split("cifar10", "test", image="image", label="label"),
 }

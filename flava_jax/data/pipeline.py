@@ -25,7 +25,7 @@ from absl import flags
 import jax
 import numpy as np
 
-from flava_jax import sharding
+from flava_jax import sharding, stopping
 from flava_jax.data import embedded, masking, sources, transforms
 from flava_jax.data.mixture import (CORPUS_KEY, SKIPPED_KEY, SkipCountingBatchIterDataset,
                                     WeightedMixtureIterDataset)
@@ -238,6 +238,14 @@ def corpus_examples(source: sources.Source, processor: ExampleProcessor, seed: i
 class DataIterator(grain.DatasetIterator):
   """Per-step batches with their corpus, kind and skip counts; state is a JSON-able dict.
 
+  Counters, all totals since the run began (they are part of the state, so a resumed run
+  carries them on); counted on this process's share of the data:
+    skipped  {"corpus/reason": examples skipped}  (bad records, undecodable images, ...)
+    seen     {corpus: examples read}: the ones delivered in batches plus the ones skipped
+    batches  {corpus: batches delivered}
+  `skip_rates()` -> {corpus: skipped / seen}, the share of what a corpus read that was thrown
+  away (0.0 for a clean corpus), for every corpus read so far: what a progress line shows.
+
   A grain DatasetIterator, so grain's Orbax handler saves it in a checkpoint as it is:
   `ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator), ...)`.
   """
@@ -247,7 +255,9 @@ class DataIterator(grain.DatasetIterator):
     super().__init__(self._iterator)
     self.kinds = dict(kinds)
     self.skipped = collections.Counter()  # "corpus/reason" -> examples skipped so far
+    self.seen = collections.Counter()  # corpus -> examples read so far (delivered + skipped)
     self.batches = collections.Counter()  # corpus -> batches delivered so far
+    self._seen_unknown = False  # resumed from a state saved before `seen` was kept
 
   def __iter__(self) -> "DataIterator":
     return self
@@ -256,19 +266,37 @@ class DataIterator(grain.DatasetIterator):
     """(corpus name, {key: host-local numpy array})."""
     batch = next(self._iterator)
     corpus = batch.pop(CORPUS_KEY)
-    for reason, count in batch.pop(SKIPPED_KEY).items():
+    skipped = batch.pop(SKIPPED_KEY)
+    rows = len(next(iter(batch.values()))) if batch else 0
+    if self._seen_unknown:  # every batch of a run has the same rows: rebuild the totals
+      self._seen_unknown = False
+      for name, count in self.batches.items():
+        self.seen[name] = count * rows + self._skipped_of(name)
+    for reason, count in skipped.items():
       self.skipped[f"{corpus}/{reason}"] += count
+    self.seen[corpus] += rows + sum(skipped.values())
     self.batches[corpus] += 1
     return corpus, batch
 
+  def _skipped_of(self, corpus: str) -> int:
+    return sum(v for k, v in self.skipped.items() if k.partition("/")[0] == corpus)
+
+  def skip_rates(self) -> dict[str, float]:
+    """{corpus: fraction of the examples it read that were skipped} for every corpus read so far
+    (skipped / seen; 0.0 when nothing was skipped), in corpus name order."""
+    return {name: self._skipped_of(name) / seen
+            for name, seen in sorted(self.seen.items()) if seen}
+
   def get_state(self) -> dict:
     return {"grain": self._iterator.get_state(), "skipped": dict(self.skipped),
-            "batches": dict(self.batches)}
+            "seen": dict(self.seen), "batches": dict(self.batches)}
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     self._iterator.set_state(state["grain"])
     self.skipped = collections.Counter(state["skipped"])
     self.batches = collections.Counter(state["batches"])
+    self.seen = collections.Counter(state.get("seen", {}))
+    self._seen_unknown = "seen" not in state
 
   def close(self) -> None:
     """Stops grain's worker processes (also done when the iterator is collected)."""
@@ -302,7 +330,8 @@ def make_pipeline(config: Any, process_index: int | None = None,
                                    prefetch_buffer_size=cfg.read_buffer_size)
   for name, corpus in corpora.items():
     where = f"data.corpora.{name}"
-    source = sources.open_source(corpus.source_config(cfg.cache_dir), where)
+    # kind: an array_record folder contributes its shards of this corpus's kind
+    source = sources.open_source(corpus.source_config(cfg.cache_dir), where, corpus.kind)
     source.check(corpus.kind)
     processor = make_processor(corpus.kind, cfg, shapes, tok)
     seed = shapes.seed * 1_000_003 + _stable_hash(name)
@@ -315,8 +344,11 @@ def make_pipeline(config: Any, process_index: int | None = None,
   if cfg.worker_count > 0:
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; notebooks never parse them
       flags.FLAGS.mark_as_parsed()
+    # Ctrl-C reaches the workers too (a terminal signals the whole process group): they leave
+    # it to the main process, which saves and stops (flava_jax/stopping.py).
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size))
+        num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size),
+        worker_init_fn=stopping.ignore_interrupts)
   return DataIterator(dataset, kinds)
 
 

@@ -2,7 +2,11 @@
 
     embedded      the default corpus (embedded.py), built on first use; name = one of its parts
                   (paired|image|text for pretraining; retrieval|text_pairs|vqa|ve held out)
-    array_record  our own shards (records.py; written by `python -m flava_jax.data.build`)
+    array_record  our own shards (records.py; written by `python -m flava_jax.data.build`):
+                  `paths` names shard files, globs or folders (comma-separated). A folder means
+                  the shards of the reader's kind (see folder_shards): the builder names shards
+                  after their kind (KIND-00000-of-00004.array_record, or --prefix with the kind in
+                  PREFIX.summary.json), so paired, image and text builds can share one folder.
     tfds          a prepared TFDS dataset read through tfds.data_source (ArrayRecord files);
                   images are kept encoded (decoded later by the pipeline's workers)
 
@@ -17,7 +21,11 @@ source, a field name that no record has) are errors at start-up that name the co
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
+import re
+from collections.abc import Sequence
 from typing import Any
 
 from flava_jax.data import embedded, records
@@ -29,6 +37,9 @@ CANONICAL_FIELDS = ("image", "caption", "text", "label", "text_pair", "answers")
 # What each corpus kind needs from its source (label is optional for image corpora).
 REQUIRED_FIELDS = {"paired": ("image", "caption"), "image": ("image",), "text": ("text",)}
 SOURCE_KINDS = ("embedded", "array_record", "tfds")
+# The canonical fields the builder's records of each kind hold (flava_jax/data/build.py): which
+# kind of shards a reader that needs some fields takes from a folder (kind_for_fields).
+BUILT_FIELDS = {"paired": ("image", "caption"), "image": ("image", "label"), "text": ("text",)}
 _PROBE_RECORDS = 32  # records read at start-up to check the field names
 
 
@@ -49,6 +60,104 @@ class SourceConfig:
     if unknown:
       raise ValueError(f"fields has unknown canonical names {sorted(unknown)}; "
                        f"use {CANONICAL_FIELDS}")
+
+
+# records.shard_paths' names: PREFIX-00000-of-00004.array_record
+_SHARD_NAME = re.compile(r"^(?P<prefix>.+)-\d{5}-of-\d{5}" + re.escape(records.SHARD_SUFFIX)
+                         + "$")
+
+
+def kind_for_fields(needed: Sequence[str]) -> str | None:
+  """The one builder kind whose records hold every canonical field in `needed`, else None."""
+  kinds = [k for k, fields in BUILT_FIELDS.items() if set(needed) <= set(fields)]
+  return kinds[0] if len(kinds) == 1 else None
+
+
+def shard_kind(directory: str, prefix: str) -> str | None:
+  """The kind of the shards `directory/PREFIX-*`: the builder's PREFIX.summary.json says it;
+  without one, a prefix that is a kind's name is that kind; otherwise None (not recognised)."""
+  summary = os.path.join(directory, f"{prefix}.summary.json")
+  if os.path.isfile(summary):
+    try:
+      with open(summary, encoding="utf-8") as f:
+        kind = json.load(f).get("kind")
+      if kind in REQUIRED_FIELDS:
+        return kind
+    except (OSError, ValueError, AttributeError):
+      pass  # an unreadable summary: judge by the name
+  return prefix if prefix in REQUIRED_FIELDS else None
+
+
+def folder_kinds(directory: str) -> dict[str, list[str]]:
+  """A folder's shards grouped by kind: {kind: paths}, then shards of no recognised kind grouped
+  under "?PREFIX" (their file name prefix). Paths sorted."""
+  groups: dict[str, list[str]] = {}
+  for path in records.find_shards(directory):
+    name = os.path.basename(path)
+    match = _SHARD_NAME.match(name)
+    prefix = match.group("prefix") if match else name.split(records.SHARD_SUFFIX)[0]
+    kind = shard_kind(directory, prefix)
+    groups.setdefault(kind if kind else f"?{prefix}", []).append(path)
+  return {k: sorted(groups[k]) for k in sorted(groups, key=lambda k: (k.startswith("?"), k))}
+
+
+def _describe_groups(groups: dict[str, list[str]]) -> str:
+  parts = []
+  for label, paths in groups.items():
+    n = f"{len(paths)} file{'s' if len(paths) != 1 else ''}"
+    parts.append(f"{label} shards ({n})" if not label.startswith("?") else
+                 f"shards of no recognisable kind {label[1:]}-* ({n})")
+  return ", ".join(parts)
+
+
+def folder_shards(directory: str, kind: str | None, field: str) -> list[str]:
+  """The shards of `directory` that a reader of `kind` takes ("paired", "image", "text"; None:
+  a reader no builder kind fits, e.g. VQA). `field` names the config field in messages.
+
+    - the folder holds shards of `kind`: those (other kinds are other corpora's; shards of no
+      recognisable kind left out are logged as a warning);
+    - it holds one set of shards only, of no recognisable kind (files written by hand, with a
+      prefix of their own), or `kind` is None and it holds one set of any kind: that set (the
+      source's field checks judge whether they fit);
+    - otherwise (several kinds and none of `kind`, or only another kind): a ValueError naming
+      the kinds found and the folder. Name the files or a glob to read other shards.
+  """
+  groups = folder_kinds(directory)
+  if not groups:
+    return []
+  if kind is not None and kind in groups:
+    others = {k: v for k, v in groups.items() if k != kind}
+    unknown = {k: v for k, v in others.items() if k.startswith("?")}
+    if others:  # other kinds are other corpora's; shards of no known kind may be data lost
+      (logging.warning if unknown else logging.info)(
+          "%s=%r: reading its %d %s shard(s), leaving out %s", field, directory,
+          len(groups[kind]), kind, _describe_groups(others))
+    return groups[kind]
+  if len(groups) == 1:
+    (label,) = groups
+    if kind is None or label.startswith("?"):
+      return groups[label]
+  pattern = os.path.join(directory, f"{kind or 'PREFIX'}-*{records.SHARD_SUFFIX}")
+  found = _describe_groups(groups)
+  problem = (f"the folder holds {found} and no {kind} shards" if kind else
+             f"the folder holds {found}, and this split reads one set of them")
+  raise ValueError(f"{field}={directory!r}: {problem}; name the shards to read (a glob such as "
+                   f"{pattern!r}) or a folder holding only them")
+
+
+def resolve_paths(spec: str, kind: str | None, field: str) -> list[str]:
+  """Shard paths of an array_record `paths` value: comma-separated files, globs and folders
+  (a folder: its shards of `kind`, see folder_shards). Sorted, unique."""
+  paths = []
+  for entry in spec.split(","):
+    entry = os.path.expanduser(entry.strip())
+    if not entry:
+      continue
+    if os.path.isdir(entry):
+      paths += folder_shards(entry, kind, field)
+    else:
+      paths += records.find_shards(entry)
+  return sorted(set(paths))
 
 
 def _lookup(record: Any, path: str) -> Any:
@@ -152,14 +261,16 @@ def _flat_keys(record: Any, prefix: str = "") -> list[str]:
 
 
 class ArrayRecordSource(Source):
-  """Our own shards: msgpack records (records.py)."""
+  """Our own shards: msgpack records (records.py). `kind`: what the reader is (a corpus kind, or
+  None), deciding which shards of a folder it reads (folder_shards)."""
 
-  def __init__(self, cfg: SourceConfig, where: str, paths: list[str] | None = None):
+  def __init__(self, cfg: SourceConfig, where: str, paths: list[str] | None = None,
+               kind: str | None = None):
     super().__init__(cfg, where)
     if paths is None:
       if not cfg.paths:
         raise ValueError(f"{where}.paths is empty: name the shard files, a glob or a directory")
-      paths = records.find_shards(cfg.paths.split(","))
+      paths = resolve_paths(cfg.paths, kind, f"{where}.paths")
       if not paths:
         raise ValueError(f"{where}.paths={cfg.paths!r} matches no ArrayRecord shard")
     self.paths = paths
@@ -258,6 +369,12 @@ class TfdsSource(Source):
 SOURCES = {"embedded": EmbeddedSource, "array_record": ArrayRecordSource, "tfds": TfdsSource}
 
 
-def open_source(cfg: SourceConfig, where: str) -> Source:
-  """Opens the source the config names; `where` is its config path (for error messages)."""
+def open_source(cfg: SourceConfig, where: str, kind: str | None = None) -> Source:
+  """Opens the source the config names; `where` is its config path (for error messages).
+
+  `kind` ("paired", "image", "text", or None when no builder kind fits the reader) picks the
+  shards an array_record folder contributes (folder_shards); other sources ignore it.
+  """
+  if cfg.source == "array_record":
+    return ArrayRecordSource(cfg, where, kind=kind)
   return SOURCES[cfg.source](cfg, where)

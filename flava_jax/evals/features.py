@@ -77,8 +77,14 @@ def source_config(values: Mapping[str, Any], where: str, cache_dir: str = ""
 
 def open_split(values: Mapping[str, Any], needed: tuple[str, ...], where: str,
                cache_dir: str = "") -> sources.Source:
-  """Opens one held-out split and checks that its records have the fields `needed`."""
-  source = sources.open_source(source_config(values, where, cache_dir), where)
+  """Opens one held-out split and checks that its records have the fields `needed`.
+
+  An array_record folder contributes the shards of the builder kind whose records hold those
+  fields (paired for image + caption, image for image + label; sources.kind_for_fields), or, when
+  no kind fits (VQA, sentence pairs), the one set of shards it holds.
+  """
+  source = sources.open_source(source_config(values, where, cache_dir), where,
+                               sources.kind_for_fields(needed))
   source.check_fields(needed, "this evaluator")
   return source
 

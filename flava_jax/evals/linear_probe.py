@@ -6,6 +6,17 @@ L-BFGS logistic regression (scikit-learn) is fitted on train for each L2 strengt
 (lambda = 1/C, 1e-6 .. 1e6 by default), the strength with the best validation accuracy is refitted
 on train + validation, and its test accuracy is the figure. Without a validation split, a fixed
 random share of the train split is held out for the sweep.
+
+Metrics:
+    top1                 test accuracy of the probe refitted on train + validation
+    validation_top1      the best validation accuracy of the sweep
+    l2_strength          the L2 strength (lambda = 1/C) that gave it
+    majority_class_top1  test accuracy of always answering the most frequent class of the train
+                         (+ validation) labels: a baseline that depends on the test split's class
+                         balance, below chance_top1 when that class is rarer in test than average
+    chance_top1          1 / the number of classes in the train (+ validation) labels: a uniform
+                         random guess's expected accuracy
+    train_examples, test_examples, skipped/REASON  counts
 """
 
 from __future__ import annotations
@@ -25,7 +36,8 @@ class Config(TaskConfig):
   features: str = "image"  # image (h_CLS_I) | text (h_CLS_T) | multimodal (h_CLS_M)
   train_data: dict = dataclasses.field(default_factory=lambda: dict(
       source="embedded", name="image", split="train"))
-  validation_data: dict = dataclasses.field(default_factory=dict)  # {}: carve from train
+  # A split of its own; {} or source "": a fixed random validation_fraction of train instead.
+  validation_data: dict = dataclasses.field(default_factory=dict)
   test_data: dict = dataclasses.field(default_factory=lambda: dict(
       source="embedded", name="image", split="test"))
   validation_fraction: float = 0.2
@@ -63,6 +75,15 @@ def fit_and_score(train: tuple[np.ndarray, np.ndarray], validation: tuple[np.nda
           "l2_strength": float(strengths[best])}
 
 
+def baselines(train_labels: np.ndarray, test_labels: np.ndarray) -> dict[str, float]:
+  """What a probe that learned nothing scores: majority_class_top1 (test accuracy of always
+  answering the train labels' most frequent class) and chance_top1 (1 / train classes)."""
+  classes, counts = np.unique(train_labels, return_counts=True)
+  majority = classes[np.argmax(counts)]
+  return {"majority_class_top1": float((np.asarray(test_labels) == majority).mean()),
+          "chance_top1": 1.0 / len(classes)}
+
+
 class Evaluator:
 
   def __init__(self, cfg: Config, ctx: EvalContext, where: str):
@@ -78,7 +99,7 @@ class Evaluator:
     needed = _NEEDED[cfg.features]
     self.train = open_split(cfg.train_data, needed, f"{where}.train_data", ctx.cache_dir)
     self.validation = (open_split(cfg.validation_data, needed, f"{where}.validation_data",
-                                  ctx.cache_dir) if cfg.validation_data else None)
+                                  ctx.cache_dir) if cfg.validation_data.get("source") else None)
     self.test = open_split(cfg.test_data, needed, f"{where}.test_data", ctx.cache_dir)
     features_fn = {"image": ctx.image_features, "text": ctx.text_features,
                    "multimodal": ctx.multimodal_features}[cfg.features]
@@ -122,9 +143,7 @@ class Evaluator:
     skipped.update(more)
     metrics = fit_and_score(train, validation, test, tuple(cfg.l2_strengths), cfg.max_iterations,
                             cfg.fit_threads)
-    classes, counts = np.unique(np.concatenate([train[1], validation[1]]), return_counts=True)
-    majority = classes[np.argmax(counts)]
-    metrics.update(train_examples=float(len(train[1])), test_examples=float(len(test[1])),
-                   majority_top1=float((test[1] == majority).mean()))
+    metrics.update(baselines(np.concatenate([train[1], validation[1]]), test[1]))
+    metrics.update(train_examples=float(len(train[1])), test_examples=float(len(test[1])))
     metrics.update({f"skipped/{k}": float(v) for k, v in skipped.items()})
     return metrics

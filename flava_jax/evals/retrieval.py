@@ -52,8 +52,8 @@ def retrieval_metrics(similarity: np.ndarray, text_image: np.ndarray | None = No
   i2t_rank = (similarity[has_text] > best_own[has_text, None]).sum(1)
   out = {}
   for k in ks:
-    out[f"i2t_r@{k}"] = float((i2t_rank < k).mean())
-    out[f"t2i_r@{k}"] = float((t2i_rank < k).mean())
+    out[f"i2t_r{k}"] = float((i2t_rank < k).mean())
+    out[f"t2i_r{k}"] = float((t2i_rank < k).mean())
   return out
 
 

@@ -15,7 +15,7 @@ from flava_jax import sharding
 from flava_jax.data import mixture, pipeline, preprocess, sources, transforms
 from flava_jax.losses.flava import BATCH_KEYS
 from flava_jax.losses.masked import IGNORE_INDEX
-from tests.data import helpers
+from tests.data import builds, helpers
 
 
 def tiny_config(**data):
@@ -353,3 +353,57 @@ def test_the_configs_data_sections_are_valid(variant):
   assert block.grid_size ** 2 == (config.model.image.image_size // 16) ** 2
   if variant == "full":
     assert (block.num_masked, block.min_block, shapes.dvae_size) == (75, 16, 112)
+
+
+def test_a_mixed_folder_feeds_each_corpus_its_own_kind_with_nothing_skipped(tmp_path):
+  """The image corpus used to read the paired and text shards too (skipped/image/missing_image)
+  and the text corpus to stop at start-up on the image shards' fields."""
+  folder, written = builds.mixed_folder(str(tmp_path), images=8, texts=8)
+  config = tiny_config()
+  config.global_batch = 4
+  config.data.corpora = {kind: dict(kind=kind, weight=1.0, source="array_record", paths=folder)
+                         for kind in ("image", "text")}
+  it = pipeline.make_pipeline(config, 0, 1)
+  take(it, 8)
+  it.close()
+  assert not it.skipped, it.skipped
+  assert it.skip_rates() == {k: 0.0 for k in it.batches}
+  assert all(it.seen[k] == 4 * n for k, n in it.batches.items())
+  assert written["image"] == 8
+
+
+def test_skip_rates_put_the_skipped_examples_next_to_those_read(tmp_path):
+  good = [{"text": f"a perfectly good document {i}"} for i in range(9)]
+  bad = [{"text": "   "}, {"id": "no text at all"}, b"\xc1 not msgpack"]
+  for name in ("docs", "clean"):
+    (tmp_path / name).mkdir()
+  helpers.write_shards(str(tmp_path / "docs" / "docs"), good + bad, num_shards=2)
+  helpers.write_shards(str(tmp_path / "clean" / "clean"), good, num_shards=1)
+  config = tiny_config()
+  config.global_batch = 4
+  config.data.corpora = {
+      "docs": dict(kind="text", weight=1.0, source="array_record", paths=str(tmp_path / "docs")),
+      "clean": dict(kind="text", weight=1.0, source="array_record",
+                    paths=str(tmp_path / "clean"))}
+  it = pipeline.make_pipeline(config, 0, 1)
+  take(it, 12)
+  skipped_docs = sum(v for k, v in it.skipped.items() if k.startswith("docs/"))
+  assert skipped_docs > 0 and set(it.batches) == {"docs", "clean"}
+  assert it.seen["docs"] == 4 * it.batches["docs"] + skipped_docs
+  assert it.seen["clean"] == 4 * it.batches["clean"]
+  rates = it.skip_rates()
+  assert rates == {"clean": 0.0, "docs": pytest.approx(skipped_docs / it.seen["docs"])}
+  assert 0.0 < rates["docs"] < 0.5  # 3 bad records of 12, give or take where the epoch stopped
+  # The counts are part of the state: a resumed iterator carries them on.
+  state = json.loads(pipeline.state_to_json(it.get_state()))
+  resumed = pipeline.make_pipeline(config, 0, 1)
+  resumed.set_state(state)
+  assert resumed.seen == it.seen and resumed.skip_rates() == rates
+  # A state saved before `seen` was kept: rebuilt from the batches and skips on the next batch.
+  legacy = pipeline.make_pipeline(config, 0, 1)
+  legacy.set_state({k: v for k, v in state.items() if k != "seen"})
+  next(legacy)
+  next(it)
+  assert legacy.seen == it.seen and legacy.skip_rates() == it.skip_rates()
+  for iterator in (it, resumed, legacy):
+    iterator.close()

@@ -1,10 +1,13 @@
 """Sources: our own shards, TFDS ArrayRecord datasets, the embedded corpus; start-up errors."""
 
+import os
+import re
+
 import numpy as np
 import pytest
 
-from flava_jax.data import embedded, records, sources, tokenizer
-from tests.data import helpers
+from flava_jax.data import build, embedded, records, sources, tokenizer
+from tests.data import builds, helpers
 
 
 def test_own_shards_read_back_canonical_examples(tmp_path):
@@ -142,3 +145,82 @@ def test_check_fields_names_what_needs_the_missing_field(tmp_path):
   example = vqa[0]
   assert set(example) == {"image", "text", "answers"} and example["text"].endswith("?")
   assert len(example["answers"]) == embedded.VQA_ANNOTATORS
+
+
+# --- a folder of several builds ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory):
+  """The builder's paired, image and text shards in one folder (and their summaries)."""
+  return builds.mixed_folder(str(tmp_path_factory.mktemp("mixed")))
+
+
+@pytest.mark.parametrize("kind", ["paired", "image", "text"])
+def test_a_folder_gives_each_corpus_the_shards_of_its_kind(mixed_folder, kind):
+  folder, written = mixed_folder
+  cfg = sources.SourceConfig(source="array_record", paths=folder)
+  src = sources.open_source(cfg, f"data.corpora.{kind}", kind)
+  src.check(kind)  # the text corpus used to stop here on the image shards' fields
+  assert len(src) == written[kind]
+  assert all(os.path.basename(p).startswith(f"{kind}-") for p in src.paths)
+  examples = [src[i] for i in range(len(src))]
+  assert not [e for e in examples if "_skip" in e]
+  needed = sources.REQUIRED_FIELDS[kind]
+  assert all(set(needed) <= set(e) for e in examples)
+  if kind == "image":  # the image corpus no longer reads the paired shards
+    assert all("caption" not in e and "label" in e for e in examples)
+  # Globs and file lists are read as given, whatever their kind.
+  both = sources.open_source(sources.SourceConfig(
+      source="array_record", paths=f"{folder}/paired-*,{folder}/text-*"), "x")
+  assert len(both) == written["paired"] + written["text"]
+
+
+def test_a_build_with_its_own_prefix_is_known_by_its_summary(tmp_path):
+  out = str(tmp_path / "shards")
+  paths = builds.inputs(str(tmp_path / "inputs"))
+  build.build("paired", paths["paired"], out, prefix="flickr30k_test")
+  build.build("image", paths["image"], out)
+  assert sorted(sources.folder_kinds(out)) == ["image", "paired"]
+  src = sources.open_source(sources.SourceConfig(source="array_record", paths=out), "d", "paired")
+  assert len(src) == 6 and "flickr30k_test-" in src.paths[0]
+
+
+def test_a_folder_without_shards_of_the_corpus_kind_is_refused_at_start_up(tmp_path, mixed_folder):
+  folder, _ = mixed_folder
+  out = str(tmp_path / "no_paired")
+  paths = builds.inputs(str(tmp_path / "inputs"))
+  for kind in ("image", "text"):
+    build.build(kind, paths[kind], out, text_chars=40)
+  cfg = sources.SourceConfig(source="array_record", paths=out)
+  with pytest.raises(ValueError, match=(
+      rf"^data\.corpora\.web\.paths='{re.escape(out)}': the folder holds image shards \(1 file\), "
+      r"text shards \(1 file\) and no paired shards; name the shards to read")):
+    sources.open_source(cfg, "data.corpora.web", "paired")
+  # One other kind only: refused as well (a text corpus pointed at image shards).
+  only_images = str(tmp_path / "images")
+  build.build("image", paths["image"], only_images)
+  with pytest.raises(ValueError, match=r"holds image shards \(1 file\) and no text shards"):
+    sources.open_source(sources.SourceConfig(source="array_record", paths=only_images), "t",
+                        "text")
+  # Files whose kind nobody can tell, beside another kind: refused, naming them.
+  build.build("image", paths["image"], str(tmp_path / "odd"))
+  helpers.write_shards(str(tmp_path / "odd" / "part"), [{"text": "x"}], num_shards=1)
+  with pytest.raises(ValueError, match=r"image shards \(1 file\), shards of no recognisable kind "
+                                       r"part-\* \(1 file\) and no text shards"):
+    sources.open_source(sources.SourceConfig(source="array_record",
+                                             paths=str(tmp_path / "odd")), "t", "text")
+  # A reader that no builder kind fits (kind None) takes a folder's only set, never a mixture.
+  with pytest.raises(ValueError, match=r"holds image shards .*paired shards .*text shards .*"
+                                       r"this split reads one set of them"):
+    sources.open_source(sources.SourceConfig(source="array_record", paths=folder), "eval.vqa")
+  assert len(sources.open_source(sources.SourceConfig(source="array_record", paths=only_images),
+                                 "eval.x")) == 8
+
+
+def test_evaluation_splits_read_the_kind_their_fields_need():
+  assert sources.kind_for_fields(("image", "caption")) == "paired"
+  assert sources.kind_for_fields(("image", "label")) == "image"
+  assert sources.kind_for_fields(("text",)) == "text"
+  assert sources.kind_for_fields(("image", "text", "answers")) is None
+  assert sources.kind_for_fields(("image",)) is None  # paired and image shards both have one
