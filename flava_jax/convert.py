@@ -575,30 +575,6 @@ def _replacing(out: str) -> Iterator[str]:
     shutil.rmtree(staging, ignore_errors=True)  # absent once swapped in
 
 
-def _workdir_steps(workdir: str) -> list[int]:
-  """Finished checkpoint steps of a training workdir, newest first."""
-  from flava_jax import warm_start  # pylint: disable=import-outside-toplevel
-  root = os.path.join(workdir, warm_start.CHECKPOINT_DIR)
-  return sorted((int(n) for n in os.listdir(root)
-                 if n.isdigit() and os.path.isdir(os.path.join(root, n, warm_start.STATE_ITEM))),
-                reverse=True)
-
-
-def _read_state_item(path: str) -> Any:
-  """A checkpoint step's "state" item as host numpy arrays, read without a target (any device
-  count reads what any other wrote). The tree comes from the item handler's own metadata: a
-  Checkpointer's metadata() would look for step metadata inside the item folder, where the
-  trainer's CheckpointManager never writes it, and warn on every read."""
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  from etils import epath  # pylint: disable=import-outside-toplevel
-  handler = ocp.PyTreeCheckpointHandler()
-  with ocp.Checkpointer(handler) as reader:
-    metadata = handler.metadata(epath.Path(path))
-    tree = getattr(metadata, "tree", metadata)  # a TreeMetadata; a plain tree in older Orbax
-    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    return reader.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
-
-
 def load_workdir(workdir: str, field: str = "--to_transformers"
                  ) -> tuple[FlavaModel, Any, int, list[str]]:
   """(model, params, step, notes) of a FLAVA training workdir's newest readable checkpoint.
@@ -620,17 +596,8 @@ def load_workdir(workdir: str, field: str = "--to_transformers"
     raise ValueError(f"{field}={workdir} is not a FLAVA training workdir (its "
                      f"{warm_start.RUN_CONFIG} has no FLAVA model config: a dVAE workdir?)")
   model = FlavaModel(FlavaConfig.from_dict(model_config))
-  notes = []
-  for step in _workdir_steps(workdir):
-    path = os.path.join(os.path.abspath(workdir), warm_start.CHECKPOINT_DIR, str(step),
-                        warm_start.STATE_ITEM)
-    try:
-      params = _read_state_item(path)["params"]
-    except Exception as e:  # pylint: disable=broad-except  (Orbax raises many types)
-      notes.append(f"step {step} cannot be read ({type(e).__name__}: {' '.join(str(e).split())})")
-      continue
-    return model, params, step, notes
-  raise ValueError(f"{field}={workdir}: no readable checkpoint ({'; '.join(notes)})")
+  params, step, notes = warm_start.newest_readable_params(workdir, field)
+  return model, params, step, notes
 
 
 def run_command(from_hf: str = "", to_hf: str = "", out: str = "", overwrite: bool = False

@@ -102,14 +102,19 @@ def read_workdir_params(workdir: str, field: str) -> Any:
 
   Read without a target, so any device count can read what any other wrote.
   """
-  errors = []
+  return newest_readable_params(workdir, field)[0]
+
+
+def newest_readable_params(workdir: str, field: str) -> tuple[Any, int, list[str]]:
+  """(params, its step, notes on newer steps that could not be read) of a workdir."""
+  notes = []
   for step in _checkpoint_steps(workdir):
     path = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, str(step), STATE_ITEM)
     try:
-      return _read_state_item(path)["params"]
+      return _read_state_item(path)["params"], step, notes
     except Exception as e:  # pylint: disable=broad-except  (Orbax raises many types)
-      errors.append(f"step {step}: {type(e).__name__}: {e}")
-  raise ValueError(f"{field}={workdir!r}: no readable checkpoint ({'; '.join(errors)})")
+      notes.append(f"step {step} cannot be read ({type(e).__name__}: {' '.join(str(e).split())})")
+  raise ValueError(f"{field}={workdir!r}: no readable checkpoint ({'; '.join(notes)})")
 
 
 def _is_dvae_tree(params: Mapping) -> bool:
