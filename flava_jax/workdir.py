@@ -270,6 +270,11 @@ def check_resume(before: Mapping[str, Any], after: Mapping[str, Any], step: int,
   refused, notes = [], []
   for field, old, new in changes(before, after):
     what = effect(field)
+    if what is None and (old is None or new is None) and not field.startswith("data.corpora."):
+      # A field one side's code did not have (the code changed between the starts): said, not
+      # refused; if it changes the arrays, the restore's shape check still stops the run.
+      what = ("a field the checkpoint's config did not have" if old is None else
+              "a field this config no longer has") + " (the code changed since)"
     if what is None:
       refused.append(f"{field} {_show(old)} -> {_show(new)} (it sets {_refused_why(field)})")
     else:

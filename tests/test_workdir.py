@@ -67,6 +67,12 @@ def test_resume_rules_name_every_refused_field_and_say_what_accepted_ones_do():
                 "data.corpora.web.kind (absent) -> \"paired\""):
     assert field in message
   assert "total_steps" not in message  # accepted changes are not blamed
+  # A field the older code did not write (not a corpus): said, not refused.
+  newer = json.loads(json.dumps(before))
+  newer["model"]["new_option"] = True
+  assert workdir_lib.check_resume(before, newer, 40, "/w") == [
+      "model.new_option (absent) -> true: a field the checkpoint's config did not have (the "
+      "code changed since)"]
 
 
 def test_each_start_keeps_its_config(tmp_path):
