@@ -201,10 +201,11 @@ class Session:
     if jax.process_index() == 0:
       self._lock = workdir_lib.Lock(self.workdir).acquire()
     try:
-      if workdir_lib.checkpoint_steps(self.workdir):
+      steps = warm_start.checkpoint_steps(self.workdir)
+      if steps:
         self.previous = workdir_lib.read_run_config(self.workdir)
         if self.previous is not None:
-          newest = workdir_lib.checkpoint_steps(self.workdir)[0]
+          newest = steps[0]
           self.changes = workdir_lib.changes(self.previous, self.config_json)
           self.notes = workdir_lib.check_resume(self.previous, self.config_json, newest,
                                                 self.workdir)
@@ -590,7 +591,7 @@ def run_binary(argv, check, train_fn) -> None:
 
 class Evaluations:
   """A run's evaluators by name (config.evals): `due(step)`, and `(step, params)` ->
-  {"eval/NAME/metric": value} of those due at that step (all of them when final)."""
+  {"eval/NAME/metric": value} of those due at that step."""
 
   def __init__(self, evaluators: dict[str, Any]):
     self.evaluators = evaluators
@@ -617,11 +618,12 @@ class Evaluations:
       print(f"step {step} " + evaluate.format_metrics(f"eval {name}", metrics), flush=True)
     return {f"eval/{name}/{k}": v for k, v in metrics.items()}
 
-  def __call__(self, step: int, params: Any, final: bool = False,
+  def __call__(self, step: int, params: Any,
                clock: progress.StepClock | None = None) -> dict[str, float]:
+    """The evaluations due at `step` (the final ones: final_evaluations)."""
     out = {}
     for name, evaluator in self.evaluators.items():
-      if final or self._due(evaluator, step):
+      if self._due(evaluator, step):
         out.update(self.run_one(name, step, params, clock))
     return out
 

@@ -60,7 +60,7 @@ def source_kind(path: str, field: str) -> str:
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{field}={path!r}: no such directory")
   if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
-    if not _checkpoint_steps(path):
+    if not checkpoint_steps(path):
       raise FileNotFoundError(f"{field}={path!r}: the workdir has no finished checkpoint yet")
     return "workdir"
   if os.path.exists(os.path.join(path, checkpoint.MODEL_JSON)):
@@ -72,9 +72,12 @@ def source_kind(path: str, field: str) -> str:
       f"directory ({checkpoint.MODEL_JSON}) nor a transformers directory (config.json)")
 
 
-def _checkpoint_steps(workdir: str) -> list[int]:
-  """Finished checkpoint steps, newest first (Orbax writes unfinished ones under tmp names)."""
+def checkpoint_steps(workdir: str) -> list[int]:
+  """Finished checkpoint steps, newest first ([] without checkpoints/). Orbax writes unfinished
+  ones under tmp names; set-aside ones (STEP.unreadable, STEP.diverged) are not bare numbers."""
   root = os.path.join(workdir, CHECKPOINT_DIR)
+  if not os.path.isdir(root):
+    return []
   steps = [int(n) for n in os.listdir(root)
            if n.isdigit() and os.path.isdir(os.path.join(root, n, STATE_ITEM))]
   return sorted(steps, reverse=True)
@@ -108,7 +111,7 @@ def read_workdir_params(workdir: str, field: str) -> Any:
 def newest_readable_params(workdir: str, field: str) -> tuple[Any, int, list[str]]:
   """(params, its step, notes on newer steps that could not be read) of a workdir."""
   notes = []
-  for step in _checkpoint_steps(workdir):
+  for step in checkpoint_steps(workdir):
     path = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, str(step), STATE_ITEM)
     try:
       return _read_state_item(path)["params"], step, notes

@@ -26,7 +26,7 @@ from typing import Any
 
 import jax
 
-from flava_jax.warm_start import CHECKPOINT_DIR, RUN_CONFIG
+from flava_jax.warm_start import RUN_CONFIG
 
 HISTORY_DIR = "run_configs"
 LOCK_FILE = ".lock"
@@ -329,12 +329,3 @@ def set_aside(checkpoint_dir: str, step: int, why: str) -> str:
   os.rename(src, dst)
   return dst
 
-
-def checkpoint_steps(workdir: str) -> list[int]:
-  """Finished checkpoint steps of a workdir, newest first (set-aside and unfinished ones are not
-  named by a bare step number)."""
-  root = os.path.join(workdir, CHECKPOINT_DIR)
-  if not os.path.isdir(root):
-    return []
-  return sorted((int(n) for n in os.listdir(root)
-                 if n.isdigit() and os.path.isdir(os.path.join(root, n))), reverse=True)
