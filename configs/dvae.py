@@ -1,6 +1,6 @@
-"""Training the dVAE image tokenizer (python -m flava_jax.train_dvae).
+"""Training the dVAE image tokenizer (the dvae task, flava_jax/tasks/dvae.py).
 
-    python -m flava_jax.train_dvae --config=configs/dvae.py --workdir=/tmp/flava_dvae
+    python -m flava_jax.main --config=configs/dvae.py --workdir=/tmp/flava_dvae
     python -m flava_jax.main --config.init.dvae_from=/tmp/flava_dvae   # its codes as MIM targets
 
 `config.model` only fixes the image geometry: the dVAE trains on the views FLAVA will feed it
@@ -23,6 +23,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   base = flava.get_config(arg)
   full = base.variant == "full"
   config = ml_collections.ConfigDict()
+  config.task = "dvae"
   config.variant = base.variant
   config.model = base.model  # image geometry (and the text settings the pipeline reads)
   config.dvae = base.dvae
@@ -49,4 +50,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   "paired": dict(data.corpora.paired.to_dict(), weight=0.5)}
   config.data = data
   config.sharding = base.sharding
+  # At the end: held-out reconstruction (MSE, PSNR, codebook use) of the embedded test images.
+  config.evals = ml_collections.ConfigDict(dict(
+      reconstruction=dict(evaluator="reconstruction", every_steps=0, limit=256,
+                          data=dict(source="embedded", name="image", split="test", paths="",
+                                    data_dir="", fields=dict(image="image", label="label")))))
+  # Warm starts: model_from (a dVAE workdir or a model directory holding one).
+  config.init = ml_collections.ConfigDict(dict(model_from=""))
   return config

@@ -113,13 +113,14 @@ def data_config(arg: str) -> ml_collections.ConfigDict:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = arg or "tiny"
   config = ml_collections.ConfigDict()
+  config.task = "flava"  # flava_jax/tasks/flava.py
   config.variant = arg
   config.model = model_config(arg)
   config.dvae = dvae_config(arg)
   config.seed = 0
   full = arg == "full"
-  # Global batch per step (one corpus per step) and the text lengths SPEC.md gives: paired captions
-  # 77 tokens, text-only corpora 512.
+  # Global batch per step (one corpus per step) and FLAVA's text lengths: paired captions 77
+  # tokens, text-only corpora 512.
   config.global_batch = 8192 if full else 32
   config.paired_text_length = 77 if full else 16
   config.text_length = 512 if full else 32
@@ -129,7 +130,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # fan-in scaling of 0.02 at width 768, and the loss leaves ln(batch) after ~200 steps.
   config.total_steps = 100_000 if full else 1000
   # Micro-batches per step: the gradients of global_batch / grad_accum rows at a time, one update.
+  # grad_cache=True keeps every negative of the whole batch in the contrastive loss (GradCache:
+  # embeddings first, then each micro-batch's backward pass); False contrasts per micro-batch.
   config.grad_accum = 1
+  config.grad_cache = False
   config.log_every_steps = 100 if full else 50
   config.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=2000 if full else 200, keep=3, async_save=True))

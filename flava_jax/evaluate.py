@@ -1,11 +1,12 @@
-"""Evaluation of a trained or converted FLAVA: the binary and what training runs call.
+"""Evaluation of a trained or converted model: the binary and what training runs call.
 
     python -m flava_jax.evaluate --config=configs/eval/zero_shot.py --checkpoint=DIR
 
 DIR is a training workdir (its newest checkpoint and run_config.json), a model directory from
 `python -m flava_jax.convert`, or a transformers save_pretrained directory (converted on the fly).
 The config names one evaluator and its splits (`config.task`, see flava_jax/evals/); the same
-task mappings go under `config.evals` of a training config to run during training.
+task mappings go under `config.evals` of a training config to run during training. Evaluators
+call the predict functions of the model's task (tasks/), rebuilt from the workdir's run config.
 """
 
 from __future__ import annotations
@@ -18,12 +19,10 @@ from typing import Any
 
 import jax
 
-from flava_jax import evals, sharding, warm_start
-from flava_jax.data import embedded, pipeline, sources
+from flava_jax import evals, sharding, tasks, warm_start
+from flava_jax.data import embedded
 from flava_jax.data.tokenizer import Tokenizer
 from flava_jax.evals.features import EvalContext
-from flava_jax.models.config import FlavaConfig
-from flava_jax.models.flava import FlavaModel
 
 DEFAULT_TEXT_LENGTH = 77  # FLAVA's caption length, for checkpoints that do not say
 EVAL_FIELDS = ("task", "vocab_file", "cache_dir", "text_length", "sharding")
@@ -31,13 +30,17 @@ EVAL_FIELDS = ("task", "vocab_file", "cache_dir", "text_length", "sharding")
 
 @dataclasses.dataclass
 class Checkpoint:
-  """A model to evaluate: its config, parameters (host arrays) and how it reads text."""
+  """A model to evaluate: its task, parameters (host arrays) and how it reads text."""
 
-  model_config: FlavaConfig
+  task: tasks.Task
   params: Any
   vocab_file: str  # "" = the embedded corpus's vocabulary
   text_length: int
   kind: str  # workdir | model | transformers
+
+  @property
+  def predict(self) -> Any:
+    return self.task.predict()
 
 
 def load_checkpoint(path: str, field: str = "--checkpoint") -> Checkpoint:
@@ -48,12 +51,13 @@ def load_checkpoint(path: str, field: str = "--checkpoint") -> Checkpoint:
       raise FileNotFoundError(f"{field}={path!r}: the workdir has no {warm_start.RUN_CONFIG}")
     with open(run_config, encoding="utf-8") as f:
       run = json.load(f)
-    if "image" not in run.get("model", {}):
-      raise ValueError(f"{field}={path!r} is not a FLAVA training workdir (a dVAE one?)")
-    return Checkpoint(FlavaConfig.from_dict(run["model"]),
-                      warm_start.read_flava_params(path, field),
+    task = tasks.for_run_config(run, f"{field}={path!r}")
+    if task.predict() is None:
+      raise ValueError(f"{field}={path!r} is a {task.NAME} training workdir, which has no "
+                       "evaluators of this kind")
+    return Checkpoint(task, warm_start.read_flava_params(path, field),
                       run.get("data", {}).get("vocab_file", ""),
-                      int(run.get("paired_text_length", DEFAULT_TEXT_LENGTH)), kind)
+                      task.predict().text_length, kind)
   if kind == "model":
     from flava_jax import checkpoint  # pylint: disable=import-outside-toplevel
     loaded = checkpoint.load_model(path)
@@ -63,21 +67,30 @@ def load_checkpoint(path: str, field: str = "--checkpoint") -> Checkpoint:
     model, params = convert.from_transformers(path)
     config = model.config
   vocab = os.path.join(path, "vocab.txt")
-  return Checkpoint(config, params, vocab if os.path.exists(vocab) else "", DEFAULT_TEXT_LENGTH,
+  task = tasks.for_converted_model(config)
+  return Checkpoint(task, params, vocab if os.path.exists(vocab) else "", DEFAULT_TEXT_LENGTH,
                     kind)
 
 
-def make_context(model_config: FlavaConfig, mesh: jax.sharding.Mesh, rules: sharding.Rules,
-                 vocab_file: str, text_length: int, cache_dir: str = "") -> EvalContext:
-  """The evaluation context; the vocabulary must fit the model's text embedding."""
+def make_context(task: tasks.Task, mesh: jax.sharding.Mesh, rules: sharding.Rules,
+                 vocab_file: str, cache_dir: str = "", text_length: int = 0) -> EvalContext:
+  """The evaluation context of a task's model (its predict functions); the vocabulary must fit
+  the model's text embedding. text_length: default tokens per text (0: the model's own)."""
+  predict = task.predict()
+  if predict is None:
+    raise ValueError(f"the {task.NAME} task has no evaluators")
+  text_length = text_length or predict.text_length
+  if not predict.text_vocab_size:  # a model that reads no text (an image tokenizer)
+    return EvalContext(predict=predict, mesh=mesh, rules=rules, tokenizer=None,
+                       text_length=0, cache_dir=cache_dir)
   tokenizer = Tokenizer(vocab_file or embedded.vocab_file(cache_dir))
-  if tokenizer.vocab_size > model_config.text.vocab_size:
+  if tokenizer.vocab_size > predict.text_vocab_size:
     raise ValueError(f"vocab_file has {tokenizer.vocab_size} tokens but the model's text "
-                     f"vocabulary has {model_config.text.vocab_size}: name the model's vocab.txt")
-  if text_length > model_config.text.max_position_embeddings:
+                     f"vocabulary has {predict.text_vocab_size}: name the model's vocab.txt")
+  if text_length > predict.max_text_length:
     raise ValueError(f"text_length={text_length} exceeds the model's "
-                     f"{model_config.text.max_position_embeddings} positions")
-  return EvalContext(model=FlavaModel(model_config), mesh=mesh, rules=rules, tokenizer=tokenizer,
+                     f"{predict.max_text_length} positions")
+  return EvalContext(predict=predict, mesh=mesh, rules=rules, tokenizer=tokenizer,
                      text_length=text_length, cache_dir=cache_dir)
 
 
@@ -97,14 +110,14 @@ def run(config: Any, checkpoint_path: str) -> dict[str, float]:
   ckpt = load_checkpoint(checkpoint_path)
   vocab_file = config.vocab_file or ckpt.vocab_file
   if not vocab_file and ckpt.kind != "workdir" and (
-      ckpt.model_config.text.vocab_size != embedded.VOCAB_SIZE):
-    raise ValueError(f"the checkpoint's text vocabulary has {ckpt.model_config.text.vocab_size} "
+      ckpt.predict.text_vocab_size != embedded.VOCAB_SIZE):
+    raise ValueError(f"the checkpoint's text vocabulary has {ckpt.predict.text_vocab_size} "
                      "tokens and its directory no vocab.txt: set --config.vocab_file to the "
                      "model's (bert-base-uncased's vocab.txt for facebook/flava-full)")
   mesh = sharding.make_mesh(config.sharding.mesh)
   rules = sharding.rules_from_config(config.sharding.rules)
-  ctx = make_context(ckpt.model_config, mesh, rules, vocab_file,
-                     config.text_length or ckpt.text_length, config.cache_dir)
+  ctx = make_context(ckpt.task, mesh, rules, vocab_file, config.cache_dir,
+                     config.text_length or ckpt.text_length)
   evaluator = evals.build(config.task, ctx, "task")
   return evaluator(ckpt.params)
 
@@ -120,23 +133,6 @@ def format_figure(value: Any) -> str:
 def format_metrics(name: str, metrics: Mapping[str, float]) -> str:
   """One line: the figures first, counts and skips after (format_figure)."""
   return f"{name}: " + ", ".join(f"{k} {format_figure(v)}" for k, v in metrics.items())
-
-
-def eval_rows(config: Any, kind: str, source_config: sources.SourceConfig | None = None,
-              limit: int | None = None) -> list[dict]:
-  """Preprocessed held-out examples of one corpus kind of a training config (eval transforms:
-  whole image, no masks), the bad ones skipped. Default source: the embedded test split."""
-  cfg, _ = pipeline.data_config(config.data)
-  shapes = pipeline.Shapes.from_config(config)
-  tok = pipeline.load_tokenizer(cfg, shapes) if kind != "image" else None
-  processor = pipeline.make_processor(kind, cfg, shapes, tok, train=False)
-  source_config = source_config or sources.SourceConfig(name=kind, split="test",
-                                                        cache_dir=cfg.cache_dir)
-  source = sources.open_source(source_config, f"eval.{kind}", kind)
-  source.check(kind)
-  count = len(source) if limit is None else min(limit, len(source))
-  rows = [processor(source[i], None) for i in range(count)]
-  return [r for r in rows if "_skip" not in r]
 
 
 def main(argv) -> None:

@@ -1,4 +1,4 @@
-"""Analytic FLOP counts of FLAVA's train step (matmuls and convolutions; 2 FLOPs per MAC).
+"""Analytic FLOP counts of the models' train steps (matmuls and convolutions; 2 FLOPs per MAC).
 
 Used for TFLOP/s and MFU and checked against XLA's cost analysis by the AOT tool. Training a
 trainable part costs 3x its forward (forward + two backward matmuls); the frozen dVAE only runs
@@ -8,11 +8,7 @@ counts useful work).
 
 from __future__ import annotations
 
-from typing import Any
-
-from flava_jax.losses.flava import LossConfig
-from flava_jax.models.config import (DVAEConfig, EncoderConfig, FlavaConfig, dataclass_from_dict,
-                                     dvae_view_size)
+from flava_jax.models.config import DVAEConfig, EncoderConfig, FlavaConfig, dvae_view_size
 
 
 def encoder_flops(cfg: EncoderConfig, tokens: int) -> float:
@@ -147,14 +143,3 @@ def train_step_flops(cfg: FlavaConfig, dvae: DVAEConfig, kind: str, global_batch
   if kind == "paired":
     total += contrastive_flops(cfg, global_batch)
   return total
-
-
-def config_step_flops(config: Any, kind: str, global_batch: int | None = None) -> float:
-  """train_step_flops for a training config (its model, dVAE, text lengths, prediction slots)."""
-  loss = dataclass_from_dict(LossConfig, config.loss, "loss")
-  paired = kind == "paired"
-  return train_step_flops(
-      FlavaConfig.from_dict(config.model), DVAEConfig.from_dict(config.dvae), kind,
-      global_batch or config.global_batch,
-      config.paired_text_length if paired else config.text_length, loss.image_prediction_slots,
-      loss.paired_text_prediction_slots if paired else loss.text_prediction_slots)

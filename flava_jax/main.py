@@ -1,10 +1,12 @@
-"""The flava_jax binary.
+"""The flava_jax training binary, for every task (flava_jax/tasks/).
 
     python -m flava_jax.main --config=configs/flava.py:tiny --workdir=/tmp/flava
+    python -m flava_jax.main --config=configs/dvae.py --workdir=/tmp/dvae
 
 Parses flags, joins the other processes of a multi-host run, logs the topology and hands over to
-the library: FLAVA pretraining on the configured corpora (flava_jax.trainer), resumed from the
-workdir's checkpoints when there are some, then held-out zero-shot retrieval.
+the library: the config's task (`config.task`; FLAVA pretraining by default) trained on the
+configured corpora (flava_jax.trainer), resumed from the workdir's checkpoints when there are
+some, then the config's evaluations.
 """
 
 import os

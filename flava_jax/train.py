@@ -1,20 +1,23 @@
-"""Train state, optimizer and the sharded, donated train step (one per batch kind).
+"""Train state, optimizer and the sharded, donated train step of any task (flava_jax/tasks/).
 
-    mesh = sharding.make_mesh(config.sharding.mesh)
-    rules = sharding.rules_from_config(config.sharding.rules)
-    state, state_shardings = create_train_state(model, tx, rng, mesh, rules)
-    step = make_train_step(model, dvae, tx, loss_config, mesh, rules, "paired", state_shardings,
-                           local_batch=global_batch // sharding.data_parallel_size(mesh))
-    state, metrics = step(state, dvae_params, batch, rng)
+    exp = experiment.Experiment(config)       # task, mesh, rules, optimizer
+    state = exp.create_state()                # created already sharded
+    step = exp.train_step("paired")           # one jitted, donated step per batch kind
+    state, metrics = step(state, exp.frozen, batch, rng)
 
-The state is created already sharded (eval_shape, then jit with out_shardings); the frozen dVAE is
-an input of the step, never part of the optimizer state.
+The state is created already sharded (eval_shape, then jit with out_shardings). It holds the
+parameters, the optimizer state, the step and the task's extra state (momentum copies, queues);
+the task's frozen inputs (FLAVA's dVAE) are an input of the step, never part of the state.
+
+AdamW keeps one Adam state per parameter group (the task's top-level groups): a step whose loss
+does not reach a group (the image encoder in a text-only step) leaves that group's parameters,
+moments and Adam step count exactly as they were, with no weight decay either, as PyTorch's
+AdamW skips parameters whose gradient is None. The learning-rate schedule follows the run's step.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -26,18 +29,11 @@ import optax
 from jax.sharding import Mesh
 
 from flava_jax import sharding
-from flava_jax.data.transforms import model_pixels
-from flava_jax.losses import flava as flava_losses
-from flava_jax.models.config import check_choice, dataclass_from_dict
-from flava_jax.models.dvae import DVAE
-from flava_jax.models.flava import LOGIT_SCALE_MAX, FlavaModel, init_params, logical_axes
+from flava_jax.parse import check_choice, dataclass_from_dict
+from flava_jax.tasks.base import GradCacheSplit, LossOutput, StepContext, Task
 
 Array = jax.Array
-
-# Leaves that get weight decay: weight matrices, conv kernels and embedding tables. Biases,
-# LayerNorm scales, [CLS]/[MASK] tokens and the logit scale do not.
-DECAYED_LEAVES = frozenset({"kernel", "qkv_kernel", "out_kernel", "patch_kernel", "word_embed",
-                            "position_embed", "token_type_embed", "pos_embed"})
+FROZEN = "__frozen__"  # the optimizer label of groups optimizer.trainable leaves out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,16 +71,20 @@ class TrainState:
   step: Array
   params: Any
   opt_state: Any
+  extra: Any  # the task's extra state ({} for most)
 
 
-def _leaf_name(path: tuple) -> str:
-  names = [getattr(k, "key", None) for k in path]
-  names = [n for n in names if isinstance(n, str)]
-  return names[-1] if names else ""
+def _dict_path(path: tuple) -> tuple[str, ...]:
+  return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
-def decay_mask(params: Any) -> Any:
-  return jax.tree_util.tree_map_with_path(lambda p, _: _leaf_name(p) in DECAYED_LEAVES, params)
+def decay_mask(params: Any, decays: Callable[[tuple[str, ...]], bool],
+               trainable: tuple[str, ...] = ()) -> Any:
+  """True where a parameter gets weight decay: the task's rule, in a group that trains."""
+  def one(path, _):
+    keys = _dict_path(path)
+    return decays(keys) and (not trainable or (bool(keys) and keys[0] in trainable))
+  return jax.tree_util.tree_map_with_path(one, params)
 
 
 def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -104,19 +104,52 @@ def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Sche
       [optax.linear_schedule(0.0, cfg.learning_rate, warmup), decay], [warmup])
 
 
-def make_optimizer(cfg: OptimizerConfig | Mapping[str, Any], total_steps: int
+def make_optimizer(cfg: OptimizerConfig | Mapping[str, Any], total_steps: int,
+                   decays: Callable[[tuple[str, ...]], bool], groups: tuple[str, ...]
                    ) -> optax.GradientTransformation:
+  """AdamW with one Adam state per parameter group (see the module docstring), the task's
+  weight-decay rule, the warm-up + decay schedule and optional global-norm clipping.
+
+  groups: the parameter tree's top-level groups; those optimizer.trainable leaves out get no
+  state and no update."""
   if not isinstance(cfg, OptimizerConfig):
     cfg = dataclass_from_dict(OptimizerConfig, cfg, "optimizer")
-  tx = optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                   weight_decay=cfg.weight_decay, mask=decay_mask,
-                   mu_dtype=jnp.dtype(cfg.mu_dtype))
+  trainable = cfg.trainable or tuple(groups)
+  adam = {g: optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                                 mu_dtype=jnp.dtype(cfg.mu_dtype)) for g in trainable}
+  per_group = optax.multi_transform(dict(adam, **{FROZEN: optax.set_to_zero()}),
+                                    lambda params: group_labels(params, trainable))
+  parts = [per_group,
+           optax.add_decayed_weights(cfg.weight_decay,
+                                     mask=lambda p: decay_mask(p, decays, cfg.trainable)),
+           optax.scale_by_learning_rate(learning_rate_schedule(cfg, total_steps))]
   if cfg.grad_clip_norm > 0:
-    tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
-  if cfg.trainable:
-    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
-                               functools.partial(_trainable_labels, cfg.trainable))
-  return tx
+    parts.insert(0, optax.clip_by_global_norm(cfg.grad_clip_norm))
+  return optax.chain(*parts)
+
+
+def group_labels(params: Mapping[str, Any], trainable: tuple[str, ...]) -> Any:
+  """Each leaf labelled with its top-level group, or FROZEN outside `trainable`."""
+  check_trainable(trainable, params)
+  return {k: jax.tree.map(lambda _, k=k: k if k in trainable else FROZEN, v)
+          for k, v in params.items()}
+
+
+def keep_groups(old: Any, new: Any, groups: tuple[str, ...]) -> Any:
+  """The optimizer state `new` with the per-group Adam states of `groups` taken from `old`."""
+  if not groups:
+    return new
+  if isinstance(new, tuple) and not hasattr(new, "inner_states"):
+    if hasattr(new, "_fields"):  # a NamedTuple state other than the per-group one
+      return new
+    return tuple(keep_groups(o, n, groups) for o, n in zip(old, new, strict=True))
+  if hasattr(new, "inner_states"):
+    inner = dict(new.inner_states)
+    for g in groups:
+      if g in inner:
+        inner[g] = old.inner_states[g]
+    return new._replace(inner_states=inner)
+  return new
 
 
 def check_trainable(trainable: tuple[str, ...], params: Any) -> None:
@@ -126,74 +159,54 @@ def check_trainable(trainable: tuple[str, ...], params: Any) -> None:
                      f"parameter groups: {sorted(params)}")
 
 
-def _trainable_labels(trainable: tuple[str, ...], params: Any) -> Any:
-  check_trainable(trainable, params)
-  return {k: jax.tree.map(lambda _, k=k: "train" if k in trainable else "frozen", v)
-          for k, v in params.items()}
-
-
-def _init(init_params_fn: Callable[[Array], Any], tx: optax.GradientTransformation):
+def _init(init_fn: Callable[[Array], tuple[Any, Any]], tx: optax.GradientTransformation):
   def init(rng):
-    params = init_params_fn(rng)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    params, extra = init_fn(rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      extra=extra)
   return init
 
 
-def abstract_state(init_params_fn: Callable[[Array], Any], tx: optax.GradientTransformation,
-                   param_shardings: Any, mesh: Mesh) -> tuple[TrainState, Any]:
+def abstract_state(init_fn: Callable[[Array], tuple[Any, Any]],
+                   tx: optax.GradientTransformation, param_shardings: Any, extra_shardings: Any,
+                   mesh: Mesh) -> tuple[TrainState, Any]:
   """(state of ShapeDtypeStructs carrying their shardings, the shardings): nothing allocated.
 
-  Optimizer-state leaves shaped like a parameter (Adam's moments) take its sharding; the rest
-  (step counts) are replicated.
+  init_fn(rng) -> (params, extra). Optimizer-state leaves shaped like a parameter (Adam's
+  moments) take its sharding; the rest (step counts) are replicated.
   """
-  shapes = jax.eval_shape(_init(init_params_fn, tx), jax.random.key(0))
+  shapes = jax.eval_shape(_init(init_fn, tx), jax.random.key(0))
   replicated = sharding.replicated(mesh)
   opt = _like_params(shapes.opt_state, shapes.params, param_shardings, replicated)
-  shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt)
+  shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt,
+                         extra=extra_shardings)
   abstract = jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
   return abstract, shardings
 
 
-def create_state(init_params_fn: Callable[[Array], Any], tx: optax.GradientTransformation,
-                 param_shardings: Any, mesh: Mesh, rng: Array, rules: sharding.Rules = ()
-                 ) -> tuple[TrainState, Any]:
+def create_state(init_fn: Callable[[Array], tuple[Any, Any]], tx: optax.GradientTransformation,
+                 param_shardings: Any, extra_shardings: Any, mesh: Mesh, rng: Array,
+                 rules: sharding.Rules = ()) -> tuple[TrainState, Any]:
   """A freshly initialised state, created directly in its sharded layout."""
-  _, shardings = abstract_state(init_params_fn, tx, param_shardings, mesh)
-  init = jax.jit(_init(init_params_fn, tx), out_shardings=shardings)
+  _, shardings = abstract_state(init_fn, tx, param_shardings, extra_shardings, mesh)
+  init = jax.jit(_init(init_fn, tx), out_shardings=shardings)
   with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
     state = init(rng)
   return state, shardings
 
 
-def abstract_train_state(model: FlavaModel, tx: optax.GradientTransformation, mesh: Mesh,
-                         rules: sharding.Rules) -> tuple[TrainState, Any]:
-  """The FLAVA train state, abstract (see abstract_state)."""
-  return abstract_state(lambda r: init_params(model, r), tx,
-                        param_shardings(model, mesh, rules), mesh)
-
-
-def create_train_state(model: FlavaModel, tx: optax.GradientTransformation, rng: Array,
-                       mesh: Mesh, rules: sharding.Rules) -> tuple[TrainState, Any]:
-  """A randomly initialised FLAVA train state, created directly in its sharded layout."""
-  return create_state(lambda r: init_params(model, r), tx, param_shardings(model, mesh, rules),
-                      mesh, rng, rules)
-
-
-def _dict_keys(path: tuple) -> tuple[str, ...]:
-  return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
-
-
 def _like_params(tree: Any, param_shapes: Any, param_values: Any, default: Any) -> Any:
   """Maps each leaf of `tree` (an optimizer state) to the value of the parameter whose key path
   ends its own path with the same shape (mu/nu of that parameter), else to `default`."""
+  shapes = jax.tree_util.tree_leaves_with_path(param_shapes)
+  values = jax.tree_util.tree_leaves_with_path(param_values)
   by_path = {}
-  for (path, shape), (_, value) in zip(jax.tree_util.tree_leaves_with_path(param_shapes),
-                                       jax.tree_util.tree_leaves_with_path(param_values)):
-    by_path[_dict_keys(path)] = (shape.shape, value)
+  for (path, shape), (_, value) in zip(shapes, values, strict=True):
+    by_path[_dict_path(path)] = (shape.shape, value)
 
   def one(path, leaf):
-    keys = _dict_keys(path)
+    keys = _dict_path(path)
     for start in range(len(keys)):
       hit = by_path.get(keys[start:])
       if hit is not None and hit[0] == leaf.shape:
@@ -201,47 +214,6 @@ def _like_params(tree: Any, param_shapes: Any, param_values: Any, default: Any) 
     return default
 
   return jax.tree_util.tree_map_with_path(one, tree)
-
-
-def param_shardings(model: FlavaModel, mesh: Mesh, rules: sharding.Rules) -> Any:
-  """NamedShardings of the model parameters alone."""
-  return sharding.logical_to_shardings(logical_axes(model), mesh, rules)
-
-
-def clamp_logit_scale(params: Any) -> Any:
-  """The reference clamps the learned log temperature to [0, ln 100] before every step."""
-  if "logit_scale" not in params:
-    return params
-  return dict(params, logit_scale=jnp.clip(params["logit_scale"], 0.0, LOGIT_SCALE_MAX))
-
-
-def make_loss_fn(model: FlavaModel, dvae: DVAE | None, loss_cfg: flava_losses.LossConfig,
-                 kind: str, mesh: Mesh | None, local_batch: int
-                 ) -> Callable[[Any, Any, Mapping[str, Array], Array], tuple[Array, dict]]:
-  """loss_fn(params, dvae_params, batch, rng) -> (loss, metrics) for one batch kind."""
-  if kind not in flava_losses.BATCH_KINDS:
-    raise ValueError(f"batch kind {kind!r} is not one of {flava_losses.BATCH_KINDS}")
-
-  def loss_fn(params, dvae_params, batch, rng):
-    batch = model_pixels(batch)  # uint8 views from the pipeline -> normalised float inputs
-    codes = None
-    if kind != "text":
-      if dvae is None:
-        raise ValueError("image and paired batches need the dVAE for MIM/MMM targets")
-      codes = jax.lax.stop_gradient(dvae.apply({"params": dvae_params}, batch["dvae_pixels"],
-                                               method="tokens"))
-      if codes.shape[1] != batch["patch_mask"].shape[1]:
-        raise ValueError(f"the dVAE gives {codes.shape[1]} codes per image for "
-                         f"{batch['patch_mask'].shape[1]} patches: dvae_pixels must be "
-                         "(patch grid x 8) pixels wide")
-    if kind == "paired":
-      return flava_losses.paired_loss(model, params, batch, codes, rng, loss_cfg, mesh,
-                                      local_batch)
-    if kind == "image":
-      return flava_losses.image_loss(model, params, batch, codes, loss_cfg)
-    return flava_losses.text_loss(model, params, batch, loss_cfg)
-
-  return loss_fn
 
 
 def microbatches(batch: Mapping[str, Array], grad_accum: int, mesh: Mesh) -> dict[str, Array]:
@@ -264,14 +236,37 @@ def microbatches(batch: Mapping[str, Array], grad_accum: int, mesh: Mesh) -> dic
   return {k: split(v) for k, v in batch.items()}
 
 
+def merge_microbatches(tree: Any, mesh: Mesh) -> Any:
+  """[k, B / k, ...] per-micro-batch arrays -> [B, ...] in the batch's own row order (the
+  inverse of `microbatches`)."""
+  batch_axis = sharding.batch_sharding(mesh)
+
+  def merge(x):
+    x = jax.lax.with_sharding_constraint(jnp.moveaxis(x, 0, 1), batch_axis)
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+  return jax.tree.map(merge, tree)
+
+
+def _zeros_f32(tree: Any) -> Any:
+  return jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
+
+
+def _add(a: Array, b: Array) -> Array:
+  return a + b.astype(a.dtype)
+
+
 def accumulated_value_and_grad(loss_fn: Callable, params: Any, batch: Mapping[str, Array],
                                rng: Array, grad_accum: int, mesh: Mesh
-                               ) -> tuple[tuple[Array, dict], Any]:
+                               ) -> tuple[tuple[Array, tuple[dict, Any]], Any]:
   """Mean loss, metrics and gradients over `grad_accum` micro-batches, one at a time (lax.scan).
 
-  Gradients accumulate in float32 in the parameters' layout; micro-batch j draws its
-  randomness from fold_in(rng, j). Losses that normalise per batch (the contrastive loss over
-  its micro-batch, masked-token means) see micro-batches, as in any accumulation.
+  loss_fn(params, batch, rng) -> (loss, (metrics, extra_update)). Gradients accumulate in
+  float32 in the parameters' layout; micro-batch j draws its randomness from fold_in(rng, j).
+  Losses that normalise per batch (the contrastive loss over its micro-batch, masked-token
+  means) see micro-batches, as in any accumulation (GradCache, `gradcache_value_and_grad`,
+  keeps the whole batch's negatives). Extra-state updates of the micro-batches are
+  concatenated along their rows.
   """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if grad_accum == 1:
@@ -283,61 +278,150 @@ def accumulated_value_and_grad(loss_fn: Callable, params: Any, batch: Mapping[st
     grads_sum, loss_sum, metrics_sum = carry
     index, one = inputs
     one = {k: jax.lax.with_sharding_constraint(v, batch_axis) for k, v in one.items()}
-    (loss, metrics), grads = grad_fn(params, one, jax.random.fold_in(rng, index))
-    add = lambda a, b: a + b.astype(a.dtype)
-    return (jax.tree.map(add, grads_sum, grads), loss_sum + loss,
-            jax.tree.map(add, metrics_sum, metrics)), None
+    (loss, (metrics, extra_update)), grads = grad_fn(params, one, jax.random.fold_in(rng, index))
+    return (jax.tree.map(_add, grads_sum, grads), loss_sum + loss,
+            jax.tree.map(_add, metrics_sum, metrics)), extra_update
 
-  (loss_shape, metrics_shape), _ = jax.eval_shape(
+  (_, (metrics_shape, _)), _ = jax.eval_shape(
       grad_fn, params, jax.tree.map(lambda x: x[0], micro), rng)
-  zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
-  init = (zeros(params), jnp.zeros((), jnp.float32), zeros(metrics_shape))
-  del loss_shape
-  (grads, loss, metrics), _ = jax.lax.scan(body, init, (jnp.arange(grad_accum), micro))
+  init = (_zeros_f32(params), jnp.zeros((), jnp.float32), _zeros_f32(metrics_shape))
+  (grads, loss, metrics), extra_updates = jax.lax.scan(
+      body, init, (jnp.arange(grad_accum), micro))
   scale = 1.0 / grad_accum
   grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads, params)
-  return (loss * scale, jax.tree.map(lambda m: m * scale, metrics)), grads
+  if extra_updates is not None:
+    extra_updates = merge_microbatches(extra_updates, mesh)
+  return (loss * scale, (jax.tree.map(lambda m: m * scale, metrics), extra_updates)), grads
+
+
+def gradcache_value_and_grad(split: GradCacheSplit, params: Any, frozen: Any,
+                             batch: Mapping[str, Array], rng: Array, grad_accum: int,
+                             mesh: Mesh, ctx: StepContext
+                             ) -> tuple[tuple[Array, tuple[dict, Any]], Any]:
+  """The whole batch's loss and gradients in `grad_accum` micro-batches, every negative kept
+  (GradCache): (1) each micro-batch's embeddings and row-decomposable terms without gradients;
+  (2) the batch-level (contrastive) loss over all embeddings and its gradients with respect to
+  the embeddings and the parameters; (3) each micro-batch's backward pass of
+  <cached embedding gradients, embeddings> + its terms over the whole batch's normalisers.
+  Memory is one micro-batch's activations; compute is one extra forward pass.
+  """
+  micro = microbatches(batch, grad_accum, mesh)
+  batch_axis = sharding.batch_sharding(mesh)
+  constrain = lambda one: {k: jax.lax.with_sharding_constraint(v, batch_axis)
+                           for k, v in one.items()}
+
+  def forward(_, inputs):
+    index, one = inputs
+    embeddings, terms, metrics = split.embed(params, frozen, constrain(one),
+                                             jax.random.fold_in(rng, index), ctx)
+    return None, (jax.lax.stop_gradient(embeddings), jax.lax.stop_gradient(terms), metrics)
+
+  _, (embeddings, terms, metrics) = jax.lax.scan(
+      forward, None, (jnp.arange(grad_accum), micro))
+  totals = {name: jnp.maximum(jnp.sum(den), 1e-9) for name, (_, den) in terms.items()}
+  all_embeddings = merge_microbatches(embeddings, mesh)
+  contrast_fn = lambda p, e: split.contrast(p, e, ctx)
+  (contrast, contrast_metrics), (param_grads, embedding_grads) = jax.value_and_grad(
+      contrast_fn, argnums=(0, 1), has_aux=True)(params, all_embeddings)
+  weight = split.weights.get("global_contrastive", 1.0)
+  # Back to micro-batch layout: [k, B / k, ...], scaled by the contrastive term's weight.
+  embedding_grads = jax.tree.map(lambda g: weight * g, microbatches(
+      {str(i): g for i, g in enumerate(jax.tree.leaves(embedding_grads))}, grad_accum, mesh))
+  treedef = jax.tree.structure(embeddings)
+
+  def surrogate(p, one, cached, r):
+    emb, tms, _ = split.embed(p, frozen, constrain(one), r, ctx)
+    dot = sum(jnp.sum(e.astype(jnp.float32) * jax.lax.stop_gradient(g))
+              for e, g in zip(jax.tree.leaves(emb), jax.tree.leaves(cached), strict=True))
+    return dot + sum(split.weights.get(name, 1.0) * num / totals[name]
+                     for name, (num, _) in tms.items())
+
+  grad_fn = jax.grad(surrogate)
+
+  def backward(grads_sum, inputs):
+    index, one, cached = inputs
+    cached = jax.tree.unflatten(treedef, [cached[str(i)] for i in range(treedef.num_leaves)])
+    grads = grad_fn(params, one, cached, jax.random.fold_in(rng, index))
+    return jax.tree.map(_add, grads_sum, grads), None
+
+  grads, _ = jax.lax.scan(backward, jax.tree.map(lambda g: weight * g.astype(jnp.float32),
+                                                 param_grads),
+                          (jnp.arange(grad_accum), micro, embedding_grads))
+  grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+  term_means = {name: jnp.sum(num) / totals[name] for name, (num, _) in terms.items()}
+  loss = weight * contrast + sum(split.weights.get(name, 1.0) * value
+                                 for name, value in term_means.items())
+  metrics = dict(jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics), **contrast_metrics,
+                 **term_means)
+  return (loss, (metrics, None)), grads
 
 
 def apply_gradients(tx: optax.GradientTransformation, state: TrainState, grads: Any,
-                    metrics: dict[str, Array]) -> tuple[TrainState, dict[str, Array]]:
-  """One optimizer update; adds the l2 norms of grads, params and updates to the metrics."""
+                    metrics: dict[str, Array], keep: tuple[str, ...] = (),
+                    task: Task | None = None, extra_update: Any = None
+                    ) -> tuple[TrainState, dict[str, Array]]:
+  """One optimizer update, then the task's post-update hook; the groups in `keep` (no gradient
+  in this step, or not trainable) keep their parameters and Adam states exactly. Adds the l2
+  norms of grads, params and updates to the metrics."""
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = clamp_logit_scale(optax.apply_updates(state.params, updates))
+  if keep:
+    updates = {k: jax.tree.map(jnp.zeros_like, v) if k in keep else v
+               for k, v in updates.items()}
+  params = optax.apply_updates(state.params, updates)
+  if keep:
+    params = {k: state.params[k] if k in keep else v for k, v in params.items()}
+    opt_state = keep_groups(state.opt_state, opt_state, keep)
+  extra = state.extra
+  if task is not None:
+    params, extra = task.after_update(params, extra, extra_update)
   metrics = dict(metrics, grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
                  update_norm=optax.global_norm(updates))
-  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state, extra=extra), metrics
 
 
-def make_train_step(model: FlavaModel, dvae: DVAE | None, tx: optax.GradientTransformation,
-                    loss_cfg: flava_losses.LossConfig, mesh: Mesh, rules: sharding.Rules,
-                    kind: str, state_shardings: Any, local_batch: int, grad_accum: int = 1):
-  """step(state, dvae_params, batch, rng) -> (state, metrics); jitted, state donated.
+def make_train_step(task: Task, kind: str, tx: optax.GradientTransformation, mesh: Mesh,
+                    rules: sharding.Rules, state_shardings: Any, local_batch: int,
+                    grad_accum: int = 1, grad_cache: bool = False, keep: tuple[str, ...] = (),
+                    frozen_shardings: Any = None):
+  """step(state, frozen, batch, rng) -> (state, metrics); jitted, state donated.
 
   local_batch: rows per data-parallel shard of the whole step; with grad_accum > 1 the step
-  runs grad_accum micro-batches of local_batch / grad_accum rows each and applies one update.
+  runs grad_accum micro-batches of local_batch / grad_accum rows each and applies one update
+  (GradCache when grad_cache and the task offers a split for this kind). keep: parameter groups
+  this step must not update (see apply_gradients).
   """
   if grad_accum < 1 or local_batch % grad_accum:
     raise ValueError(f"grad_accum={grad_accum} must be >= 1 and divide the {local_batch} rows "
                      "each data-parallel shard holds")
-  loss_fn = make_loss_fn(model, dvae, loss_cfg, kind, mesh, local_batch // grad_accum)
+  split = task.gradcache(kind) if grad_cache and grad_accum > 1 else None
 
-  def step(state: TrainState, dvae_params, batch, rng):
+  def step(state: TrainState, frozen, batch, rng):
     rng = jax.random.fold_in(rng, state.step)
+    ctx = StepContext(mesh=mesh, local_batch=local_batch // grad_accum, step=state.step)
+
+    def loss_fn(params, one, r):
+      out: LossOutput = task.loss(kind, params, state.extra, frozen, one, r, ctx)
+      return out.loss, (out.metrics, out.extra_update)
+
     with nn.logical_axis_rules(list(rules)):
-      (loss, metrics), grads = accumulated_value_and_grad(
-          lambda p, b, r: loss_fn(p, dvae_params, b, r), state.params, batch, rng, grad_accum,
-          mesh)
-    return apply_gradients(tx, state, grads, dict(metrics, loss=loss))
+      if split is not None:
+        (loss, (metrics, extra_update)), grads = gradcache_value_and_grad(
+            split, state.params, frozen, batch, rng, grad_accum, mesh, ctx)
+      else:
+        (loss, (metrics, extra_update)), grads = accumulated_value_and_grad(
+            loss_fn, state.params, batch, rng, grad_accum, mesh)
+      return apply_gradients(tx, state, grads, dict(metrics, loss=loss), keep, task,
+                             extra_update)
 
   replicated = sharding.replicated(mesh)
-  jitted = jax.jit(step, in_shardings=(state_shardings, replicated,
+  frozen_in = replicated if frozen_shardings is None else frozen_shardings
+  jitted = jax.jit(step, in_shardings=(state_shardings, frozen_in,
                                        sharding.batch_sharding(mesh), replicated),
                    out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
-  def run(state, dvae_params, batch, rng):
+  def run(state, frozen, batch, rng):
     with jax.set_mesh(mesh):
-      return jitted(state, dvae_params, batch, rng)
+      return jitted(state, frozen, batch, rng)
 
   run.jitted = jitted  # for lowering (AOT) and cost analysis
   return run

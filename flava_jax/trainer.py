@@ -1,4 +1,4 @@
-"""FLAVA pretraining: the loop `python -m flava_jax.main` runs.
+"""The training loop `python -m flava_jax.main` runs for every task (flava_jax/tasks/).
 
     train_and_evaluate(config, workdir) -> final metrics
 
@@ -30,15 +30,11 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 
-from flava_jax import (binary, evals, evaluate, flops, progress, sharding, stopping, train,
+from flava_jax import (binary, evals, evaluate, experiment, flops, progress, stopping, train,
                        warm_start)
 from flava_jax import workdir as workdir_lib
-from flava_jax.model_summary import num_parameters
 from flava_jax.data import pipeline
-from flava_jax.losses.flava import LossConfig
-from flava_jax.models.config import DVAEConfig, FlavaConfig, dataclass_from_dict, dvae_view_size
-from flava_jax.models.dvae import DVAE, init_dvae_params
-from flava_jax.models.flava import FlavaModel, init_params
+from flava_jax.model_summary import num_parameters
 
 CHECKPOINT_DIR = warm_start.CHECKPOINT_DIR
 METRICS_FILE = progress.METRICS_FILE
@@ -58,112 +54,15 @@ class NonFiniteState(NonFiniteLoss):
   """The state to be saved holds NaN or Inf: it is not saved, the run stops."""
 
 
-@dataclasses.dataclass(frozen=True)
-class CheckpointConfig:
-  every_steps: int = 1000
-  keep: int = 3
-  async_save: bool = True
-
-
-# Top-level fields of a training config; sections are checked by their own dataclasses.
-_SCALARS = dict(variant=str, seed=int, global_batch=int, paired_text_length=int,
-                text_length=int, total_steps=int, log_every_steps=int, grad_accum=int)
-
-
-def check_fields(config: Any, sections: tuple[str, ...]) -> None:
-  """Unknown top-level fields and ill-typed or non-positive scalars fail by name."""
-  known = set(_SCALARS) | set(sections)
-  unknown = sorted(set(config.keys()) - known)
-  if unknown:
-    raise ValueError(f"unknown config field(s) {', '.join(unknown)}; known fields: "
-                     f"{', '.join(sorted(known))}")
-  missing = sorted(set(sections) - set(config.keys()))
-  if missing:
-    raise ValueError(f"config has no {', '.join(missing)} section")
-  for name, kind in _SCALARS.items():
-    if name not in config:
-      continue
-    value = config[name]
-    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-      raise TypeError(f"config.{name} must be an int, got {value!r}")
-    if kind is str and not isinstance(value, str):
-      raise TypeError(f"config.{name} must be a string, got {value!r}")
-  for name in ("global_batch", "total_steps", "log_every_steps", "text_length",
-               "paired_text_length"):
-    if name in config and config[name] <= 0:
-      raise ValueError(f"config.{name} must be positive, got {config[name]}")
-  if config.get("grad_accum", 1) < 1:
-    raise ValueError(f"config.grad_accum must be >= 1, got {config.grad_accum}")
-
-
-FLAVA_SECTIONS = ("model", "dvae", "checkpoint", "evals", "loss", "optimizer", "data", "sharding",
-                  "init")
+CheckpointConfig = experiment.CheckpointConfig
+init_key = experiment.init_key
 
 
 def check_config(config: Any) -> None:
-  """Every start-up check of a FLAVA training config that needs no data read and no compile:
-  field names and types of every section, init paths, the mesh and the batch split. Errors
-  name the field."""
-  check_fields(config, FLAVA_SECTIONS)
-  model_cfg = FlavaConfig.from_dict(config.model)
-  DVAEConfig.from_dict(config.dvae)
-  check_prediction_slots(dataclass_from_dict(LossConfig, config.loss, "loss"), model_cfg,
-                         config)
-  optimizer_cfg = dataclass_from_dict(train.OptimizerConfig, config.optimizer, "optimizer")
-  if optimizer_cfg.trainable:
-    groups = jax.eval_shape(lambda: init_params(FlavaModel(model_cfg), jax.random.key(0)))
-    train.check_trainable(optimizer_cfg.trainable, groups)
-  dataclass_from_dict(CheckpointConfig, config.checkpoint, "checkpoint")
-  for name, task in config.evals.items():
-    evals.parse(task, f"evals.{name}")
-  dataclass_from_dict(warm_start.InitConfig, config.init, "init")
-  pipeline.data_config(config.data)
-  check_batch(config, sharding.make_mesh(config.sharding.mesh))
-
-
-def check_prediction_slots(loss: LossConfig, model: FlavaConfig, config: Any) -> None:
-  """The heads' prediction slots must hold every label the data pipeline makes."""
-  patches = model.image.num_patches
-  masked = min(config.data.mask_patches, patches)
-  slots = loss.image_prediction_slots
-  if slots and not masked <= slots <= patches:
-    raise ValueError(f"loss.image_prediction_slots={slots} must be 0 (every patch) or between "
-                     f"data.mask_patches={masked} and the {patches} patches of an image")
-  for name, length_name in (("paired_text_prediction_slots", "paired_text_length"),
-                            ("text_prediction_slots", "text_length")):
-    slots, length = getattr(loss, name), config[length_name]
-    if slots > length:
-      raise ValueError(f"loss.{name}={slots} exceeds {length_name}={length}")
-
-
-def init_key(seed: int) -> jax.Array:
-  """The key parameters are initialised from. RBG rather than threefry: the same values run to
-  run, and XLA compiles the initialiser 2-3x faster on CPU (threefry's unrolled rounds)."""
-  return jax.random.key(seed, impl="rbg")
-
-
-def _dvae_params(dvae: DVAE, image_size: int, source: str, seed: int) -> Any:
-  """The frozen tokenizer's encoder: from init.dvae_from, else randomly initialised."""
-  if not source:
-    return init_dvae_params(dvae, jax.random.fold_in(init_key(seed), 1), image_size=image_size)
-  abstract = jax.eval_shape(lambda: init_dvae_params(dvae, jax.random.key(0),
-                                                     image_size=image_size))
-  abstract = {"encoder": abstract["encoder"]}  # FLAVA training reads the codes only
-  params, _ = warm_start.replace_parts(abstract, warm_start.read_dvae_params(source),
-                                       ("encoder",), "init.dvae_from")
-  return params
-
-
-def check_batch(config: Any, mesh) -> None:
-  dp = sharding.data_parallel_size(mesh)
-  if config.global_batch % dp:
-    raise ValueError(f"global_batch={config.global_batch} is not divisible by the data-parallel "
-                     f"size {dp} (mesh {dict(mesh.shape)})")
-  accum = config.get("grad_accum", 1)
-  if (config.global_batch // dp) % accum:
-    raise ValueError(f"grad_accum={accum} does not divide the {config.global_batch // dp} rows "
-                     f"each of the {dp} data-parallel shards holds (global_batch="
-                     f"{config.global_batch})")
+  """Every start-up check of a training config that needs no data read and no compile: field
+  names and types of every section (the task's and the trainer's), init paths, the mesh and the
+  batch split. Errors name the field."""
+  experiment.Experiment(config)
 
 
 def _manager(workdir: str, cfg: CheckpointConfig) -> ocp.CheckpointManager:
@@ -375,19 +274,20 @@ def _non_finite_message(manager: ocp.CheckpointManager, error: NonFiniteLoss) ->
 class Run:
   """What the step loop needs: a sharded state, one jitted step per batch kind, the data."""
 
-  config: Any
+  config: experiment.RunConfig
   workdir: str
   mesh: Any
   data: pipeline.DataIterator
   state: Any                      # its shapes and shardings are what checkpoints restore into
-  steps: dict[str, Any]           # kind -> step(state, batch, rng) -> (state, metrics)
-  step_flops: dict[str, float]    # kind -> FLOPs of one step at the global batch
+  steps: dict[str, Any]           # step kind -> step(state, batch, rng) -> (state, metrics)
+  step_flops: dict[str, float]    # step kind -> FLOPs of one step at the global batch
+  step_kind: Any                  # corpus kind -> step kind (the task's)
   schedule: Any
   checkpoint: CheckpointConfig
   rng: Any
   session: Session
   on_fresh_start: Any = None      # state -> state, when no checkpoint is resumed (config.init)
-  host_batch: Any = None          # host batch -> the part the steps read (before the transfer)
+  host_batch: Any = None          # (step kind, host batch) -> what the step reads (the task's)
   evaluate: Any = None            # Evaluations: the evals due at a step, on the current params
   final_evals: int = 0            # evaluations after the last step (for the ETA)
 
@@ -450,7 +350,7 @@ def _train(run: Run, manager: ocp.CheckpointManager, writer: progress.MetricWrit
   skips = progress.SkipRates(data.kinds, config.global_batch // jax.process_count())
   skips.take(data.skipped, data.batches)  # counts restored with the data state are not news
   compiled: set[str] = set()
-  kinds = set(data.kinds.values())
+  kinds = {run.step_kind(k) for k in data.kinds.values()}
   every = run.checkpoint.every_steps
   pending = None  # (step, corpus, device metrics): fetched one step late
   losses = collections.deque(maxlen=10_000)  # (step, corpus, loss): where a divergence began
@@ -471,7 +371,7 @@ def _train(run: Run, manager: ocp.CheckpointManager, writer: progress.MetricWrit
     losses.append((step, corpus, loss))
     means.add(corpus, host)
     interval["seconds"] += seconds
-    interval["flops"] += run.step_flops[data.kinds[corpus]]
+    interval["flops"] += run.step_flops[run.step_kind(data.kinds[corpus])]
     interval["steps"] += 1
     if step % config.log_every_steps == 0 or step == total:
       out = means.take()
@@ -515,9 +415,9 @@ def _train(run: Run, manager: ocp.CheckpointManager, writer: progress.MetricWrit
     while step < total:
       clock.begin(step + 1)
       corpus, batch = next(data)
+      kind = run.step_kind(data.kinds[corpus])
       if run.host_batch is not None:
-        batch = run.host_batch(batch)
-      kind = data.kinds[corpus]
+        batch = run.host_batch(kind, batch)
       if kind not in compiled and pending is not None:
         flush(pending)  # the previous step ends before a compile holds the host up
         pending = None
@@ -567,7 +467,7 @@ def final_metrics_logged(workdir: str, step: int, prefix: str) -> bool:
 
 
 def run_binary(argv, check, train_fn) -> None:
-  """The body of both binaries (flava_jax.main, flava_jax.train_dvae): joins the other processes
+  """The body of the training binary (flava_jax.main): joins the other processes
   when --multiprocess, logs the topology, stops with a one-line usage error on a bad config,
   then trains with --config and --workdir. A workdir that cannot be used, a resume the config
   does not allow and a non-finite loss end in one `error:` line and exit 1; a second Ctrl-C in
@@ -628,15 +528,14 @@ class Evaluations:
     return out
 
 
-def make_evaluations(config: Any, model: FlavaModel, mesh, rules) -> Evaluations:
-  """config.evals built, their splits opened and checked."""
-  if not config.evals:
+def make_evaluations(exp: experiment.Experiment) -> Evaluations:
+  """config.evals built on the task's predict functions, their splits opened and checked."""
+  if not exp.run.evals:
     return Evaluations({})
-  data_cfg, _ = pipeline.data_config(config.data)
-  ctx = evaluate.make_context(model.config, mesh, rules, data_cfg.vocab_file,
-                              config.paired_text_length, data_cfg.cache_dir)
-  return Evaluations({name: evals.build(task, ctx, f"evals.{name}")
-                      for name, task in config.evals.items()})
+  ctx = evaluate.make_context(exp.task, exp.mesh, exp.rules, exp.run.data.vocab_file,
+                              exp.run.data.cache_dir)
+  return Evaluations({name: evals.build_parsed(cfg, ctx, f"evals.{name}")
+                      for name, cfg in exp.run.evals.items()})
 
 
 def final_evaluations(evaluations: Evaluations, workdir: str, step: int, params: Any,
@@ -670,57 +569,48 @@ def train_and_evaluate(config: Any, workdir: str, stop_after: int | None = None
   run does); a later call with the same workdir carries on. A stopped run returns
   {"stopped_at": step, "state": ...}.
   """
-  check_config(config)
+  exp = experiment.Experiment(config)  # every start-up check, before the workdir is touched
+  settings, task = exp.run, exp.task
   with Session(config, workdir) as session:
     workdir = session.workdir
-    mesh = sharding.make_mesh(config.sharding.mesh)
-    rules = sharding.rules_from_config(config.sharding.rules)
-    model = FlavaModel(FlavaConfig.from_dict(config.model))
-    dvae = DVAE(DVAEConfig.from_dict(config.dvae))
-    loss_cfg = dataclass_from_dict(LossConfig, config.loss, "loss")
-    optimizer_cfg = dataclass_from_dict(train.OptimizerConfig, config.optimizer, "optimizer")
-    ckpt_cfg = dataclass_from_dict(CheckpointConfig, config.checkpoint, "checkpoint")
-    init_cfg = dataclass_from_dict(warm_start.InitConfig, config.init, "init")  # paths checked
-    tx = train.make_optimizer(optimizer_cfg, config.total_steps)
-    data = pipeline.make_pipeline(config)  # start-up errors of the data come before any compile
+    mesh = exp.mesh
+    data = exp.pipeline()  # start-up errors of the data come before any compile
     try:
-      evaluations = make_evaluations(config, model, mesh, rules)  # and of the held-out splits
-      rng = jax.random.key(config.seed)
-      state, shardings = train.create_train_state(model, tx, init_key(config.seed), mesh, rules)
-      dvae_params = None  # text-only runs (the MLM stage) never tokenise images
-      if set(data.kinds.values()) & {"image", "paired"}:
-        dvae_params = _dvae_params(dvae, dvae_view_size(model.config.image, dvae.config),
-                                   init_cfg.dvae_from, config.seed)
+      evaluations = make_evaluations(exp)  # and of the held-out splits
+      state = exp.create_state()
+      frozen = exp.frozen(tuple(data.kinds.values()))
     except BaseException:
       data.close()
       raise
     if jax.process_index() == 0:
-      print(f"FLAVA {config.get('variant', '')}: {num_parameters(state.params):,} parameters; "
-            f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
-            f"device(s); corpora {data.kinds}; global batch {config.global_batch}"
-            + (f" in {config.grad_accum} micro-batches" if config.get("grad_accum", 1) > 1
-               else "")
-            + ("" if dvae_params is None else f"; dVAE from {init_cfg.dvae_from}"
-               if init_cfg.dvae_from else "; dVAE random (init.dvae_from not set)"), flush=True)
+      accum = settings.grad_accum
+      frozen_note = "".join(
+          f"; {field[:-len('_from')]} from {settings.init[field]}"
+          if settings.init.get(field) else f"; {field[:-len('_from')]} random (init.{field} "
+          "not set)" for field in task.FROZEN_STARTS) if frozen is not None else ""
+      print(f"{task.describe(state.params)} {settings.variant}: "
+            f"{num_parameters(state.params):,} parameters; mesh {dict(mesh.shape)} on "
+            f"{jax.device_count()} {jax.devices()[0].platform} device(s); corpora {data.kinds}; "
+            f"global batch {settings.global_batch}"
+            + (f" in {accum} micro-batches" + (" (GradCache)" if settings.grad_cache else "")
+               if accum > 1 else "") + frozen_note, flush=True)
 
     def fresh_start(state):
-      params, notes = warm_start.initial_params(state.params, init_cfg)
+      params, notes = warm_start.initial_params(state.params, settings.init, task.WARM_STARTS)
       for note in notes:
         print(f"init: {note}", flush=True)
       return state.replace(params=params)
 
-    local_batch = config.global_batch // sharding.data_parallel_size(mesh)
     steps = {}
-    for kind in sorted(set(data.kinds.values())):
-      step_fn = train.make_train_step(model, dvae, tx, loss_cfg, mesh, rules, kind, shardings,
-                                      local_batch, config.get("grad_accum", 1))
-      steps[kind] = functools.partial(lambda f, s, b, r: f(s, dvae_params, b, r), step_fn)
-    step_flops = {kind: flops.config_step_flops(config, kind) for kind in steps}
-    run = Run(config=config, workdir=workdir, mesh=mesh, data=data, state=state, steps=steps,
-              step_flops=step_flops,
-              schedule=train.learning_rate_schedule(optimizer_cfg, config.total_steps),
-              checkpoint=ckpt_cfg, rng=rng, session=session, on_fresh_start=fresh_start,
-              evaluate=evaluations, final_evals=len(evaluations.evaluators))
+    for kind in task.step_kinds(data.kinds.values()):
+      steps[kind] = functools.partial(lambda f, s, b, r: f(s, frozen, b, r), exp.train_step(kind))
+    run = Run(config=settings, workdir=workdir, mesh=mesh, data=data, state=state, steps=steps,
+              step_flops={kind: exp.step_flops(kind) for kind in steps},
+              step_kind=task.step_kind,
+              schedule=train.learning_rate_schedule(settings.optimizer, settings.total_steps),
+              checkpoint=settings.checkpoint, rng=jax.random.key(settings.seed), session=session,
+              on_fresh_start=fresh_start, host_batch=task.host_batch, evaluate=evaluations,
+              final_evals=len(evaluations.evaluators))
     state, step, stopped = run_loop(run, stop_after)
     if stopped:
       return {"stopped_at": step, "state": state}

@@ -1,10 +1,11 @@
-"""Starting a run from earlier weights: `config.init` (FLAVA stages, the frozen dVAE).
+"""Starting a run from earlier weights: `config.init`, whose fields the task names.
 
-    init.model_from  every FLAVA parameter (a converted model, a transformers directory, a workdir)
-    init.image_from  the image encoder and MIM head (e.g. a MIM stage's workdir)
-    init.text_from   the text encoder and MLM head (e.g. an MLM stage's workdir)
-    init.dvae_from   the frozen dVAE: a dVAE training workdir (python -m flava_jax.train_dvae),
-                     a converted model holding one, or a transformers directory with a codebook
+A task's WARM_STARTS table maps init fields to the parameter groups they load, e.g. FLAVA's
+    init.model_from  every parameter (a converted model, a transformers directory, a workdir)
+    init.image_from  image_encoder + mim_head (e.g. a MIM stage's workdir)
+    init.text_from   text_encoder + mlm_head (e.g. an MLM stage's workdir)
+and its FROZEN_STARTS name inputs it loads itself (FLAVA's init.dvae_from: the frozen dVAE: a
+dVAE training workdir, a converted model holding one, or a transformers directory with a codebook).
 
 A source is one of three kinds of directory, told apart by what it holds:
   - a training workdir (`checkpoints/`): the parameters of its newest checkpoint;
@@ -33,26 +34,27 @@ CHECKPOINT_DIR = "checkpoints"
 STATE_ITEM = "state"
 RUN_CONFIG = "run_config.json"
 
-# What image_from / text_from take from a source's FLAVA parameters.
-IMAGE_PARTS = ("image_encoder", "mim_head")
-TEXT_PARTS = ("text_encoder", "mlm_head")
-
-
-@dataclasses.dataclass(frozen=True)
-class InitConfig:
-  model_from: str = ""
-  image_from: str = ""
-  text_from: str = ""
-  dvae_from: str = ""
-
-  def __post_init__(self):
-    if self.model_from and (self.image_from or self.text_from):
-      raise ValueError("init.model_from sets every parameter: leave init.image_from and "
-                       "init.text_from empty when it is given")
-    for name in ("model_from", "image_from", "text_from", "dvae_from"):
-      path = getattr(self, name)
-      if path:
-        source_kind(path, f"init.{name}")  # a missing or unrecognised directory fails here
+def init_sources(values: Mapping[str, Any], fields: tuple[str, ...], whole: str = "model_from"
+                 ) -> dict[str, str]:
+  """config.init parsed: {field: path} for the task's warm-start `fields`; unknown fields,
+  non-strings and missing or unrecognised directories fail naming the field. `whole` (every
+  parameter) excludes the partial fields."""
+  values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
+  unknown = sorted(set(values) - set(fields))
+  if unknown:
+    raise ValueError(f"unknown field(s) {', '.join('init.' + u for u in unknown)}; this task's "
+                     f"warm starts: {', '.join('init.' + f for f in fields)}")
+  for name, path in values.items():
+    if not isinstance(path, str):
+      raise TypeError(f"init.{name} must be a string, got {path!r}")
+  partial = [f for f in fields if f != whole and values.get(f) and f != "dvae_from"]
+  if values.get(whole) and partial:
+    raise ValueError(f"init.{whole} sets every parameter: leave "
+                     f"{' and '.join('init.' + f for f in partial)} empty when it is given")
+  for name, path in values.items():
+    if path:
+      source_kind(path, f"init.{name}")  # a missing or unrecognised directory fails here
+  return {k: v for k, v in values.items() if v}
 
 
 def source_kind(path: str, field: str) -> str:
@@ -191,20 +193,24 @@ def _unflat(flat: Mapping[tuple[str, ...], Any]) -> dict:
   return out
 
 
-def initial_params(params: Mapping, cfg: InitConfig) -> tuple[dict, list[str]]:
-  """FLAVA parameters after config.init (model_from, then image_from, text_from); the log lines."""
+def initial_params(params: Mapping, sources: Mapping[str, str],
+                   warm_starts: Mapping[str, tuple[str, ...] | None]
+                   ) -> tuple[dict, list[str]]:
+  """Parameters after config.init: each field of `warm_starts` found in `sources` loads its
+  parameter groups (None: every group the source has) in the table's order; the log lines."""
   notes = []
-  if cfg.model_from:
-    source = read_flava_params(cfg.model_from, "init.model_from")
-    parts = tuple(k for k in params if k in source)  # a FlavaModel source has no heads
-    params, n = replace_parts(params, source, parts, "init.model_from")
-    kept = sorted(set(params) - set(parts))
-    notes.append(f"{n} parameter arrays from {cfg.model_from}"
-                 + (f" ({', '.join(kept)} not in the source: random)" if kept else ""))
-  for field, parts in (("image_from", IMAGE_PARTS), ("text_from", TEXT_PARTS)):
-    path = getattr(cfg, field)
-    if path:
-      params, n = replace_parts(params, read_flava_params(path, f"init.{field}"), parts,
-                                f"init.{field}")
+  for field, parts in warm_starts.items():
+    path = sources.get(field)
+    if not path:
+      continue
+    source = read_flava_params(path, f"init.{field}")
+    if parts is None:
+      parts = tuple(k for k in params if k in source)  # e.g. a FlavaModel source has no heads
+      params, n = replace_parts(params, source, parts, f"init.{field}")
+      kept = sorted(set(params) - set(parts))
+      notes.append(f"{n} parameter arrays from {path}"
+                   + (f" ({', '.join(kept)} not in the source: random)" if kept else ""))
+    else:
+      params, n = replace_parts(params, source, parts, f"init.{field}")
       notes.append(f"{'/'.join(parts)} ({n} arrays) from {path}")
   return params, notes

@@ -48,6 +48,8 @@ RESUME_CHANGES: tuple[tuple[str, str], ...] = (
     ("global_batch", "each step takes the new number of examples; the data continues from its "
                      "saved position and the schedule still counts steps"),
     ("grad_accum", "the same update in another number of micro-batches"),
+    ("grad_cache", "contrastive micro-batches see the whole batch's negatives (True) or their "
+                   "own (False) from here on"),
     ("log_every_steps", "progress lines at the new interval"),
     ("checkpoint.*", "checkpoints at the new interval / count"),
     ("evals", "the evaluations run as now configured"),
@@ -81,6 +83,7 @@ RESUME_CHANGES: tuple[tuple[str, str], ...] = (
 )
 
 REFUSED_WHY = {
+    "task": "which model family the checkpoints hold",
     "model": "the parameters' shapes or meaning",
     "dvae": "the frozen tokenizer's codes (MIM/MMM targets)",
     "seed": "the data order and every step's random numbers",

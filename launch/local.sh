@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Runs a flava_jax binary on this machine (CPU or local accelerators).
+# Runs the flava_jax training binary on this machine (CPU or local accelerators).
 #   launch/local.sh [CONFIG] [WORKDIR] [extra flags...]
 # CONFIG is a variant of configs/flava.py (tiny, full) or a config path with its argument
-# (configs/mlm.py:full). configs/dvae.py runs the dVAE trainer (python -m flava_jax.train_dvae).
+# (configs/mlm.py:full); the config's task decides what trains (configs/dvae.py: the dVAE).
 # e.g. launch/local.sh tiny /tmp/flava_tiny --config.seed=1
 #      launch/local.sh configs/dvae.py /tmp/flava_dvae
 set -euo pipefail
@@ -16,6 +16,4 @@ esac
 name="$(basename "${config%%:*}" .py)"
 workdir="${1:-/tmp/flava_${name}}"
 shift $(( $# > 0 ? 1 : 0 ))
-binary="flava_jax.main"
-[[ "${name}" == "dvae" ]] && binary="flava_jax.train_dvae"
-exec python -m "${binary}" --config="${config}" --workdir="${workdir}" "$@"
+exec python -m flava_jax.main --config="${config}" --workdir="${workdir}" "$@"

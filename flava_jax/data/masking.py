@@ -13,7 +13,9 @@ import math
 
 import numpy as np
 
-from flava_jax.losses.masked import IGNORE_INDEX
+# The label of positions with no target: PyTorch's cross-entropy default, which transformers and
+# the losses (losses/masked.py) use too.
+IGNORE_INDEX = -100
 
 
 @dataclasses.dataclass(frozen=True)

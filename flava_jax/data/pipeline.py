@@ -5,8 +5,9 @@
       -> read threads -> batches that drop and count bad examples -> weighted per-step mixture
       -> grain worker processes (data.worker_count) -> DataIterator (state, skip totals)
 
-`make_pipeline(config)` reads `config.data` plus the sizes it shares with the model (image size,
-patch grid, text lengths, batch, seed). `DataIterator.get_state()` is a JSON-able dict the trainer
+`make_pipeline(data, corpora, processors, global_batch, seed)` takes the parsed `config.data`
+(`data_config`) and one per-example processor per corpus kind, which the task makes (its
+`processors`; `make_processor` builds FLAVA-style ones from `Shapes`). `DataIterator.get_state()` is a JSON-able dict the trainer
 stores in its checkpoint; `set_state` resumes the exact batch sequence. `to_global` turns a host's
 batch into global jax Arrays laid out over the mesh's data-parallel axes.
 """
@@ -31,8 +32,7 @@ from flava_jax.data.mixture import (CORPUS_KEY, SKIPPED_KEY, SkipCountingBatchIt
                                     WeightedMixtureIterDataset)
 from flava_jax.data.preprocess import KINDS, ExampleProcessor
 from flava_jax.data.tokenizer import Tokenizer
-from flava_jax.models.config import (DVAEConfig, FlavaConfig, check_choice, dataclass_from_dict,
-                                     dvae_view_size)
+from flava_jax.parse import check_choice, dataclass_from_dict
 
 @dataclasses.dataclass(frozen=True)
 class CorpusConfig:
@@ -106,7 +106,8 @@ def data_config(values: Mapping[str, Any], prefix: str = "data") -> tuple[DataCo
 
 @dataclasses.dataclass(frozen=True)
 class Shapes:
-  """What the pipeline shares with the model and the recipe."""
+  """The geometry FLAVA-style processors (make_processor) share with the model and the recipe;
+  a task makes it from its parsed config."""
 
   image_size: int
   patch_size: int
@@ -115,8 +116,6 @@ class Shapes:
   text_length: int
   text_vocab_size: int
   text_pad_id: int
-  global_batch: int
-  seed: int
   # MLM positions chosen per row at most (loss.*_prediction_slots; 0: no cap).
   paired_text_predictions: int = 0
   text_predictions: int = 0
@@ -124,19 +123,6 @@ class Shapes:
   @property
   def grid(self) -> int:
     return self.image_size // self.patch_size
-
-  @classmethod
-  def from_config(cls, config: Any) -> "Shapes":
-    image = FlavaConfig.from_dict(config.model).image
-    loss = config.get("loss") or {}
-    return cls(image_size=image.image_size, patch_size=image.patch_size,
-               dvae_size=dvae_view_size(image, DVAEConfig.from_dict(config.dvae)),
-               paired_text_length=config.paired_text_length, text_length=config.text_length,
-               text_vocab_size=config.model.text.vocab_size,
-               text_pad_id=config.model.text.pad_token_id, global_batch=config.global_batch,
-               seed=config.seed,
-               paired_text_predictions=loss.get("paired_text_prediction_slots", 0),
-               text_predictions=loss.get("text_prediction_slots", 0))
 
 
 def load_tokenizer(cfg: DataConfig, shapes: Shapes | None = None) -> Tokenizer:
@@ -311,20 +297,21 @@ def state_from_json(text: str) -> dict:
   return json.loads(text)
 
 
-def make_pipeline(config: Any, process_index: int | None = None,
-                  process_count: int | None = None) -> DataIterator:
-  """The training pipeline for `config` (an ml_collections config with `data` and the sizes)."""
+def make_pipeline(cfg: DataConfig, corpora: Mapping[str, CorpusConfig],
+                  processors: Mapping[str, Any], global_batch: int, seed: int,
+                  process_index: int | None = None, process_count: int | None = None
+                  ) -> DataIterator:
+  """The training pipeline: each corpus read through the processor of its kind, mixed per step.
+
+  cfg, corpora: `data_config(config.data)`; processors: {corpus kind: per-example processor}
+  (the task's); every process builds `global_batch / process_count` rows per step.
+  """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
-  cfg, corpora = data_config(config.data)
-  shapes = Shapes.from_config(config)
-  if shapes.global_batch % process_count:
-    raise ValueError(f"global_batch={shapes.global_batch} is not divisible by the "
+  if global_batch % process_count:
+    raise ValueError(f"global_batch={global_batch} is not divisible by the "
                      f"{process_count} processes")
-  host_batch = shapes.global_batch // process_count
-  tok = None
-  if any(c.kind != "image" for c in corpora.values()):
-    tok = load_tokenizer(cfg, shapes)
+  host_batch = global_batch // process_count
   streams, weights, kinds = {}, {}, {}
   read_options = grain.ReadOptions(num_threads=cfg.read_threads,
                                    prefetch_buffer_size=cfg.read_buffer_size)
@@ -333,14 +320,14 @@ def make_pipeline(config: Any, process_index: int | None = None,
     # kind: an array_record folder contributes its shards of this corpus's kind
     source = sources.open_source(corpus.source_config(cfg.cache_dir), where, corpus.kind)
     source.check(corpus.kind)
-    processor = make_processor(corpus.kind, cfg, shapes, tok)
-    seed = shapes.seed * 1_000_003 + _stable_hash(name)
-    examples = corpus_examples(source, processor, seed, process_index, process_count)
+    corpus_seed = seed * 1_000_003 + _stable_hash(name)
+    examples = corpus_examples(source, processors[corpus.kind], corpus_seed, process_index,
+                               process_count)
     streams[name] = SkipCountingBatchIterDataset(
         examples.to_iter_dataset(read_options), host_batch, name, cfg.max_consecutive_skips)
     weights[name] = corpus.weight
     kinds[name] = corpus.kind
-  dataset = WeightedMixtureIterDataset(streams, weights, seed=shapes.seed)
+  dataset = WeightedMixtureIterDataset(streams, weights, seed=seed)
   if cfg.worker_count > 0:
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; notebooks never parse them
       flags.FLAGS.mark_as_parsed()
@@ -350,6 +337,16 @@ def make_pipeline(config: Any, process_index: int | None = None,
         num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size),
         worker_init_fn=stopping.ignore_interrupts)
   return DataIterator(dataset, kinds)
+
+
+def flava_processors(cfg: DataConfig, kinds, shapes: Shapes, train: bool = True
+                     ) -> dict[str, ExampleProcessor]:
+  """make_processor for each of `kinds`, with the tokenizer loaded (and checked against the
+  model's vocabulary) when a kind reads text."""
+  tok = None
+  if any(k != "image" for k in kinds):
+    tok = load_tokenizer(cfg, shapes)
+  return {k: make_processor(k, cfg, shapes, tok, train) for k in sorted(set(kinds))}
 
 
 def to_global(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:

@@ -5,7 +5,7 @@
     image:  pixels, dvae_pixels, patch_mask
     text:   input_ids_masked, attention_mask, mlm_labels (token masking)
 
-The keys are losses.flava.BATCH_KEYS[kind]; eval mode (`train=False`) takes the whole image with
+The keys are what FLAVA's steps read per kind; eval mode (`train=False`) takes the whole image with
 no crop and no masks, and adds `label` and `input_ids` where the example has them. A bad example
 becomes {"_skip": reason} (examples.py) for the batcher to count.
 """
@@ -20,9 +20,9 @@ import numpy as np
 from flava_jax.data import masking, transforms
 from flava_jax.data.examples import Skip, as_image_bytes, as_text
 from flava_jax.data.tokenizer import Tokenizer
-from flava_jax.losses.flava import BATCH_KINDS
-
-KINDS = BATCH_KINDS  # a corpus is of the kind of batch it makes
+# What a corpus holds: image-caption pairs, images (optionally labelled), or text. A task says
+# which kinds it trains on and which train step each kind feeds (flava_jax/tasks/).
+KINDS = ("paired", "image", "text")
 
 
 def pick_one(value: Any, rng: np.random.Generator | None) -> Any:

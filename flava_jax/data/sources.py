@@ -30,7 +30,7 @@ from typing import Any
 
 from flava_jax.data import embedded, records
 from flava_jax.data.examples import Skip
-from flava_jax.models.config import check_choice
+from flava_jax.parse import check_choice
 
 # text_pair: a sentence pair's second text; answers: a question's annotators' answers.
 CANONICAL_FIELDS = ("image", "caption", "text", "label", "text_pair", "answers")

@@ -1,10 +1,11 @@
 """Image transforms of FLAVA's reference training code, in numpy/PIL with per-example rngs.
 
 Train: one random resized crop (scale (0.9, 1.0), ratio (3/4, 4/3)) taken once and resized twice:
-to 224 bicubic for the encoders (RGB, /255, CLIP mean/std) and to 112 Lanczos for the dVAE (/255,
-then x -> 0.8 x + 0.1). No horizontal flip unless asked. Eval: the two resizes of the whole image.
-Views are uint8 HWC arrays (4x less to copy to the device); `encoder_pixels`, `dvae_pixels` and,
-inside the jitted step, `model_pixels` finish them into the models' float inputs.
+to 224 bicubic for the encoders and to 112 Lanczos for the dVAE. No horizontal flip unless asked.
+Eval: the two resizes of the whole image. Views are uint8 HWC arrays (4x less to copy to the
+device); `encoder_pixels` (RGB, /255, CLIP mean/std) finishes an encoder view into the encoders'
+float input, and the task's train step does the same inside the jitted step (with the dVAE's own
+pixel map for its view).
 """
 
 from __future__ import annotations
@@ -12,14 +13,12 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from flava_jax.data.examples import Skip
-from flava_jax.models.dvae import map_pixels
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
@@ -113,23 +112,6 @@ def encoder_pixels(rgb: Any) -> Any:
   return (rgb.astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
 
 
-def dvae_pixels(rgb: Any) -> Any:
-  """uint8 RGB -> the dVAE's input: /255, then x -> 0.8 x + 0.1 (numpy or jax arrays)."""
-  return map_pixels(rgb.astype(np.float32) / 255.0)
-
-
-def model_pixels(batch: Mapping[str, Any]) -> dict[str, Any]:
-  """The batch with uint8 `pixels` / `dvae_pixels` (as the pipeline ships them: 4x less to
-  copy to the device) turned into the models' float inputs; float inputs pass unchanged.
-  Called inside the jitted step."""
-  out = dict(batch)
-  if "pixels" in out and out["pixels"].dtype == np.uint8:
-    out["pixels"] = encoder_pixels(out["pixels"])
-  if "dvae_pixels" in out and out["dvae_pixels"].dtype == np.uint8:
-    out["dvae_pixels"] = dvae_pixels(out["dvae_pixels"])
-  return out
-
-
 def _encoder_view(image: Image.Image, size: int, box=None) -> np.ndarray:
   """[size, size, 3] uint8, bicubic."""
   return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC, box=box))
@@ -144,7 +126,7 @@ def train_views(image: Image.Image, rng: np.random.Generator, cfg: ImageTransfor
                 ) -> tuple[np.ndarray, np.ndarray]:
   """(encoder view [S, S, 3], dVAE view [s, s, 3]), uint8, of one random crop of an RGB image.
 
-  `model_pixels` (on the device) finishes them: CLIP normalisation and the dVAE pixel map."""
+  The task's step (on the device) finishes them into float inputs."""
   left, top, w, h = random_resized_crop_box(image.width, image.height, rng, cfg.crop_scale,
                                             cfg.crop_ratio)
   return _crop_views(image, (left, top, left + w, top + h), rng, cfg)

@@ -12,13 +12,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from flava_jax.evals.features import EvalContext
-from flava_jax.models.config import check_choice, dataclass_from_dict
+from flava_jax.parse import check_choice, dataclass_from_dict
 
 EVALUATORS = {
     "zero_shot": "flava_jax.evals.zero_shot",        # zero-shot image classification
     "retrieval": "flava_jax.evals.retrieval",        # zero-shot image<->text retrieval
     "linear_probe": "flava_jax.evals.linear_probe",  # logistic regression on frozen h_CLS
     "finetune": "flava_jax.evals.finetune",          # a classifier head on h_CLS_I/T/M, trained
+    "reconstruction": "flava_jax.evals.reconstruction",  # an image tokenizer's round trip
 }
 
 
@@ -38,5 +39,9 @@ def parse(values: Mapping[str, Any], where: str) -> Any:
 
 def build(values: Mapping[str, Any], ctx: EvalContext, where: str) -> Any:
   """The evaluator a config mapping names, its splits opened and checked."""
-  cfg = parse(values, where)
+  return build_parsed(parse(values, where), ctx, where)
+
+
+def build_parsed(cfg: Any, ctx: EvalContext, where: str) -> Any:
+  """The evaluator of a parsed Config (parse), its splits opened and checked."""
   return module(cfg.evaluator).Evaluator(cfg, ctx, where)

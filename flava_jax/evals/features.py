@@ -21,7 +21,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
@@ -30,13 +30,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from flava_jax import sharding, train
+from flava_jax import sharding
 from flava_jax.data import pipeline, sources, transforms
 from flava_jax.data.examples import Skip, as_image_bytes, as_text
 from flava_jax.data.preprocess import pick_one
 from flava_jax.data.tokenizer import Tokenizer
-from flava_jax.models.config import dataclass_from_dict
-from flava_jax.models.flava import FlavaModel
+from flava_jax.parse import dataclass_from_dict
 
 Array = jax.Array
 INDEX_KEY = "index"  # the example's position in its split; -1 marks padding rows
@@ -89,11 +88,29 @@ def open_split(values: Mapping[str, Any], needed: tuple[str, ...], where: str,
   return source
 
 
+class Predictor(Protocol):
+  """What evaluators call on a model (the task's `predict()`): features of uint8 images and of
+  token ids, as pure functions of the parameters (called inside jit)."""
+
+  image_size: int          # pixels per side of the encoder's view
+  text_length: int         # the model's default tokens per text (its training caption length)
+  text_vocab_size: int
+  max_text_length: int
+
+  def logical_axes(self) -> Any: ...
+  def image_features(self, params: Any, batch: Mapping[str, Array]) -> dict[str, Array]: ...
+  def text_features(self, params: Any, batch: Mapping[str, Array]) -> dict[str, Array]: ...
+  def multimodal_features(self, params: Any, batch: Mapping[str, Array]) -> dict[str, Array]: ...
+  def classifier(self, inputs: str, num_classes: int, hidden_size: int) -> Any: ...
+  def classifier_width(self, inputs: str) -> int: ...
+
+
 @dataclasses.dataclass
 class EvalContext:
-  """The model being evaluated and where it runs; parameters are passed per call."""
+  """The model being evaluated (its task's predict functions) and where it runs; parameters
+  are passed per call."""
 
-  model: FlavaModel
+  predict: Predictor
   mesh: Mesh
   rules: sharding.Rules
   tokenizer: Tokenizer | None
@@ -106,10 +123,10 @@ class EvalContext:
   # --- parameters ----------------------------------------------------------------------------
 
   def param_shardings(self) -> Any:
-    return train.param_shardings(self.model, self.mesh, self.rules)
+    return sharding.logical_to_shardings(self.predict.logical_axes(), self.mesh, self.rules)
 
   def place(self, params: Any) -> Any:
-    """The FLAVA parameters in their shardings on this mesh (a no-op for a training state's)."""
+    """The parameters in their shardings on this mesh (a no-op for a training state's)."""
     return jax.device_put(params, self.param_shardings())
 
   # --- one example -> arrays -----------------------------------------------------------------
@@ -117,8 +134,7 @@ class EvalContext:
   def image_row(self, value: Any) -> dict[str, np.ndarray]:
     """An image field (encoded bytes; the first of a list) -> {"pixels": uint8 [S, S, 3]}."""
     image = transforms.decode_rgb(as_image_bytes(pick_one(value, None)), self.max_pixels)
-    size = self.model.config.image.image_size
-    return {"pixels": transforms.eval_pixels(image, size)}
+    return {"pixels": transforms.eval_pixels(image, self.predict.image_size)}
 
   def text_row(self, value: Any, length: int = 0, pair: Any = None) -> dict[str, np.ndarray]:
     """A text (and optionally a second text: "[CLS] a [SEP] b [SEP]") -> ids, mask, types."""
@@ -138,28 +154,15 @@ class EvalContext:
 
   def image_features(self, params: Any, batch: Mapping[str, Array]) -> dict[str, Array]:
     """{"embedding": unit-norm projection [B, P], "cls": final-LN h_CLS_I [B, D]}."""
-    hidden = self.model.apply({"params": params}, transforms.encoder_pixels(batch["pixels"]),
-                              method="encode_image")
-    embedding = self.model.apply({"params": params}, hidden, method="project_image")
-    return {"embedding": embedding, "cls": hidden[:, 0].astype(jnp.float32)}
+    return self.predict.image_features(params, batch)
 
   def text_features(self, params: Any, batch: Mapping[str, Array]) -> dict[str, Array]:
     """{"embedding": [B, P], "cls": final-LN h_CLS_T [B, D]}."""
-    hidden = self.model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                              batch.get("token_type_ids"), method="encode_text")
-    embedding = self.model.apply({"params": params}, hidden, method="project_text")
-    return {"embedding": embedding, "cls": hidden[:, 0].astype(jnp.float32)}
+    return self.predict.text_features(params, batch)
 
   def multimodal_features(self, params: Any, batch: Mapping[str, Array]) -> dict[str, Array]:
     """{"cls": final-LN h_CLS_M [B, D_mm]} of an image and a text."""
-    variables = {"params": params}
-    image = self.model.apply(variables, transforms.encoder_pixels(batch["pixels"]),
-                             method="image_outputs")
-    text = self.model.apply(variables, batch["input_ids"], batch["attention_mask"],
-                            batch.get("token_type_ids"), method="text_outputs")
-    fused = self.model.apply(variables, image.hidden_state, text.hidden_state,
-                             batch["attention_mask"], method="encode_multimodal")
-    return {"cls": fused[:, 0].astype(jnp.float32)}
+    return self.predict.multimodal_features(params, batch)
 
   # --- a whole split -------------------------------------------------------------------------
 

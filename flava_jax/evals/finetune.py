@@ -29,12 +29,13 @@ import numpy as np
 import optax
 
 from flava_jax import sharding, train
-from flava_jax.data import embedded, pipeline
+from flava_jax.data import embedded, pipeline, transforms
 from flava_jax.data.examples import Skip
 from flava_jax.evals.features import (EvalContext, TaskConfig, load_names, open_split,
                                       row_or_skip)
-from flava_jax.models.classifier import INPUTS, FlavaClassifier
 
+BACKBONE = "backbone"  # the classifier's parameter group holding the evaluated model's
+INPUTS = ("image", "text", "image_text")
 _NEEDED = {"image": ("image",), "text": ("text",), "image_text": ("image", "text")}
 VQA_SCORE_VOTES = 3.0  # an answer given by this many annotators scores 1
 
@@ -105,16 +106,21 @@ class Evaluator:
       if cfg.num_classes < 2:
         raise ValueError(f"{where}.num_classes={cfg.num_classes}: give the number of classes")
       self.num_classes = cfg.num_classes
-    config = ctx.model.config
-    width = config.multimodal.hidden_size if cfg.inputs == "image_text" else (
-        config.image.hidden_size if cfg.inputs == "image" else config.text.hidden_size)
-    self.model = FlavaClassifier(config, cfg.inputs, self.num_classes,
-                                 cfg.hidden_size or 2 * width)
+    width = ctx.predict.classifier_width(cfg.inputs)
+    self.model = ctx.predict.classifier(cfg.inputs, self.num_classes,
+                                        cfg.hidden_size or 2 * width)
     self.tx = train.make_optimizer(train.OptimizerConfig(
         learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay), max(cfg.steps, 1))
+        weight_decay=cfg.weight_decay), max(cfg.steps, 1), ctx.predict.decays,
+        (BACKBONE, "head"))
     self._test_outputs = lambda params, batch: {
-        "logits": self.model.apply({"params": params}, batch), "target": batch["target"]}
+        "logits": self._apply(params, batch), "target": batch["target"]}
+
+  def _apply(self, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+    """The classifier's logits; uint8 views finished into normalised pixels on the device."""
+    if "pixels" in batch and batch["pixels"].dtype == jnp.uint8:
+      batch = dict(batch, pixels=transforms.encoder_pixels(batch["pixels"]))
+    return self.model.apply({"params": params}, batch)
 
   # --- data ----------------------------------------------------------------------------------
 
@@ -165,7 +171,7 @@ class Evaluator:
   # --- training ------------------------------------------------------------------------------
 
   def _loss(self, params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    logits = self.model.apply({"params": params}, batch)
+    logits = self._apply(params, batch)
     if self.cfg.target == "answers":  # summed over answers, as VQA heads are trained
       loss = optax.sigmoid_binary_cross_entropy(logits, batch["target"]).sum(-1)
       score = jnp.take_along_axis(batch["target"], jnp.argmax(logits, -1)[:, None], 1)[:, 0]
@@ -174,8 +180,8 @@ class Evaluator:
       score = (jnp.argmax(logits, -1) == batch["target"]).astype(jnp.float32)
     return loss.mean(), score.mean()
 
-  def initial_state(self, flava_params: Any) -> tuple[train.TrainState, Any]:
-    """The sharded train state: head random, FLAVA's groups from `flava_params`."""
+  def initial_state(self, model_params: Any) -> tuple[train.TrainState, Any]:
+    """The sharded train state: head random, the backbone's groups from `model_params`."""
     ctx, cfg = self.ctx, self.cfg
     batch = self._dummy_batch()
 
@@ -184,24 +190,25 @@ class Evaluator:
 
     logical = nn.get_partition_spec(jax.eval_shape(init, jax.random.key(0)))
     shardings = sharding.logical_to_shardings(logical, ctx.mesh, ctx.rules)
-    unboxed = lambda rng: nn.meta.unbox(init(rng))
-    state, state_shardings = train.create_state(unboxed, self.tx, shardings, ctx.mesh,
+    unboxed = lambda rng: (nn.meta.unbox(init(rng)), {})
+    state, state_shardings = train.create_state(unboxed, self.tx, shardings, {}, ctx.mesh,
                                                 jax.random.key(cfg.seed, impl="rbg"), ctx.rules)
-    wanted = state.params["flava"]
-    missing = sorted(set(wanted) - set(flava_params))
+    wanted = state.params[BACKBONE]
+    missing = sorted(set(wanted) - set(model_params))
     if missing:
       raise ValueError(f"{self.where}: the evaluated parameters lack {missing}")
-    flava = {k: flava_params[k] for k in wanted}
-    jax.tree.map(_check_shape, flava, wanted)
+    backbone = {k: model_params[k] for k in wanted}
+    jax.tree.map(_check_shape, backbone, wanted)
     # Placed and copied: the step donates the state, and the caller's parameters (a training
     # run's own, already in these shardings) must survive it.
-    flava = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree),
-                    out_shardings=shardings["flava"])(jax.device_put(flava, shardings["flava"]))
-    return state.replace(params=dict(state.params, flava=flava)), state_shardings
+    backbone = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree),
+                       out_shardings=shardings[BACKBONE])(
+                           jax.device_put(backbone, shardings[BACKBONE]))
+    return state.replace(params=dict(state.params, **{BACKBONE: backbone})), state_shardings
 
   def _dummy_batch(self) -> dict[str, jax.Array]:
-    config, length = self.ctx.model.config, self.cfg.text_length or self.ctx.text_length
-    size = config.image.image_size
+    length = self.cfg.text_length or self.ctx.text_length
+    size = self.ctx.predict.image_size
     return {"pixels": jnp.zeros((1, size, size, 3), jnp.uint8),
             "input_ids": jnp.zeros((1, length), jnp.int32),
             "attention_mask": jnp.ones((1, length), jnp.int32),

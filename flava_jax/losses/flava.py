@@ -6,7 +6,7 @@
 
 Batches are dicts of arrays with a leading batch axis (static shapes):
     paired: pixels [B,H,W,3] (normalised float; the pipeline ships uint8 and the train step
-            converts it, data/transforms.model_pixels), patch_mask [B,P] bool, input_ids, input_ids_masked, attention_mask,
+            converts it, tasks/flava.model_pixels), patch_mask [B,P] bool, input_ids, input_ids_masked, attention_mask,
             mlm_labels [B,L] (IGNORE_INDEX where no target)
     image:  pixels, patch_mask
     text:   input_ids_masked, attention_mask, mlm_labels
@@ -26,8 +26,8 @@ from jax.sharding import Mesh
 
 from flava_jax.losses import contrastive, itm
 from flava_jax.losses.masked import (label_weights, masked_prediction_loss, prediction_slots,
-                                     slot_overflow, take_slots)
-from flava_jax.models.config import check_choice
+                                     slot_overflow, take_slots, token_cross_entropy)
+from flava_jax.parse import check_choice
 from flava_jax.models.heads import take_positions
 
 Array = jax.Array
@@ -72,14 +72,23 @@ class LossConfig:
         raise ValueError(f"loss.{name}={getattr(self, name)} must be >= 0 (0: every position)")
 
 
-def paired_loss(model: Any, params: Any, batch: Mapping[str, Array], image_codes: Array,
-                rng: Array, cfg: LossConfig, mesh: Mesh | None = None, local_batch: int = 0,
-                itm_labels: Array | None = None) -> tuple[Array, dict[str, Array]]:
-  """GC + MMM + ITM on a paired batch.
+@dataclasses.dataclass(frozen=True)
+class _PairedForward:
+  """One forward pass over a paired batch and the labels and weights its losses read."""
 
-  ITM negatives are made here from `rng` (local_batch = rows per data-parallel shard) unless
-  explicit `itm_labels` are given (then the captions are taken as they are).
-  """
+  out: Any                       # FlavaOutput
+  itm_labels: Array              # [B] 1 = matched pair
+  rows: Array                    # [B] weights of the rows MMM and the contrastive loss read
+  image_codes: Array             # [B, K] dVAE codes at the image slots
+  slot_patch_weights: Array      # [B, K]
+  mlm_labels: Array              # [B, K'] at the text slots
+  slot_text_weights: Array       # [B, K']
+  metrics: dict
+
+
+def _paired_forward(model: Any, params: Any, batch: Mapping[str, Array], image_codes: Array,
+                    rng: Array, cfg: LossConfig, local_batch: int,
+                    itm_labels: Array | None) -> _PairedForward:
   text = {k: batch[k] for k in ("input_ids", "input_ids_masked", "attention_mask", "mlm_labels")}
   if itm_labels is None:
     if cfg.itm > 0 and cfg.itm_negative_rate > 0:
@@ -95,31 +104,72 @@ def paired_loss(model: Any, params: Any, batch: Mapping[str, Array], image_codes
                     text["attention_mask"], bool_masked_pos=batch["patch_mask"],
                     input_ids_masked=text["input_ids_masked"], image_positions=image_positions,
                     text_positions=text_positions)
-  rows = itm.positive_row_weights(itm_labels)
   slot_patch_weights = take_slots(patch_weights, image_positions)
   slot_text_weights = take_slots(text_weights, text_positions)
-  gc_fn = (contrastive.global_contrastive_loss if cfg.contrastive == "global"
-           else contrastive.local_contrastive_loss)
-  losses = {
-      "global_contrastive": gc_fn(out.image_embedding, out.text_embedding, out.logit_scale,
-                                  rows, mesh=mesh),
-      "itm": itm.itm_loss(out.itm_logits, itm_labels),
-      "mmm_image": masked_prediction_loss(
-          out.mmm_image_logits, take_slots(image_codes, image_positions),
-          slot_patch_weights * rows[:, None])[0],
-      "mmm_text": masked_prediction_loss(
-          out.mmm_text_logits, take_slots(text["mlm_labels"], text_positions),
-          slot_text_weights * rows[:, None])[0],
-  }
-  total = sum(getattr(cfg, name) * value for name, value in losses.items())
-  metrics = dict(losses, itm_accuracy=itm.itm_accuracy(out.itm_logits, itm_labels),
+  metrics = dict(itm_accuracy=itm.itm_accuracy(out.itm_logits, itm_labels),
                  itm_negative_fraction=1.0 - jnp.mean(itm_labels.astype(jnp.float32)),
                  logit_scale=out.logit_scale)
   if image_positions is not None:
     metrics["mmm_image_overflow"] = slot_overflow(patch_weights, slot_patch_weights)
   if text_positions is not None:
     metrics["mmm_text_overflow"] = slot_overflow(text_weights, slot_text_weights)
-  return total, metrics
+  return _PairedForward(out=out, itm_labels=itm_labels,
+                        rows=itm.positive_row_weights(itm_labels),
+                        image_codes=take_slots(image_codes, image_positions),
+                        slot_patch_weights=slot_patch_weights,
+                        mlm_labels=take_slots(text["mlm_labels"], text_positions),
+                        slot_text_weights=slot_text_weights, metrics=metrics)
+
+
+def paired_loss(model: Any, params: Any, batch: Mapping[str, Array], image_codes: Array,
+                rng: Array, cfg: LossConfig, mesh: Mesh | None = None, local_batch: int = 0,
+                itm_labels: Array | None = None) -> tuple[Array, dict[str, Array]]:
+  """GC + MMM + ITM on a paired batch.
+
+  ITM negatives are made here from `rng` (local_batch = rows per data-parallel shard) unless
+  explicit `itm_labels` are given (then the captions are taken as they are).
+  """
+  f = _paired_forward(model, params, batch, image_codes, rng, cfg, local_batch, itm_labels)
+  out, rows = f.out, f.rows
+  gc_fn = (contrastive.global_contrastive_loss if cfg.contrastive == "global"
+           else contrastive.local_contrastive_loss)
+  losses = {
+      "global_contrastive": gc_fn(out.image_embedding, out.text_embedding, out.logit_scale,
+                                  rows, mesh=mesh),
+      "itm": itm.itm_loss(out.itm_logits, f.itm_labels),
+      "mmm_image": masked_prediction_loss(
+          out.mmm_image_logits, f.image_codes, f.slot_patch_weights * rows[:, None])[0],
+      "mmm_text": masked_prediction_loss(
+          out.mmm_text_logits, f.mlm_labels, f.slot_text_weights * rows[:, None])[0],
+  }
+  total = sum(getattr(cfg, name) * value for name, value in losses.items())
+  return total, dict(losses, **f.metrics)
+
+
+def paired_terms(model: Any, params: Any, batch: Mapping[str, Array], image_codes: Array,
+                 rng: Array, cfg: LossConfig, local_batch: int = 0
+                 ) -> tuple[dict[str, Array], dict[str, tuple[Array, Array]], dict[str, Array]]:
+  """The paired losses split for GradCache accumulation: (contrastive embeddings {image, text,
+  rows}, row-decomposable terms {name: (weighted sum, weight total)}, metrics). Over several
+  micro-batches, sum(numerators) / sum(denominators) is each term's whole-batch mean, and the
+  global contrastive loss of the concatenated embeddings is the whole batch's."""
+  f = _paired_forward(model, params, batch, image_codes, rng, cfg, local_batch, None)
+  out, rows = f.out, f.rows
+
+  def masked_sum(logits, labels, weights):
+    weights = weights.astype(jnp.float32)
+    return jnp.sum(token_cross_entropy(logits, labels) * weights), jnp.sum(weights)
+
+  itm_ce = token_cross_entropy(out.itm_logits, f.itm_labels)
+  terms = {
+      "itm": (jnp.sum(itm_ce), jnp.asarray(itm_ce.shape[0], jnp.float32)),
+      "mmm_image": masked_sum(out.mmm_image_logits, f.image_codes,
+                              f.slot_patch_weights * rows[:, None]),
+      "mmm_text": masked_sum(out.mmm_text_logits, f.mlm_labels,
+                             f.slot_text_weights * rows[:, None]),
+  }
+  embeddings = {"image": out.image_embedding, "text": out.text_embedding, "rows": rows}
+  return embeddings, terms, f.metrics
 
 
 def image_loss(model: Any, params: Any, batch: Mapping[str, Array], image_codes: Array,

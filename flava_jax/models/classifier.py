@@ -4,8 +4,9 @@
     inputs="text"        h_CLS_T of one text or a text pair         GLUE
     inputs="image_text"  h_CLS_M of the multimodal encoder          VQAv2, SNLI-VE, Hateful Memes
 
-Parameters: {"flava": FLAVA's (only the encoders the inputs use), "head": the classifier}, so a
-pretrained FLAVA's groups copy in by name.
+Parameters: {"backbone": FLAVA's (only the encoders the inputs use), "head": the classifier}, so
+a pretrained FLAVA's groups copy in by name. Pixels come normalised (the caller finishes uint8
+views: data/transforms.encoder_pixels).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flava_jax.data.transforms import encoder_pixels
 from flava_jax.models.config import FlavaConfig
 from flava_jax.models.flava import FlavaModel
 from flava_jax.models.heads import MaskedPredictionHead
@@ -32,23 +32,22 @@ class FlavaClassifier(nn.Module):
   def setup(self):
     if self.inputs not in INPUTS:
       raise ValueError(f"inputs={self.inputs!r}: use one of {INPUTS}")
-    self.flava = FlavaModel(self.config.replace(pretraining_heads=False))
+    self.backbone = FlavaModel(self.config.replace(pretraining_heads=False))
     # The masked-prediction heads' shape (dense -> GELU -> LayerNorm -> dense), at its own width.
     self.head = MaskedPredictionHead(self.hidden_size, self.num_classes, 1e-12, self.config)
 
   def pooled(self, batch: dict[str, Array]) -> Array:
     """The [CLS] state the head reads: [B, D]."""
     if self.inputs == "text":
-      return self.flava.encode_text(batch["input_ids"], batch["attention_mask"],
+      return self.backbone.encode_text(batch["input_ids"], batch["attention_mask"],
                                     batch.get("token_type_ids"))[:, 0]
     pixels = batch["pixels"]
-    pixels = encoder_pixels(pixels) if pixels.dtype == jnp.uint8 else pixels
     if self.inputs == "image":
-      return self.flava.encode_image(pixels)[:, 0]
-    image = self.flava.image_outputs(pixels)
-    text = self.flava.text_outputs(batch["input_ids"], batch["attention_mask"],
+      return self.backbone.encode_image(pixels)[:, 0]
+    image = self.backbone.image_outputs(pixels)
+    text = self.backbone.text_outputs(batch["input_ids"], batch["attention_mask"],
                                    batch.get("token_type_ids"))
-    return self.flava.encode_multimodal(image.hidden_state, text.hidden_state,
+    return self.backbone.encode_multimodal(image.hidden_state, text.hidden_state,
                                         batch["attention_mask"])[:, 0]
 
   def __call__(self, batch: dict[str, Array]) -> Array:

@@ -1,4 +1,4 @@
-"""Random train-step batches of a config's shapes, for the bench tool and its PyTorch peer.
+"""Random FLAVA train-step batches (the FLAVA task's random_batch), for the bench and its peer.
 
 Pixels are uniform uint8 (as the data pipeline ships them), patch masks are BEiT block masks of
 data.mask_patches, text is full-length random ids with MLM masking at data.mlm_rate (capped at the
@@ -31,22 +31,6 @@ class BatchShapes:
   paired_text_slots: int
   text_slots: int
   itm_negative_rate: float
-
-  @classmethod
-  def from_config(cls, config: Any) -> "BatchShapes":
-    from flava_jax.models.config import (  # pylint: disable=import-outside-toplevel
-        DVAEConfig, FlavaConfig, dvae_view_size)
-    model = FlavaConfig.from_dict(config.model)
-    loss, data = config.loss, config.data
-    return cls(image_size=model.image.image_size,
-               dvae_size=dvae_view_size(model.image, DVAEConfig.from_dict(config.dvae)),
-               grid=model.image.grid_size, paired_text_length=config.paired_text_length,
-               text_length=config.text_length, text_vocab_size=model.text.vocab_size,
-               masked_patches=min(data.mask_patches, model.image.num_patches),
-               mask_min_block=data.mask_min_block, mlm_rate=data.mlm_rate,
-               paired_text_slots=loss.get("paired_text_prediction_slots", 0),
-               text_slots=loss.get("text_prediction_slots", 0),
-               itm_negative_rate=loss.itm_negative_rate)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
