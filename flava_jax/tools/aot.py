@@ -1,10 +1,10 @@
-"""Compile FLAVA's train step for a TPU topology on any machine, and print what one chip needs.
+"""Compile a task's train steps for a TPU topology on any machine; print what one chip needs.
 
     python -m flava_jax.tools.aot --config=configs/flava.py:full --topology=v5p:8x8x4 \\
         --config.global_batch=8192
 
-Lowers and compiles the sharded train step of every batch kind (paired, image, text) for abstract
-TPU devices (libtpu + jax.experimental.topologies; no TPU needed), then prints per-chip memory
+Lowers and compiles the sharded train step of every batch kind of the config's task (FLAVA:
+paired, image, text) for abstract TPU devices (libtpu + jax.experimental.topologies; no TPU needed), then prints per-chip memory
 (arguments, outputs, temporaries, total), FLOPs per step from XLA's cost analysis beside the
 analytic count, and with --shardings the sharding of every parameter. This is how to size a run
 before reserving the slice.
@@ -17,16 +17,9 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from flava_jax import flops as flop_counts
-from flava_jax import sharding, train
-from flava_jax.losses.flava import BATCH_KEYS, BATCH_KINDS, LossConfig
-from flava_jax.models.config import (DVAEConfig, FlavaConfig, dataclass_from_dict,
-                                      dvae_view_size)
-from flava_jax.models.dvae import DVAE, init_dvae_params
-from flava_jax.models.flava import FlavaModel
+from flava_jax import experiment, sharding
 
 # Dense bf16 peak per chip, for the ideal step time, and HBM per chip (GiB), for --max_batch.
 PEAK_FLOPS = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12}
@@ -74,67 +67,32 @@ def tpu_devices(topology: str) -> list[Any]:
                        f"requirements-test.txt): {e}") from e
 
 
-def abstract_batch(kind: str, config: Any, model_config: FlavaConfig, dvae_config: DVAEConfig,
-                   batch_size: int, batch_sharding: Any) -> dict[str, jax.ShapeDtypeStruct]:
-  img = model_config.image
-  dvae_size = dvae_view_size(img, dvae_config)
-  length = config.paired_text_length if kind == "paired" else config.text_length
-  if length > model_config.text.max_position_embeddings:
-    raise ValueError(f"text length {length} exceeds model.text.max_position_embeddings")
-  spec = {
-      # uint8 views, as the data pipeline ships them (the step normalises them)
-      "pixels": ((batch_size, img.image_size, img.image_size, img.num_channels), jnp.uint8),
-      "dvae_pixels": ((batch_size, dvae_size, dvae_size, dvae_config.input_channels),
-                      jnp.uint8),
-      "patch_mask": ((batch_size, img.num_patches), jnp.bool_),
-      "input_ids": ((batch_size, length), jnp.int32),
-      "input_ids_masked": ((batch_size, length), jnp.int32),
-      "attention_mask": ((batch_size, length), jnp.int32),
-      "mlm_labels": ((batch_size, length), jnp.int32),
-  }
-  return {k: jax.ShapeDtypeStruct(*spec[k], sharding=batch_sharding) for k in BATCH_KEYS[kind]}
-
-
-def compile_steps(config: Any, devices: list[Any], kinds: tuple[str, ...] = BATCH_KINDS
+def compile_steps(config: Any, devices: list[Any], kinds: tuple[str, ...] | None = None
                   ) -> tuple[list[StepReport], Any]:
-  """Lowers and compiles each kind's train step for `devices`; returns reports and shardings."""
-  model_config = FlavaConfig.from_dict(config.model)
-  dvae_config = DVAEConfig.from_dict(config.dvae)
-  model, dvae = FlavaModel(model_config), DVAE(dvae_config)
-  loss_config = dataclass_from_dict(LossConfig, config.loss, "loss")
-  mesh = sharding.make_mesh(config.sharding.mesh, devices)
-  rules = sharding.rules_from_config(config.sharding.rules)
-  dp = sharding.data_parallel_size(mesh)
-  if config.global_batch % dp:
-    raise ValueError(f"global_batch={config.global_batch} is not divisible by the "
-                     f"data-parallel size {dp} of mesh {dict(mesh.shape)}")
-  tx = train.make_optimizer(config.optimizer, config.total_steps)
-  state, state_shardings = train.abstract_train_state(model, tx, mesh, rules)
-  replicated = sharding.replicated(mesh)
-  dvae_size = dvae_view_size(model_config.image, dvae_config)
-  dvae_params = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-      jax.eval_shape(lambda: init_dvae_params(dvae, jax.random.key(0), dvae_size)))
+  """Lowers and compiles each kind's train step for `devices` (default: the step kinds of the
+  config's corpora); returns reports and the parameters' shardings."""
+  exp = experiment.Experiment(config, devices)
+  kinds = exp.step_kinds() if kinds is None else kinds
+  state, state_shardings = exp.abstract_state()
+  frozen = exp.abstract_frozen()
   rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
-                             sharding=replicated)
+                             sharding=sharding.replicated(exp.mesh))
+  batch_size = exp.run.global_batch
   reports = []
   for kind in kinds:
-    step = train.make_train_step(model, dvae, tx, loss_config, mesh, rules, kind,
-                                 state_shardings, local_batch=config.global_batch // dp)
-    batch = abstract_batch(kind, config, model_config, dvae_config, config.global_batch,
-                           sharding.batch_sharding(mesh))
-    with jax.set_mesh(mesh):
-      lowered = step.jitted.lower(state, dvae_params, batch, rng)
+    step = exp.train_step(kind)
+    with jax.set_mesh(exp.mesh):
+      lowered = step.jitted.lower(state, frozen, exp.abstract_batch(kind, batch_size), rng)
     try:
       compiled = lowered.compile()
     except Exception as e:  # pylint: disable=broad-except
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
-      reports.append(StepReport(kind, config.global_batch, 0, 0, 0, 0, float("nan"), 0.0,
+      reports.append(StepReport(kind, batch_size, 0, 0, 0, 0, float("nan"), 0.0,
                                 error=str(e).split("\n")[0]))
       continue
-    reports.append(StepReport.from_compiled(kind, config.global_batch, compiled,
-                                            flop_counts.config_step_flops(config, kind)))
+    reports.append(StepReport.from_compiled(kind, batch_size, compiled,
+                                            exp.step_flops(kind)))
   return reports, state_shardings.params
 
 
@@ -142,7 +100,8 @@ def compiled_bytes(config: Any, devices: list[Any], kind: str, batch: int) -> fl
   """XLA's memory per device for one step of `batch` rows (inf where the compiler says it does
   not fit); compiled, not run."""
   config = config.copy_and_resolve_references()
-  config.global_batch = batch
+  with config.unlocked():
+    config.global_batch = batch
   report = compile_steps(config, devices, (kind,))[0][0]
   return float("inf") if report.error else float(report.total_bytes)
 
@@ -172,6 +131,13 @@ def largest_batch(config: Any, devices: list[Any], kind: str, start: int, limit_
     return {"batch": None, "note": f"no batch of {unit} rows or more found to fit"}
   return {"batch": batch, "compiled_bytes": need, "per_example_bytes": per_example,
           "fixed_bytes": fixed}
+
+
+def _scanned(config: Any) -> bool:
+  """Whether some layer stack of the config's model runs as a loop (XLA counts it once)."""
+  model = config.get("model") or {}
+  layers = [v.get("num_layers", 0) for v in model.values() if hasattr(v, "get")]
+  return bool(layers) and model.get("scan_unroll", 1) < max(layers)
 
 
 def _gib(n: float) -> str:
@@ -212,13 +178,11 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   config = f.config
   devices = tpu_devices(f.topology)
-  kinds = BATCH_KINDS if f.kinds == ["all"] else tuple(f.kinds)
+  kinds = None if f.kinds == ["all"] else tuple(f.kinds)
   reports, param_shardings = compile_steps(config, devices, kinds)
+  kinds = tuple(r.kind for r in reports)
   mesh = dict(sharding.make_mesh(config.sharding.mesh, devices).shape)
-  model = config.model
-  layers = max(model.image.num_layers, model.text.num_layers, model.multimodal.num_layers)
-  print(format_report(reports, f.topology, len(devices), mesh,
-                      scanned=model.scan_unroll < layers))
+  print(format_report(reports, f.topology, len(devices), mesh, scanned=_scanned(config)))
   if f.max_batch:
     limit = HBM_GIB[f.topology.split(":")[0]] * 2**30
     for kind in kinds:
@@ -240,7 +204,8 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", os.path.join(_REPO, "configs", "flava.py"),
                                   "config file, e.g. configs/flava.py:full")
   flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology, e.g. v5p:8x8x4 or v5e:4x4")
-  flags.DEFINE_list("kinds", ["all"], "batch kinds to compile: paired,image,text or all")
+  flags.DEFINE_list("kinds", ["all"], "batch kinds to compile (FLAVA: paired,image,text) or "
+                    "all (those of the config's corpora)")
   flags.DEFINE_bool("shardings", True, "print every parameter's sharding")
   flags.DEFINE_bool("max_batch", False, "also find the largest batch that fits a chip's HBM "
                     "(three or four more compiles per kind)")

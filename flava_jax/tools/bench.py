@@ -1,17 +1,17 @@
-"""Train-step speed and memory on this machine's devices, beside transformers' FlavaForPreTraining.
+"""Train-step speed and memory of any task on this machine's devices, beside a PyTorch peer.
 
     python -m flava_jax.tools.bench --config=configs/flava.py:full --batch=128 --text_len=77 \\
         [--peer=transformers] [--kinds=paired] [--max_batch] [--memory_limit_gib=79.6]
 
-For each batch kind (paired: GC + MMM + ITM with the dVAE's targets; image: MIM; text: MLM) it
-compiles the sharded, donated train step on random batches of the config's shapes, runs warm-up
+For each batch kind of the config's task (FLAVA's paired: GC + MMM + ITM with the dVAE's
+targets; image: MIM; text: MLM) it compiles the sharded, donated train step on random batches of the config's shapes, runs warm-up
 steps, then times steps one by one with the device synchronised and prints: examples/s, the
 median step time, FLOPs per step (analytic, and XLA's cost analysis, which counts a scanned
 layer stack's body once), TFLOP/s, MFU against the device's bf16 peak and peak device memory.
 --max_batch finds the largest batch whose step fits in the device memory (or
 --memory_limit_gib): compiled memory is linear in the batch, so two compiles predict it, a
-third checks it and one step runs it. --peer=transformers also times FlavaForPreTraining in a
-child process (eager and torch.compile, bf16 autocast on CUDA; flava_jax/tools/peer.py) on the
+third checks it and one step runs it. --peer=transformers (FLAVA's tasks) also times
+transformers' FlavaForPreTraining in a child process (eager and torch.compile, bf16 autocast on CUDA; flava_jax/tools/peer.py) on the
 same shapes and prints the ratios. --json_out writes every figure. Nothing here asserts a speed.
 """
 
@@ -30,14 +30,11 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from flava_jax import experiment, sharding
 from flava_jax import flops as flop_counts
-from flava_jax import sharding, train
-from flava_jax.losses.flava import BATCH_KINDS, LossConfig
-from flava_jax.models.config import DVAEConfig, FlavaConfig, dataclass_from_dict, dvae_view_size
-from flava_jax.models.dvae import DVAE, init_dvae_params
-from flava_jax.models.flava import FlavaModel
 from flava_jax.models.transformer import auto_attention_impl, dtype_of
-from flava_jax.tools import aot, random_batches
+from flava_jax.tasks import StepContext
+from flava_jax.tools import aot
 
 _GIB = 2.0**30
 
@@ -80,71 +77,62 @@ class StepTiming:
 
 
 def bench_config(config: Any, batch: int, text_len: int, mlm_text_len: int) -> Any:
-  """The config with the bench's batch and text lengths (0 keeps the config's)."""
+  """The config with the bench's batch and text lengths (0 keeps the config's; the text
+  lengths where the task has them)."""
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.global_batch = batch or config.global_batch
-    config.paired_text_length = text_len or config.paired_text_length
-    config.text_length = mlm_text_len or config.text_length
-    loss = config.loss
-    loss.paired_text_prediction_slots = min(loss.get("paired_text_prediction_slots", 0),
-                                            config.paired_text_length)
-    loss.text_prediction_slots = min(loss.get("text_prediction_slots", 0), config.text_length)
+    if "paired_text_length" in config:
+      config.paired_text_length = text_len or config.paired_text_length
+      config.text_length = mlm_text_len or config.text_length
+    loss = config.get("loss")
+    if loss is not None and "paired_text_prediction_slots" in loss:
+      loss.paired_text_prediction_slots = min(loss.paired_text_prediction_slots,
+                                              config.paired_text_length)
+      loss.text_prediction_slots = min(loss.get("text_prediction_slots", 0), config.text_length)
   return config
 
 
 class Bench:
-  """The model, optimizer, mesh and frozen dVAE of a config, and train steps built from them."""
+  """A config's experiment (task, optimizer, mesh, frozen inputs) and train steps built from it."""
 
   def __init__(self, config: Any, devices: list[Any] | None = None):
     self.config = config
-    self.model_config = FlavaConfig.from_dict(config.model)
-    self.dvae_config = DVAEConfig.from_dict(config.dvae)
-    self.model, self.dvae = FlavaModel(self.model_config), DVAE(self.dvae_config)
-    self.loss_config = dataclass_from_dict(LossConfig, config.loss, "loss")
-    self.devices = devices or jax.devices()
-    self.mesh = sharding.make_mesh(config.sharding.mesh, self.devices)
-    self.rules = sharding.rules_from_config(config.sharding.rules)
-    self.tx = train.make_optimizer(config.optimizer, config.total_steps)
-    self.shapes = random_batches.BatchShapes.from_config(config)
+    self.exp = experiment.Experiment(config, devices)
+    self.task, self.devices, self.mesh = self.exp.task, self.exp.devices, self.exp.mesh
+    self.rules = self.exp.rules
     self._state = None
-    self.dvae_params = None
+    self.frozen = None
 
   @property
   def data_parallel(self) -> int:
-    return sharding.data_parallel_size(self.mesh)
+    return self.exp.data_parallel
 
   def state(self):
     if self._state is None:
-      self._state, self.state_shardings = train.create_train_state(
-          self.model, self.tx, jax.random.key(0, impl="rbg"), self.mesh, self.rules)
-      size = dvae_view_size(self.model_config.image, self.dvae_config)
-      self.dvae_params = jax.device_put(
-          init_dvae_params(self.dvae, jax.random.key(1), size), sharding.replicated(self.mesh))
+      self._state = self.exp.create_state(jax.random.key(0, impl="rbg"))
+      self.frozen = self.exp.frozen(self.exp.step_kinds())
     return self._state
 
   def step(self, kind: str, batch: int):
     self.state()
-    return train.make_train_step(self.model, self.dvae, self.tx, self.loss_config, self.mesh,
-                                 self.rules, kind, self.state_shardings,
-                                 local_batch=batch // self.data_parallel)
+    return self.exp.train_step(kind, global_batch=batch)
 
   def batch(self, kind: str, batch: int, seed: int = 0) -> dict[str, jax.Array]:
-    arrays = random_batches.random_batch(kind, batch, self.shapes, seed)
-    return jax.device_put(arrays, sharding.batch_sharding(self.mesh))
+    return self.exp.random_batch(kind, batch, seed)
 
   def compile(self, kind: str, batch: int) -> tuple[Any, dict[str, jax.Array]]:
     """The compiled step for `batch` rows and a device batch for it."""
     step, rng = self.step(kind, batch), jax.random.key(0)
     arrays = self.batch(kind, batch)
     with jax.set_mesh(self.mesh):
-      compiled = step.jitted.lower(self.state(), self.dvae_params, arrays, rng).compile()
+      compiled = step.jitted.lower(self.state(), self.frozen, arrays, rng).compile()
     return compiled, arrays
 
   def run(self, compiled: Any, arrays: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """One step; the state is donated and replaced."""
     with jax.set_mesh(self.mesh):
-      self._state, metrics = compiled(self._state, self.dvae_params, arrays, jax.random.key(0))
+      self._state, metrics = compiled(self._state, self.frozen, arrays, jax.random.key(0))
     return metrics
 
   def time(self, kind: str, batch: int, steps: int, warmup: int, profile_dir: str = ""
@@ -165,8 +153,7 @@ class Bench:
     loss = float(self.run(compiled, arrays)["loss"])
     if not np.isfinite(loss):
       raise FloatingPointError(f"the {kind} step's loss is {loss} on random data")
-    report = aot.StepReport.from_compiled(
-        kind, batch, compiled, flop_counts.config_step_flops(self.config, kind, batch))
+    report = aot.StepReport.from_compiled(kind, batch, compiled, self.exp.step_flops(kind, batch))
     return StepTiming(
         name="flava_jax", kind=kind, batch=batch, step_seconds=statistics.median(times),
         min_seconds=min(times), max_seconds=max(times), steps=steps,
@@ -192,19 +179,19 @@ class Bench:
     return result
 
 
-def attention_check(bench: Bench, impl: str, batch: int = 8) -> dict[str, float]:
-  """The paired loss with XLA's attention and with `impl` (e.g. cuDNN's) on the bench's current
+def attention_check(bench: Bench, impl: str, kind: str, batch: int = 8) -> dict[str, float]:
+  """The `kind` loss with XLA's attention and with `impl` (e.g. cuDNN's) on the bench's current
   parameters and one batch: a fast kernel must not change the numbers. The parameters do not
-  depend on the attention kernel, so both models share them."""
-  state, arrays = bench.state(), bench.batch("paired", batch)
+  depend on the attention kernel, so both tasks share them."""
+  state, arrays = bench.state(), bench.batch(kind, batch)
+  ctx = StepContext(mesh=bench.mesh, local_batch=batch // bench.data_parallel, step=state.step)
   losses = {}
   for name in ("xla", impl):
-    model = FlavaModel(bench.model_config.replace(attention_impl=name))
-    loss_fn = train.make_loss_fn(model, bench.dvae, bench.loss_config, "paired", bench.mesh,
-                                 batch // bench.data_parallel)
+    task = bench.task.replace(attention_impl=name)
+    loss_fn = lambda p, f, b, r, task=task: task.loss(kind, p, state.extra, f, b, r, ctx).loss
     with jax.set_mesh(bench.mesh), nn.logical_axis_rules(list(bench.rules)):
-      loss, _ = jax.jit(loss_fn)(state.params, bench.dvae_params, arrays, jax.random.key(0))
-    losses[name] = float(loss)
+      losses[name] = float(jax.jit(loss_fn)(state.params, bench.frozen, arrays,
+                                            jax.random.key(0)))
   return losses
 
 
@@ -226,11 +213,15 @@ def device_memory_limit(devices: list[Any]) -> float | None:
 def run_peer(config: Any, kinds: tuple[str, ...], modes: tuple[str, ...], steps: int,
              warmup: int, max_batch_kinds: tuple[str, ...], memory_limit: float | None,
              timeout: float = 3600) -> dict[str, Any]:
-  """transformers' FlavaForPreTraining timed in a child process (flava_jax/tools/peer.py)."""
-  request = dict(model=config.model.to_dict(), dvae=config.dvae.to_dict(), kinds=list(kinds),
-                 modes=list(modes), batch=config.global_batch, steps=steps, warmup=warmup,
-                 shapes=random_batches.BatchShapes.from_config(config).to_dict(),
-                 max_batch_kinds=list(max_batch_kinds), memory_limit_bytes=memory_limit)
+  """The task's PyTorch peer timed in a child process (FLAVA: transformers'
+  FlavaForPreTraining, flava_jax/tools/peer.py)."""
+  exp = experiment.Experiment(config, jax.devices("cpu")[:1])
+  peer = exp.task.peer_request() if hasattr(exp.task, "peer_request") else None
+  if peer is None:
+    raise RuntimeError(f"the {exp.task.NAME} task has no PyTorch peer")
+  request = dict(peer, kinds=list(kinds), modes=list(modes), batch=config.global_batch,
+                 steps=steps, warmup=warmup, max_batch_kinds=list(max_batch_kinds),
+                 memory_limit_bytes=memory_limit)
   env = dict(os.environ, JAX_PLATFORMS="cpu")  # the child's jax (config code) stays off the GPU
   proc = subprocess.run([sys.executable, "-m", "flava_jax.tools.peer", json.dumps(request)],
                         capture_output=True, text=True, env=env, timeout=timeout, check=False)
@@ -309,10 +300,32 @@ def markdown_rows(timings: list[StepTiming], device: str, config: Any, date: str
     cell = lambda t: f"{t.examples_per_second:,.0f}" if t else "-"  # noqa: E731
     ratio = f"{ours.examples_per_second / compiled.examples_per_second:.2f}x" if compiled else "-"
     mfu = f"{100 * ours.mfu:.1f}%" if ours.mfu is not None else "-"
-    length = config.paired_text_length if ours.kind == "paired" else config.text_length
-    rows.append(f"| {device} | {config.variant}, batch {ours.batch}, text {length} | {ours.kind} | "
+    length = config.get("paired_text_length" if ours.kind == "paired" else "text_length")
+    shapes = f"{config.get('variant', '')}, batch {ours.batch}" + (
+        f", text {length}" if length else "")
+    rows.append(f"| {device} | {shapes} | {ours.kind} | "
                 f"{cell(ours)} | {cell(eager)} | {cell(compiled)} | {ratio} | {mfu} | {date} |")
   return rows
+
+
+def model_setting(config: Any, name: str, default: Any) -> Any:
+  model = config.get("model")
+  return model.get(name, default) if model is not None else default
+
+
+def describe_config(config: Any, bench: Bench) -> str:
+  """The line saying what is benched: task, batch, compute settings and FLAVA's lengths."""
+  parts = [f"config {config.get('variant', '')} ({bench.task.NAME}): batch "
+           f"{config.global_batch}"]
+  if "paired_text_length" in config:
+    parts.append(f"paired text {config.paired_text_length}, text {config.text_length}")
+  parts += [f"{name} {model_setting(config, name, '-')}"
+            for name in ("dtype", "attention_impl", "remat_policy", "scan_unroll")]
+  loss = config.get("loss")
+  if loss is not None and "image_prediction_slots" in loss:
+    parts.append(f"prediction slots {loss.image_prediction_slots}/"
+                 f"{loss.paired_text_prediction_slots}/{loss.text_prediction_slots}")
+  return ", ".join(parts)
 
 
 def describe_devices(devices: list[Any]) -> str:
@@ -328,16 +341,19 @@ def main(argv):
   if not f["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   config = bench_config(f.config, f.batch, f.text_len, f.mlm_text_len)
-  kinds = BATCH_KINDS if f.kinds == ["all"] else tuple(f.kinds)
+  known = experiment.Experiment(config, jax.devices("cpu")[:1]).step_kinds()
+  kinds = known if f.kinds == ["all"] else tuple(f.kinds)
   for kind in kinds:
-    if kind not in BATCH_KINDS:
-      raise ValueError(f"--kinds: {kind!r} is not one of {BATCH_KINDS}")
+    if kind not in known:
+      raise ValueError(f"--kinds: {kind!r} is not one of {known}")
   max_kinds = tuple(k for k in f.max_batch_kinds if k in kinds) if f.max_batch else ()
   limit = f.memory_limit_gib * _GIB if f.memory_limit_gib else None
   results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "batch": config.global_batch,
                              "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                             "paired_text_length": config.paired_text_length,
-                             "text_length": config.text_length, "variant": config.variant}
+                             "paired_text_length": config.get("paired_text_length"),
+                             "text_length": config.get("text_length"),
+                             "variant": config.get("variant", ""),
+                             "task": config.get("task", "flava")}
   peer = None
   if f.compile_cache_dir:  # a second run (or a later call on a warm machine) skips compiles
     jax.config.update("jax_compilation_cache_dir", f.compile_cache_dir)
@@ -350,21 +366,13 @@ def main(argv):
       print(f"peer: {e}")
       results["peer_error"] = str(e)
   bench = Bench(config)
-  model = bench.model_config
   print(f"devices: {describe_devices(bench.devices)}; mesh {dict(bench.mesh.shape)}; "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-  attention = model.attention_impl
+  print(describe_config(config, bench))
+  attention = model_setting(config, "attention_impl", "xla")
   if attention == "auto":
-    attention = auto_attention_impl(dtype_of(model.dtype))
-  print(f"config {config.variant}: batch {config.global_batch}, paired text "
-        f"{config.paired_text_length}, text {config.text_length}, dtype {model.dtype}, attention "
-        f"{model.attention_impl} ({attention}), remat {model.remat_policy}, scan_unroll "
-        f"{model.scan_unroll}, "
-        f"prediction slots {bench.loss_config.image_prediction_slots}/"
-        f"{bench.loss_config.paired_text_prediction_slots}/"
-        f"{bench.loss_config.text_prediction_slots}")
-  layers = max(model.image.num_layers, model.text.num_layers, model.multimodal.num_layers)
-  if model.scan_unroll < layers:
+    attention = auto_attention_impl(dtype_of(model_setting(config, "dtype", "float32")))
+  if aot._scanned(config):  # pylint: disable=protected-access
     print("note: XLA's cost analysis counts a scanned layer stack's body once (its FLOPs are "
           "low); the analytic count is the whole step")
   timings = []
@@ -382,11 +390,11 @@ def main(argv):
     for line in format_ratios(timings):
       print(line)
   results["timings"] = [t.to_dict() for t in timings]
-  if f.check_attention and attention != "xla":
-    losses = attention_check(bench, attention)
+  if f.check_attention and attention != "xla" and hasattr(bench.task, "replace"):
+    losses = attention_check(bench, attention, kinds[0])
     results["attention_check"] = losses
     xla, fast = losses["xla"], losses[attention]
-    print(f"attention check (paired loss, batch 8, the bench's parameters): xla {xla:.6f}, "
+    print(f"attention check ({kinds[0]} loss, batch 8, the bench's parameters): xla {xla:.6f}, "
           f"{attention} {fast:.6f}, relative difference {abs(fast - xla) / abs(xla):.2e}")
   if max_kinds:
     limit = limit or device_memory_limit(bench.devices)
@@ -407,7 +415,7 @@ def main(argv):
           if found["batch"] and theirs["batch"]:
             line += f" ({found['batch'] / theirs['batch']:.2f}x)"
         print(line)
-  print("README rows (device | shapes | batch kind | flava_jax | transformers eager | "
+  print("results table rows (device | shapes | batch kind | flava_jax | transformers eager | "
         "torch.compile | ours / compile | MFU | date):")
   for row in markdown_rows(timings, bench.devices[0].device_kind, config, results["date"]):
     print(row)

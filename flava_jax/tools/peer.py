@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from flava_jax.tools import random_batches
+from flava_jax.tasks import flava_batches as random_batches
 
 
 def _inputs(kind: str, batch: int, shapes: dict[str, Any], seed: int, device: Any
