@@ -26,6 +26,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
+import flax.struct
 import jax
 import numpy as np
 
@@ -44,7 +45,7 @@ class StepContext:
   step: Any = 0
 
 
-@dataclasses.dataclass(frozen=True)
+@flax.struct.dataclass
 class LossOutput:
   """A loss's result: the scalar to minimise, metrics (scalars) and an optional update of the
   extra state that `after_update` receives (e.g. momentum features to enqueue)."""

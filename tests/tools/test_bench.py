@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from configs import flava as flava_configs
-from flava_jax import flops
-from flava_jax.tools import bench, random_batches
+from flava_jax import experiment
+from flava_jax.tasks import flava_batches as random_batches
+from flava_jax.tools import bench
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -23,9 +24,8 @@ def tiny_bench():
 
 
 def test_random_batches_have_the_step_shapes_and_mask_statistics():
-  config = flava_configs.get_config("full")
-  shapes = random_batches.BatchShapes.from_config(config)
-  batch = random_batches.random_batch("paired", 32, shapes)
+  task = experiment.parse(flava_configs.get_config("full"))[1]
+  batch = task.random_batch("paired", 32)
   assert batch["pixels"].shape == (32, 224, 224, 3) and batch["pixels"].dtype == np.uint8
   assert batch["dvae_pixels"].shape == (32, 112, 112, 3)
   masked = batch["patch_mask"].sum(1)
@@ -44,7 +44,7 @@ def test_timings_are_consistent(tiny_bench, tmp_path):
                for name in names)
     assert t.min_seconds <= t.step_seconds <= t.max_seconds and t.steps == 3
     assert t.examples_per_second == pytest.approx(16 / t.step_seconds)
-    assert t.flops_per_step == flops.config_step_flops(tiny_bench.config, kind, 16)
+    assert t.flops_per_step == tiny_bench.exp.step_flops(kind, 16)
     # XLA counts the scanned stacks' bodies once, but never more than the whole step
     assert 0 < t.xla_flops_per_step < 1.5 * t.flops_per_step
     assert t.compiled_bytes > 0 and t.num_devices == jax.device_count() == 8
@@ -53,9 +53,9 @@ def test_timings_are_consistent(tiny_bench, tmp_path):
 
 def test_prediction_slots_cut_the_heads_flops():
   config = flava_configs.get_config("full")
-  with_slots = flops.config_step_flops(config, "text", 1)
+  with_slots = experiment.parse(config)[1].step_flops("text", 1)
   config.loss.text_prediction_slots = 0
-  without = flops.config_step_flops(config, "text", 1)
+  without = experiment.parse(config)[1].step_flops("text", 1)
   # MLM over 128 of 512 positions: 3 x 2 x 384 x 768 x (768 + 30522) FLOPs fewer
   assert without - with_slots == pytest.approx(3 * 2 * 384 * 768 * (768 + 30522))
 
