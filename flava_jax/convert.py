@@ -592,9 +592,11 @@ def load_workdir(workdir: str, field: str = "--to_transformers"
   except ValueError as e:
     raise ValueError(f"{run_config} is not JSON: {e}") from None
   model_config = run.get("model") if isinstance(run, dict) else None
-  if not isinstance(model_config, dict) or "image" not in model_config:
+  task = run.get("task", "flava") if isinstance(run, dict) else "flava"
+  if task != "flava" or not isinstance(model_config, dict) or "image" not in model_config:
     raise ValueError(f"{field}={workdir} is not a FLAVA training workdir (its "
-                     f"{warm_start.RUN_CONFIG} has no FLAVA model config: a dVAE workdir?)")
+                     f"{warm_start.RUN_CONFIG} describes task {task!r}"
+                     + ("" if task != "flava" else " without a FLAVA model config") + ")")
   model = FlavaModel(FlavaConfig.from_dict(model_config))
   params, step, notes = warm_start.newest_readable_params(workdir, field)
   return model, params, step, notes

@@ -55,7 +55,7 @@ def load_checkpoint(path: str, field: str = "--checkpoint") -> Checkpoint:
     if task.predict() is None:
       raise ValueError(f"{field}={path!r} is a {task.NAME} training workdir, which has no "
                        "evaluators of this kind")
-    return Checkpoint(task, warm_start.read_flava_params(path, field),
+    return Checkpoint(task, warm_start.read_workdir_params(path, field),
                       run.get("data", {}).get("vocab_file", ""),
                       task.predict().text_length, kind)
   if kind == "model":

@@ -106,8 +106,8 @@ def parse(config: Mapping[str, Any]) -> tuple[RunConfig, tasks.Task]:
   optimizer = dataclass_from_dict(train.OptimizerConfig, config["optimizer"], "optimizer")
   evaluators = {name: evals.parse(values, f"evals.{name}")
                 for name, values in as_dict(config.get("evals") or {}).items()}
-  init = warm_start.init_sources(config.get("init") or {},
-                                 tuple(task_cls.WARM_STARTS) + tuple(task_cls.FROZEN_STARTS))
+  init = warm_start.init_sources(config.get("init") or {}, tuple(task_cls.WARM_STARTS),
+                                 tuple(task_cls.FROZEN_STARTS))
   run = RunConfig(
       task=task_cls.NAME, variant=config.get("variant", ""), seed=config.get("seed", 0),
       global_batch=config["global_batch"], total_steps=config["total_steps"],

@@ -585,9 +585,9 @@ def train_and_evaluate(config: Any, workdir: str, stop_after: int | None = None
     if jax.process_index() == 0:
       accum = settings.grad_accum
       frozen_note = "".join(
-          f"; {field[:-len('_from')]} from {settings.init[field]}"
-          if settings.init.get(field) else f"; {field[:-len('_from')]} random (init.{field} "
-          "not set)" for field in task.FROZEN_STARTS) if frozen is not None else ""
+          f"; {name} from {settings.init[field]}" if settings.init.get(field)
+          else f"; {name} random (init.{field} not set)"
+          for field, name in task.FROZEN_STARTS.items()) if frozen is not None else ""
       print(f"{task.describe(state.params)} {settings.variant}: "
             f"{num_parameters(state.params):,} parameters; mesh {dict(mesh.shape)} on "
             f"{jax.device_count()} {jax.devices()[0].platform} device(s); corpora {data.kinds}; "

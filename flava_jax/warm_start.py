@@ -34,12 +34,13 @@ CHECKPOINT_DIR = "checkpoints"
 STATE_ITEM = "state"
 RUN_CONFIG = "run_config.json"
 
-def init_sources(values: Mapping[str, Any], fields: tuple[str, ...], whole: str = "model_from"
-                 ) -> dict[str, str]:
-  """config.init parsed: {field: path} for the task's warm-start `fields`; unknown fields,
-  non-strings and missing or unrecognised directories fail naming the field. `whole` (every
-  parameter) excludes the partial fields."""
+def init_sources(values: Mapping[str, Any], fields: tuple[str, ...],
+                 frozen: tuple[str, ...] = (), whole: str = "model_from") -> dict[str, str]:
+  """config.init parsed: {field: path} for the task's warm-start `fields` and `frozen` inputs;
+  unknown fields, non-strings and missing or unrecognised directories fail naming the field.
+  `whole` (every parameter) excludes the other parameter fields."""
   values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
+  fields = tuple(fields) + tuple(frozen)
   unknown = sorted(set(values) - set(fields))
   if unknown:
     raise ValueError(f"unknown field(s) {', '.join('init.' + u for u in unknown)}; this task's "
@@ -47,7 +48,7 @@ def init_sources(values: Mapping[str, Any], fields: tuple[str, ...], whole: str 
   for name, path in values.items():
     if not isinstance(path, str):
       raise TypeError(f"init.{name} must be a string, got {path!r}")
-  partial = [f for f in fields if f != whole and values.get(f) and f != "dvae_from"]
+  partial = [f for f in fields if f not in (whole, *frozen) and values.get(f)]
   if values.get(whole) and partial:
     raise ValueError(f"init.{whole} sets every parameter: leave "
                      f"{' and '.join('init.' + f for f in partial)} empty when it is given")

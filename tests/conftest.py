@@ -88,12 +88,10 @@ def random_params():
 @pytest.fixture(scope="session")
 def ctx():
   """The evaluation context on all 8 fake devices, as a training run builds it."""
-  from flava_jax import evaluate, sharding  # pylint: disable=import-outside-toplevel
-  from flava_jax.models.config import FlavaConfig  # pylint: disable=import-outside-toplevel
+  from flava_jax import evaluate, experiment, sharding  # pylint: disable=C0415
   from tests.evals.helpers import tiny_config  # pylint: disable=import-outside-toplevel
   config = tiny_config()
   mesh = sharding.make_mesh(config.sharding.mesh)
   assert mesh.size == 8
-  return evaluate.make_context(FlavaConfig.from_dict(config.model), mesh,
-                               sharding.rules_from_config(config.sharding.rules), "",
-                               config.paired_text_length)
+  return evaluate.make_context(experiment.parse(config)[1], mesh,
+                               sharding.rules_from_config(config.sharding.rules), "")

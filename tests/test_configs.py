@@ -11,6 +11,7 @@ import flava_jax
 from configs import flava as flava_configs
 from flava_jax.models.dvae import init_dvae_params
 from tests.flag_parsing import parse_config_flags
+from tests.trees import assert_trees_close, matched_leaves
 
 
 def test_full_config_has_the_flava_full_numbers():
@@ -76,12 +77,11 @@ def test_every_parameter_axis_has_a_logical_name_with_a_rule(variant):
   specs = flava_jax.logical_axes(model)
   shapes = jax.eval_shape(lambda: flava_jax.init_params(model, jax.random.key(0)))
   names = set()
-  for (path, spec), shape in zip(
-      jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, nn.Partitioned)
-                                          or type(x).__name__ == "PartitionSpec"),
-      jax.tree_util.tree_leaves(shapes)):
-    assert len(spec) == len(shape.shape), (jax.tree_util.keystr(path), spec, shape.shape)
-    assert all(name is not None for name in spec), jax.tree_util.keystr(path)
+  for path, spec, shape in matched_leaves(
+      specs, shapes, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+      or type(x).__name__ == "PartitionSpec"):
+    assert len(spec) == len(shape.shape), (path, spec, shape.shape)
+    assert all(name is not None for name in spec), path
     names.update(spec)
   assert names <= _rule_names(config), names - _rule_names(config)
   assert {"embed", "mlp", "heads", "vocab", "layers"} <= names
@@ -118,8 +118,7 @@ def test_model_runs_sharded_by_the_config_rules():
   batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     got = jax.jit(forward)(sharded_params, *(jax.device_put(x, batch) for x in (pixels, ids, mask)))
-  for g, e in zip(got, expected):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(e), atol=1e-5)
+  assert_trees_close(got, expected, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -149,8 +148,7 @@ def test_compilation_options_do_not_change_the_numbers(change, compile_options_c
   base, loss, (ref_value, ref_grads) = compile_options_case
   value, grads = loss(base.replace(**change))
   np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5)
-  for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
+  assert_trees_close(grads, ref_grads, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("field, value, match", [

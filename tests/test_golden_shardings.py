@@ -8,18 +8,17 @@ import json
 import os
 
 from configs import flava as flava_configs
-import flava_jax
-from flava_jax import sharding, train
+
+from flava_jax import experiment, sharding
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "full_param_shardings_2x2x2.json")
 
 
 def test_full_parameter_shardings_match_golden():
   config = flava_configs.get_config("full")
-  model = flava_jax.FlavaModel(flava_jax.FlavaConfig.from_dict(config.model))
-  mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
-  rules = sharding.rules_from_config(config.sharding.rules)
-  described = sharding.describe(train.param_shardings(model, mesh, rules))
+  config.sharding.mesh = dict(data=2, fsdp=2, tensor=2)
+  config.global_batch = 8
+  described = sharding.describe(experiment.Experiment(config).param_shardings())
   if os.environ.get("UPDATE_GOLDEN"):
     with open(GOLDEN, "w") as f:
       json.dump(described, f, indent=1, sort_keys=True)

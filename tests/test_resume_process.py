@@ -1,6 +1,7 @@
 """The binary as users run it (here with the MLM stage config): killed (SIGKILL) or preempted (SIGTERM) after a checkpoint and
 started again with the same workdir, it ends bit-identical to an uninterrupted run, data order
-included. Bad configs stop at start-up naming the field; so do resumes the checkpoint cannot
+included; so does the default mixed config (paired, image and text corpora) read by grain worker
+processes. Bad configs stop at start-up naming the field; so do resumes the checkpoint cannot
 take, a second run on a live run's workdir and a workdir that cannot be one. Ctrl-C saves and
 exits 0; a diverged run keeps only checkpoints a rerun can use."""
 
@@ -10,16 +11,22 @@ import subprocess
 import sys
 
 import jax
-import numpy as np
 import pytest
 
-from configs import mlm
+from configs import flava, mlm
 from flava_jax import trainer, warm_start
+from tests.trees import assert_trees_equal
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
 OVERRIDES = {"global_batch": 16, "total_steps": STEPS, "log_every_steps": 1,
              "checkpoint.every_steps": 4, "optimizer.warmup_steps": 2}
+# configs/flava.py's tiny default (all three corpora, its evaluations at the end) cut to 8 steps,
+# checkpoints every 2, with 2 grain worker processes. Seed 0 draws the corpora
+# paired text image text | text paired paired image: every kind before and after step 4.
+MIXED_STEPS = 8
+MIXED = {"global_batch": 16, "total_steps": MIXED_STEPS, "log_every_steps": 1,
+         "checkpoint.every_steps": 2, "optimizer.warmup_steps": 2, "data.worker_count": 2}
 
 
 def _env():
@@ -30,17 +37,17 @@ def _env():
   return env
 
 
-def _command(workdir, extra=()):
-  flags = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
-  # The MLM stage config: one batch kind (one compile per process); the paired and mixed kinds
-  # resume through the same loop (tests/test_trainer.py checks them in-process).
-  return [sys.executable, "-m", "flava_jax.main", f"--config={REPO}/configs/mlm.py",
+def _command(workdir, extra=(), config="mlm.py", overrides=None):
+  flags = [f"--config.{k}={v}" for k, v in (overrides or OVERRIDES).items()]
+  # Mostly the MLM stage config: one batch kind (one compile per process); the mixed config
+  # (three kinds) has one test of its own.
+  return [sys.executable, "-m", "flava_jax.main", f"--config={REPO}/configs/{config}",
           f"--workdir={workdir}", *flags, *extra]
 
 
-def _start(workdir, extra=(), **kwargs):
-  return subprocess.Popen(_command(workdir, extra), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, **kwargs)
+def _start(workdir, extra=(), config="mlm.py", overrides=None, **kwargs):
+  return subprocess.Popen(_command(workdir, extra, config, overrides), cwd=REPO, env=_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
 def _run(workdir, extra=()):
@@ -68,33 +75,42 @@ def _read_until(proc, text):
   raise AssertionError(f"the run ended without printing {text!r}:\n{''.join(lines[-30:])}")
 
 
-def _finish(workdir):
-  done = subprocess.run(_command(workdir), cwd=REPO, env=_env(), capture_output=True, text=True,
-                        check=False)
+def _finish(workdir, config="mlm.py", overrides=None):
+  done = subprocess.run(_command(workdir, (), config, overrides), cwd=REPO, env=_env(),
+                        capture_output=True, text=True, check=False)
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   return done.stdout
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-  """The uninterrupted run's final parameters (same config, in this process)."""
-  config = mlm.get_config("tiny")
-  for key, value in OVERRIDES.items():
+def _resumed_from(out):
+  resumed = [l for l in out.splitlines() if l.startswith("resumed from step")]
+  assert len(resumed) == 1, out[-2000:]
+  return int(resumed[0].split()[3])
+
+
+def _uninterrupted(config, overrides, workdir):
+  """The final parameters of a run of `config` with `overrides`, uninterrupted, in this process."""
+  for key, value in overrides.items():
     node = config
     *path, last = key.split(".")
     for part in path:
       node = node[part]
     node[last] = value
-  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
   trainer.train_and_evaluate(config, workdir)
   return warm_start.read_workdir_params(workdir, "reference")
 
 
-def _assert_same(params, reference):
-  leaves, ref_leaves = jax.tree.leaves(params), jax.tree.leaves(reference)
-  assert len(leaves) == len(ref_leaves)
-  for a, b in zip(leaves, ref_leaves):
-    np.testing.assert_array_equal(a, b)
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  return _uninterrupted(mlm.get_config("tiny"), OVERRIDES,
+                        str(tmp_path_factory.mktemp("uninterrupted")))
+
+
+@pytest.fixture(scope="module")
+def mixed_reference(tmp_path_factory):
+  config = flava.get_config("tiny")
+  config.evals = {}  # the evaluations at the end change no parameter
+  return _uninterrupted(config, MIXED, str(tmp_path_factory.mktemp("mixed_uninterrupted")))
 
 
 def test_sigkill_after_a_checkpoint_then_restart_is_exact(reference, tmp_path):
@@ -110,9 +126,24 @@ def test_sigkill_after_a_checkpoint_then_restart_is_exact(reference, tmp_path):
   proc.wait()
   assert proc.returncode == -signal.SIGKILL  # killed mid-run, not finished
   out = _finish(workdir)
-  resumed = [l for l in out.splitlines() if l.startswith("resumed from step")]
-  assert resumed and 4 <= int(resumed[0].split()[3]) < STEPS, out[-2000:]
-  _assert_same(warm_start.read_workdir_params(workdir, "run"), reference)
+  assert 4 <= _resumed_from(out) < STEPS, out[-2000:]
+  assert_trees_equal(warm_start.read_workdir_params(workdir, "run"), reference)
+
+
+def test_mixed_config_with_grain_workers_resumes_exactly_after_sigkill(mixed_reference, tmp_path):
+  """The whole process group (the trainer and its 2 grain workers) is killed once checkpoint 2 is
+  complete; the restart resumes from a checkpoint, not from step 0, and ends bit-identical."""
+  workdir = str(tmp_path / "run")
+  proc = _start(workdir, config="flava.py", overrides=MIXED, start_new_session=True)
+  lines = _read_until(proc, "checkpoint 4 saving")  # so checkpoint 2 is complete
+  os.killpg(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  compiled = {l.split()[2] for l in lines if l.startswith("compiled the ")}
+  assert compiled == {"paired", "image", "text"}, "".join(lines[-30:])  # all three drawn
+  out = _finish(workdir, "flava.py", MIXED)
+  assert 2 <= _resumed_from(out) < MIXED_STEPS, out[-2000:]
+  assert_trees_equal(warm_start.read_workdir_params(workdir, "run"), mixed_reference)
 
 
 def test_sigterm_saves_exits_cleanly_and_resumes_exactly(reference, tmp_path):
@@ -129,7 +160,7 @@ def test_sigterm_saves_exits_cleanly_and_resumes_exactly(reference, tmp_path):
   assert 4 <= step < STEPS
   out = _finish(workdir)
   assert f"resumed from step {step} " in out
-  _assert_same(warm_start.read_workdir_params(workdir, "run"), reference)
+  assert_trees_equal(warm_start.read_workdir_params(workdir, "run"), reference)
 
 
 @pytest.mark.parametrize("flag, message", [

@@ -9,9 +9,8 @@ import pytest
 
 from configs import dvae as dvae_configs
 from configs import flava, mim, mlm
-from flava_jax import sharding, train, train_dvae, trainer, warm_start
-from flava_jax.models.config import FlavaConfig
-from flava_jax.models.flava import FlavaModel
+from flava_jax import experiment, trainer, warm_start
+from tests.trees import assert_trees_equal, trees_equal
 
 
 def shrink(config, steps, batch=16):
@@ -43,7 +42,7 @@ def stage_dirs(tmp_path_factory):
   config = shrink(dvae_configs.get_config("tiny"), steps=12, batch=32)
   config.dvae_training.kl_warmup_steps = 6
   config.dvae_training.temperature_steps = 12
-  results = {"dvae": train_dvae.train_dvae(config, dirs["dvae"])}
+  results = {"dvae": trainer.train_and_evaluate(config, dirs["dvae"])}  # the same binary
 
   config = shrink(mim.get_config("tiny"), steps=9)
   config.optimizer.learning_rate = 3e-3
@@ -58,13 +57,17 @@ def stage_dirs(tmp_path_factory):
 
 def test_dvae_stage_trains_and_reports_held_out_figures(stage_dirs):
   dirs, results = stage_dirs
-  nll = losses(dirs["dvae"], "image/reconstruction_nll") + losses(dirs["dvae"],
-                                                                  "paired/reconstruction_nll")
-  assert len(nll) == 12
-  steps = [json.loads(l)["step"] for l in open(f"{dirs['dvae']}/{trainer.METRICS_FILE}")]
-  ordered = [v for _, v in sorted(zip(steps, nll))]
-  assert falls(ordered)
-  held_out = results["dvae"]
+  # One corpus per step and a line per step: each step's nll, in step order (before: the image
+  # lines' values then the paired lines', zipped with every line's step, so not in step order).
+  keys = ("image/reconstruction_nll", "paired/reconstruction_nll")
+  rows = [json.loads(l) for l in open(f"{dirs['dvae']}/{trainer.METRICS_FILE}")]
+  nll = sorted((r["step"], [r[k] for k in keys if k in r]) for r in rows
+               if any(k in r for k in keys))
+  assert [step for step, _ in nll] == list(range(1, 13)), nll
+  assert all(len(values) == 1 for _, values in nll), nll
+  assert falls([values[0] for _, values in nll])
+  held_out = {k.rpartition("/")[2]: v for k, v in results["dvae"].items()
+              if k.startswith("eval/reconstruction/")}
   assert held_out["examples"] == 256 and 0 < held_out["mse"] < 0.2
   assert 1 <= held_out["codes_used"] <= 512
 
@@ -74,16 +77,11 @@ def test_unimodal_stages_train_only_their_encoder(stage_dirs):
   assert falls(losses(dirs["mim"], "image/mim"))
   assert falls(losses(dirs["mlm"], "text/mlm"))
   # The untouched groups keep their initial values (same seed, same initialisation).
-  config = flava.get_config("tiny")
-  model = FlavaModel(FlavaConfig.from_dict(config.model))
-  init = jax.device_get(train.create_train_state(
-      model, train.make_optimizer(config.optimizer, 10), trainer.init_key(config.seed),
-      sharding.make_mesh(config.sharding.mesh),
-      sharding.rules_from_config(config.sharding.rules))[0].params)
+  init = jax.device_get(experiment.Experiment(mlm.get_config("tiny")).create_state().params)
   mlm_params = jax.device_get(results["mlm"]["state"].params)
+  assert set(mlm_params) == set(init)
   for group in init:
-    same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(init[group]),
-                                                    jax.tree.leaves(mlm_params[group])))
+    same = trees_equal(init[group], mlm_params[group])
     assert same == (group not in ("text_encoder", "mlm_head")), group
 
 
@@ -98,21 +96,14 @@ def test_joint_stage_starts_from_the_unimodal_stages_and_trains(stage_dirs, tmp_
   config.init.dvae_from = dirs["dvae"]
 
   # What the joint run starts from: the stages' encoders and heads, the rest fresh.
-  model = FlavaModel(FlavaConfig.from_dict(config.model))
-  mesh = jax.make_mesh((8, 1, 1), ("data", "fsdp", "tensor"))
-  state, _ = train.create_train_state(model, train.make_optimizer(config.optimizer, 10),
-                                      jax.random.key(5), mesh, ())
-  params, notes = warm_start.initial_params(
-      state.params, warm_start.InitConfig(image_from=dirs["mim"], text_from=dirs["mlm"]))
+  exp = experiment.Experiment(config)
+  state = exp.create_state(jax.random.key(5))
+  params, notes = warm_start.initial_params(state.params, exp.run.init, exp.task.WARM_STARTS)
   assert len(notes) == 2
   for group, stage in (("image_encoder", "mim"), ("mim_head", "mim"), ("text_encoder", "mlm"),
                        ("mlm_head", "mlm")):
-    trained = jax.device_get(results[stage]["state"].params[group])
-    for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(params[group])):
-      np.testing.assert_array_equal(a, np.asarray(b))
-  for a, b in zip(jax.tree.leaves(state.params["multimodal_encoder"]),
-                  jax.tree.leaves(params["multimodal_encoder"])):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_trees_equal(params[group], jax.device_get(results[stage]["state"].params[group]))
+  assert_trees_equal(params["multimodal_encoder"], state.params["multimodal_encoder"])
 
   trainer.train_and_evaluate(config, str(tmp_path / "joint"))
   lines = [json.loads(l) for l in open(tmp_path / "joint" / trainer.METRICS_FILE)]
@@ -123,9 +114,7 @@ def test_joint_stage_starts_from_the_unimodal_stages_and_trains(stage_dirs, tmp_
 def test_dvae_targets_come_from_the_trained_dvae(stage_dirs):
   dirs, results = stage_dirs
   loaded = warm_start.read_dvae_params(dirs["dvae"])
-  trained = jax.device_get(results["dvae"]["state"].params)
-  for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(loaded)):
-    np.testing.assert_array_equal(a, b)
+  assert_trees_equal(loaded, jax.device_get(results["dvae"]["state"].params))
   with pytest.raises(ValueError, match="init.dvae_from=.* is a FLAVA workdir"):
     warm_start.read_dvae_params(dirs["mlm"])
   with pytest.raises(ValueError, match="init.text_from=.* is a dVAE workdir"):

@@ -9,12 +9,12 @@ import shutil
 import signal
 
 import jax
-import numpy as np
 import pytest
 
 from configs import flava
 from flava_jax import trainer
 from flava_jax import workdir as workdir_lib
+from tests.trees import assert_trees_equal
 
 
 def small_config(steps=6):
@@ -48,20 +48,33 @@ def _copy(workdir, tmp_path):
   return target
 
 
-def _assert_params_equal(params, expected):
-  leaves, expected_leaves = jax.tree.leaves(params), jax.tree.leaves(expected)
-  assert len(leaves) == len(expected_leaves)
-  for a, b in zip(leaves, expected_leaves):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+def _step_rows(workdir):
+  """metrics.jsonl's training log lines (compile and evaluation rows left out), in file order."""
+  with open(os.path.join(workdir, trainer.METRICS_FILE)) as f:
+    return [r for r in map(json.loads, f) if "examples_per_s" in r]
 
 
 def test_exact_resume_after_a_stop(straight, tmp_path):
+  """The second start restores step 4 and trains only steps 5 and 6 (a restart from step 0 that
+  trained all six steps again would end with the same parameters)."""
   config = small_config()
-  first = trainer.train_and_evaluate(config, str(tmp_path / "resumed"), stop_after=4)
-  assert first["stopped_at"] == 4
-  resumed = trainer.train_and_evaluate(config, str(tmp_path / "resumed"))
+  workdir = str(tmp_path / "resumed")
+  first = trainer.train_and_evaluate(config, workdir, stop_after=4)
+  assert first["stopped_at"] == 4 and int(first["state"].step) == 4
+  assert "4" in os.listdir(os.path.join(workdir, trainer.CHECKPOINT_DIR))
+  logged_by_first = len(_step_rows(workdir))
+  resumed = trainer.train_and_evaluate(config, workdir)
   assert int(resumed["state"].step) == 6
-  _assert_params_equal(resumed["state"].params, straight[1])
+  assert_trees_equal(resumed["state"].params, straight[1])
+  # The second start began at the checkpoint's step...
+  assert sorted(os.listdir(os.path.join(workdir, workdir_lib.HISTORY_DIR))) == [
+      "start-0001-step-0.json", "start-0002-step-4.json"]
+  # ...and its log lines count the two steps it trained, no more.
+  rows = _step_rows(workdir)
+  assert [r["step"] for r in rows] == [2, 4, 6]
+  second = rows[logged_by_first:]
+  assert [r["step"] for r in second] == [6]
+  assert sum(r.get("paired/steps", 0) + r.get("text/steps", 0) for r in second) == 2
   assert os.listdir(os.path.join(straight[0], "tensorboard"))
 
 
@@ -101,7 +114,7 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_finishes(straight,
   out = capsys.readouterr().out
   assert "checkpoint 6 cannot be read" in out and "resumed from step 3" in out
   assert int(result["state"].step) == 6
-  _assert_params_equal(result["state"].params, straight[1])
+  assert_trees_equal(result["state"].params, straight[1])
   steps = sorted(os.listdir(os.path.join(workdir, trainer.CHECKPOINT_DIR)))
   assert "6.unreadable" in steps and "6" in steps and "3" in steps  # 6 saved anew
 
@@ -210,13 +223,15 @@ def test_batch_not_divisible_by_the_data_parallel_size_fails_at_start_up(tmp_pat
 def test_bf16_first_moment_option():
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from flava_jax import train  # pylint: disable=import-outside-toplevel
-  params = {"kernel": jnp.ones((4, 4)), "bias": jnp.ones((4,))}
+  params = {"layer": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones((4,))}}
+  decays = lambda path: path[-1] == "kernel"
   for dtype in ("float32", "bfloat16"):
-    tx = train.make_optimizer(dict(learning_rate=1e-3, warmup_steps=1, mu_dtype=dtype), 10)
-    mu = tx.init(params)[0].mu
+    tx = train.make_optimizer(dict(learning_rate=1e-3, warmup_steps=1, mu_dtype=dtype), 10,
+                              decays, ("layer",))
+    mu = tx.init(params)[0].inner_states["layer"].inner_state.mu["layer"]
     assert mu["kernel"].dtype == jnp.dtype(dtype) and mu["bias"].dtype == jnp.dtype(dtype)
   with pytest.raises(ValueError, match="optimizer.mu_dtype='float16'"):
-    train.make_optimizer(dict(mu_dtype="float16"), 10)
+    train.make_optimizer(dict(mu_dtype="float16"), 10, decays, ("layer",))
 
 
 def test_resuming_with_another_dvae_is_said():

@@ -9,30 +9,33 @@ import numpy as np
 import pytest
 
 from configs import flava
-from flava_jax import convert, sharding, train, trainer, warm_start
+from flava_jax import convert, experiment, sharding, train, trainer, warm_start
 from flava_jax.data import pipeline
-from flava_jax.losses.flava import LossConfig
-from flava_jax.models.config import DVAEConfig, FlavaConfig
-from flava_jax.models.dvae import DVAE
-from flava_jax.models.flava import FlavaModel, init_params
+from flava_jax.models.config import DVAEConfig
+from flava_jax.tasks import StepContext
+from flava_jax.tasks.flava import FlavaTask
+from tests.trees import assert_trees_close, assert_trees_equal, matched_leaves
 
 
 def _text_batch(rows):
   config = flava.get_config("tiny")
   config.global_batch = rows
   config.data.corpora = {"text": config.data.corpora.text.to_dict()}
-  data = pipeline.make_pipeline(config)
+  data = experiment.make_pipeline(config)
   _, batch = next(data)
   data.close()
   return batch
 
 
 def test_accumulated_gradients_equal_the_whole_batch_gradients():
-  config = flava.get_config("tiny")
-  model = FlavaModel(FlavaConfig.from_dict(config.model))
-  params = init_params(model, jax.random.key(0))
+  task = experiment.parse(flava.get_config("tiny"))[1]
+  params = task.init_params(jax.random.key(0))
   mesh = sharding.make_mesh({"data": -1})
-  loss_fn = train.make_loss_fn(model, None, LossConfig(), "text", mesh, 1)
+  ctx = StepContext(mesh=mesh, local_batch=1)
+
+  def loss_fn(p, frozen, b, r):
+    out = task.loss("text", p, {}, frozen, b, r, ctx)
+    return out.loss, (out.metrics, out.extra_update)
   batch = _text_batch(8)
   # Rows in identical pairs: each of the two micro-batches (every other row) is the 8-row batch.
   doubled = {k: np.repeat(v, 2, axis=0) for k, v in batch.items()}
@@ -48,13 +51,12 @@ def test_accumulated_gradients_equal_the_whole_batch_gradients():
   accumulated = run(lambda p, b: train.accumulated_value_and_grad(
       lambda q, m, r: loss_fn(q, None, m, r), p, b, rng, 2, mesh), params,
       pipeline.to_global(doubled, mesh))
-  (loss, metrics), grads = whole
-  (acc_loss, acc_metrics), acc_grads = accumulated
+  (loss, (metrics, _)), grads = whole
+  (acc_loss, (acc_metrics, _)), acc_grads = accumulated
   np.testing.assert_allclose(acc_loss, loss, rtol=1e-5)
   np.testing.assert_allclose(acc_metrics["mlm"], metrics["mlm"], rtol=1e-5)
   assert float(jnp.abs(jax.tree.leaves(grads["text_encoder"])[0]).sum()) > 0
-  for a, b in zip(jax.tree.leaves(acc_grads), jax.tree.leaves(grads)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+  assert_trees_close(acc_grads, grads, rtol=1e-4, atol=1e-7)
 
 
 def test_grad_accum_must_divide_the_per_shard_rows(tmp_path):
@@ -79,34 +81,34 @@ def test_init_sources_are_checked_at_start_up(field, value, match, tmp_path):
 def test_model_from_and_dvae_from_a_transformers_checkpoint(tiny_hf_dir):
   reference_model, reference = convert.from_transformers(tiny_hf_dir)
   _, reference_dvae = convert.dvae_from_transformers(tiny_hf_dir)
-  model = FlavaModel(reference_model.config)
   mesh = sharding.make_mesh({"data": -1})
   rules = sharding.rules_from_config(flava.get_config("tiny").sharding.rules)
-  state, _ = train.create_train_state(model, train.make_optimizer({}, 10), jax.random.key(3),
-                                      mesh, rules)
-  params, notes = warm_start.initial_params(state.params,
-                                            warm_start.InitConfig(model_from=tiny_hf_dir))
-  assert notes and "random" not in notes[0]
-  for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(params)):
-    np.testing.assert_array_equal(a, np.asarray(b))
-  # Shardings are the run's own.
-  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
-    assert a.sharding == b.sharding
-
   dvae_cfg = DVAEConfig.from_dict(dict(convert.dvae_config_from_transformers(
       convert.transformers_io.read_config(tiny_hf_dir)["image_codebook_config"]).to_dict(),
                                        decoder=True))
-  dvae_params = trainer._dvae_params(DVAE(dvae_cfg), 32, tiny_hf_dir, 0)  # pylint: disable=protected-access
-  for a, b in zip(jax.tree.leaves(reference_dvae["encoder"]),
-                  jax.tree.leaves(dvae_params["encoder"])):
-    np.testing.assert_array_equal(a, np.asarray(b))
+
+  def sharded_params(model_config):
+    task = FlavaTask({"model": model_config.to_dict(), "dvae": dvae_cfg.to_dict(), "loss": {},
+                      "paired_text_length": 16, "text_length": 16})
+    shardings = sharding.logical_to_shardings(task.logical_axes(), mesh, rules)
+    return task, jax.device_put(task.init_params(jax.random.key(3)), shardings)
+
+  task, initial = sharded_params(reference_model.config)
+  sources = {"model_from": tiny_hf_dir}
+  params, notes = warm_start.initial_params(initial, sources, task.WARM_STARTS)
+  assert notes and "random" not in notes[0]
+  assert_trees_equal(params, reference)
+  # Shardings are the run's own.
+  for path, a, b in matched_leaves(initial, params):
+    assert a.sharding == b.sharding, path
+
+  dvae_params = task.init_frozen(0, {"dvae_from": tiny_hf_dir}, ("paired",))
+  assert_trees_equal(dvae_params["encoder"], reference_dvae["encoder"])
 
   # A model whose sizes differ is refused, naming the leaf.
-  other = FlavaModel(reference_model.config.replace(projection_dim=8))
-  other_state, _ = train.create_train_state(other, train.make_optimizer({}, 10),
-                                            jax.random.key(3), mesh, rules)
+  other_task, other = sharded_params(reference_model.config.replace(projection_dim=8))
   with pytest.raises(ValueError, match=r"init.model_from: image_projection/\w+ has shape"):
-    warm_start.initial_params(other_state.params, warm_start.InitConfig(model_from=tiny_hf_dir))
+    warm_start.initial_params(other, sources, other_task.WARM_STARTS)
 
 
 def _workdir_like_the_trainers(root, steps=(2, 4)):
@@ -145,6 +147,5 @@ def test_reading_a_workdirs_parameters_is_quiet_and_exact(tmp_path, caplog):
   assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
   for tree in (params, again):  # the newest step's values, as host arrays of the saved dtypes
     assert jax.tree.structure(tree) == jax.tree.structure(saved[4])
-    for got, want in zip(jax.tree.leaves(tree), jax.tree.leaves(saved[4])):
-      assert isinstance(got, np.ndarray) and got.dtype == np.asarray(want).dtype
-      np.testing.assert_array_equal(got, want)
+    assert all(isinstance(got, np.ndarray) for got in jax.tree.leaves(tree))
+    assert_trees_equal(tree, saved[4])  # dtypes included

@@ -42,6 +42,21 @@ def build(values: Mapping[str, Any], ctx: EvalContext, where: str) -> Any:
   return build_parsed(parse(values, where), ctx, where)
 
 
+# The predict functions (tasks' `predict()`) each evaluator calls.
+NEEDS = {
+    "zero_shot": ("image_features", "text_features"),
+    "retrieval": ("image_features", "text_features"),
+    "linear_probe": ("image_features",),
+    "finetune": ("classifier", "classifier_width"),
+    "reconstruction": ("reconstruct",),
+}
+
+
 def build_parsed(cfg: Any, ctx: EvalContext, where: str) -> Any:
-  """The evaluator of a parsed Config (parse), its splits opened and checked."""
+  """The evaluator of a parsed Config (parse), its splits opened and checked; a model whose task
+  lacks a function the evaluator calls is refused here, naming it."""
+  missing = [n for n in NEEDS.get(cfg.evaluator, ()) if not hasattr(ctx.predict, n)]
+  if missing:
+    raise ValueError(f"{where}.evaluator={cfg.evaluator!r} calls {', '.join(missing)}, which "
+                     f"this model's task does not provide")
   return module(cfg.evaluator).Evaluator(cfg, ctx, where)

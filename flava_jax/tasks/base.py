@@ -84,8 +84,8 @@ class Task:
   SCALARS: ClassVar[Mapping[str, type]] = {}
   # config.init fields -> the top-level parameter groups they load (None: every group).
   WARM_STARTS: ClassVar[Mapping[str, tuple[str, ...] | None]] = {"model_from": None}
-  # config.init fields that load a frozen input instead (name -> what init_frozen reads).
-  FROZEN_STARTS: ClassVar[tuple[str, ...]] = ()
+  # config.init fields that load a frozen input instead -> the input's name in messages.
+  FROZEN_STARTS: ClassVar[Mapping[str, str]] = {}
 
   def __init__(self, config: Mapping[str, Any]):
     """Parses this task's sections of `config` (errors name the field)."""
@@ -103,7 +103,9 @@ class Task:
     return corpus_kind
 
   def step_kinds(self, corpus_kinds) -> tuple[str, ...]:
-    return tuple(sorted({self.step_kind(k) for k in corpus_kinds}))
+    """The distinct step kinds of these corpus kinds, in the order of the task's `kinds`."""
+    present = set(corpus_kinds)
+    return tuple(dict.fromkeys(self.step_kind(k) for k in self.kinds if k in present))
 
   def check_corpus(self, kind: str, where: str) -> None:
     if kind not in self.kinds:

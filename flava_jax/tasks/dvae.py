@@ -117,8 +117,8 @@ class DVAETask(Task):
   WARM_STARTS = {"model_from": None}
 
   def __init__(self, config: Mapping[str, Any]):
-    self.image = FlavaConfig.from_dict(config["model"]).image
-    self.text = FlavaConfig.from_dict(config["model"]).text
+    model = FlavaConfig.from_dict(config["model"])
+    self.image, self.text = model.image, model.text
     self.dvae_config = DVAEConfig.from_dict(config["dvae"])
     if not self.dvae_config.decoder:
       raise ValueError("dvae.decoder must be True to train the dVAE")

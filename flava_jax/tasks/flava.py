@@ -68,7 +68,7 @@ class FlavaTask(Task):
   SCALARS = {"paired_text_length": int, "text_length": int}
   WARM_STARTS = {"model_from": None, "image_from": ("image_encoder", "mim_head"),
                  "text_from": ("text_encoder", "mlm_head")}
-  FROZEN_STARTS = ("dvae_from",)
+  FROZEN_STARTS = {"dvae_from": "dVAE"}
 
   def __init__(self, config: Mapping[str, Any]):
     self.model_config = FlavaConfig.from_dict(config["model"])

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from configs import flava
-from flava_jax import sharding
+from flava_jax import experiment, sharding
+from flava_jax.tasks import flava as flava_task
 from flava_jax.data import mixture, pipeline, preprocess, sources, transforms
 from flava_jax.losses.flava import BATCH_KEYS
 from flava_jax.losses.masked import IGNORE_INDEX
@@ -31,7 +32,7 @@ def take(iterator, n):
 
 @pytest.fixture(scope="module")
 def embedded_batches():
-  it = pipeline.make_pipeline(tiny_config(), 0, 1)
+  it = experiment.make_pipeline(tiny_config(), 0, 1)
   batches = take(it, 40)
   it.close()
   return batches
@@ -48,12 +49,12 @@ def test_batches_hold_the_keys_shapes_and_ranges_of_their_kind(embedded_batches)
     assert set(batch) == set(BATCH_KEYS[kind]) | ({"input_ids"} if kind == "paired" else set())
     assert all(len(v) == config.global_batch for v in batch.values())
     if kind != "text":
-      # uint8 views; the train step normalises them (transforms.model_pixels)
+      # uint8 views; the train step normalises them (tasks/flava.model_pixels)
       assert batch["pixels"].shape[1:] == (size, size, 3) and batch["pixels"].dtype == np.uint8
       assert batch["dvae_pixels"].shape[1:] == (grid * 8, grid * 8, 3)
       assert batch["dvae_pixels"].dtype == np.uint8
       assert batch["pixels"].min() < 60 and batch["pixels"].max() > 200  # shapes on a background
-      finished = transforms.model_pixels(batch)
+      finished = flava_task.model_pixels(batch)
       assert -1.8 < finished["pixels"].min() and finished["pixels"].max() < 2.2
       assert 0.1 - 1e-6 <= finished["dvae_pixels"].min() <= finished["dvae_pixels"].max() <= 0.9 + 1e-6
       mask = batch["patch_mask"]
@@ -82,7 +83,7 @@ def test_batches_hold_the_keys_shapes_and_ranges_of_their_kind(embedded_batches)
 def test_whole_words_are_masked_together():
   config = tiny_config()
   cfg, _ = pipeline.data_config(config.data)
-  shapes = pipeline.Shapes.from_config(config)
+  shapes = experiment.parse(config)[1].data_shapes()
   tok = pipeline.load_tokenizer(cfg, shapes)
   proc = pipeline.make_processor("paired", cfg, shapes, tok)
   caption = "a drawing of two tiny unbelievably purple diamonds"
@@ -122,25 +123,25 @@ def _same(a, b):
 
 
 def test_deterministic_under_a_seed(embedded_batches):
-  again = pipeline.make_pipeline(tiny_config(), 0, 1)
+  again = experiment.make_pipeline(tiny_config(), 0, 1)
   assert all(_same(x, y) for x, y in zip(take(again, 8), embedded_batches[:8]))
   other = tiny_config()
   other.seed = 1
-  moved = take(pipeline.make_pipeline(other, 0, 1), 8)
+  moved = take(experiment.make_pipeline(other, 0, 1), 8)
   assert not all(_same(x, y) for x, y in zip(moved, embedded_batches[:8]))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_iterator_state_round_trip(workers):
   config = tiny_config(worker_count=workers)
-  straight = pipeline.make_pipeline(config, 0, 1)
+  straight = experiment.make_pipeline(config, 0, 1)
   expected = take(straight, 12)
   straight.close()
-  first = pipeline.make_pipeline(config, 0, 1)
+  first = experiment.make_pipeline(config, 0, 1)
   head = take(first, 5)
   state = json.loads(pipeline.state_to_json(first.get_state()))  # through JSON, as saved
   first.close()
-  resumed = pipeline.make_pipeline(config, 0, 1)
+  resumed = experiment.make_pipeline(config, 0, 1)
   resumed.set_state(state)
   tail = take(resumed, 7)
   resumed.close()
@@ -174,7 +175,7 @@ def test_two_processes_build_global_batches(tmp_path):
   config = tiny_config()
   config.data.corpora = {"docs": dict(kind="text", weight=1.0, source="array_record",
                                       paths=str(tmp_path))}
-  hosts = [pipeline.make_pipeline(config, p, 2) for p in range(2)]
+  hosts = [experiment.make_pipeline(config, p, 2) for p in range(2)]
   local = [next(h)[1] for h in hosts]
   assert local[0]["input_ids_masked"].shape[0] == config.global_batch // 2
   mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1), jax.devices())
@@ -185,7 +186,7 @@ def test_two_processes_build_global_batches(tmp_path):
   assert arrays["input_ids_masked"].sharding.spec == sharding.batch_sharding(mesh).spec
   np.testing.assert_array_equal(np.asarray(arrays["mlm_labels"]), whole["mlm_labels"])
   with pytest.raises(ValueError, match="global_batch=32 is not divisible by the 3 processes"):
-    pipeline.make_pipeline(config, 0, 3)
+    experiment.make_pipeline(config, 0, 3)
 
 
 def _png16(size):
@@ -221,7 +222,7 @@ def test_bad_examples_are_counted_by_reason_and_good_ones_all_arrive(tmp_path):
   config.global_batch = 4
   config.data.corpora = {"web": dict(kind="paired", weight=1.0, source="array_record",
                                      paths=str(tmp_path))}
-  it = pipeline.make_pipeline(config, 0, 1)
+  it = experiment.make_pipeline(config, 0, 1)
   tok = pipeline.load_tokenizer(pipeline.data_config(config.data)[0])
   first_epoch = take(it, 3)
   captions = [tok.decode(ids) for _, b in first_epoch for ids in b["input_ids"]]
@@ -241,7 +242,7 @@ def test_a_corpus_with_nothing_good_stops_with_a_clear_error(tmp_path):
   config.data.corpora = {"junk": dict(kind="paired", weight=1.0, source="array_record",
                                       paths=str(tmp_path))}
   with pytest.raises(mixture.TooManySkips, match=r"corpus 'junk'.*empty_image"):
-    next(pipeline.make_pipeline(config, 0, 1))
+    next(experiment.make_pipeline(config, 0, 1))
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -261,20 +262,20 @@ def test_bad_configs_fail_at_start_up_naming_the_field(field, value, message):
     node = node[key]
   with pytest.raises((ValueError, TypeError), match=message):
     node[last] = value  # ml_collections itself refuses a wrong type
-    pipeline.make_pipeline(config, 0, 1)
+    experiment.make_pipeline(config, 0, 1)
 
 
 def test_vocabulary_larger_than_the_model_is_refused():
   config = tiny_config()
   config.model.text.vocab_size = 512
   with pytest.raises(ValueError, match="model.text.vocab_size is 512"):
-    pipeline.make_pipeline(config, 0, 1)
+    experiment.make_pipeline(config, 0, 1)
 
 
 def test_eval_processing_keeps_labels_and_whole_images():
   config = tiny_config()
   cfg, _ = pipeline.data_config(config.data)
-  shapes = pipeline.Shapes.from_config(config)
+  shapes = experiment.parse(config)[1].data_shapes()
   proc = pipeline.make_processor("image", cfg, shapes, None, train=False)
   image = Image.new("RGB", (40, 20), (255, 0, 0))
   image.paste((0, 0, 255), (20, 0, 40, 20))  # left red, right blue: no crop keeps both halves
@@ -293,11 +294,10 @@ def test_pipeline_batches_feed_the_sharded_loss(embedded_batches):
   import flava_jax  # pylint: disable=import-outside-toplevel
   from flax import linen as nn  # pylint: disable=import-outside-toplevel
   from flava_jax.models.flava import abstract_params  # pylint: disable=import-outside-toplevel
-  from flava_jax import train  # pylint: disable=import-outside-toplevel
-  from flava_jax.losses.flava import LossConfig  # pylint: disable=import-outside-toplevel
+  from flava_jax.tasks import StepContext  # pylint: disable=import-outside-toplevel
   config = tiny_config()
-  model = flava_jax.FlavaModel(flava_jax.FlavaConfig.from_dict(config.model))
-  dvae = flava_jax.DVAE(flava_jax.DVAEConfig.from_dict(config.dvae))
+  task = experiment.parse(config)[1]
+  model, dvae = task.model, task.dvae
   # Random weights from the parameter shapes with numpy (XLA's CPU compile of the threefry
   # initialisers takes longer than this whole test).
   rng = np.random.default_rng(0)
@@ -313,9 +313,10 @@ def test_pipeline_batches_feed_the_sharded_loss(embedded_batches):
     first.setdefault(corpus, batch)
   with jax.set_mesh(mesh):
     for kind, batch in first.items():
-      loss_fn = jax.jit(train.make_loss_fn(model, dvae, LossConfig(), kind, mesh, local))
-      loss, metrics = loss_fn(params, dvae_params, pipeline.to_global(batch, mesh),
-                              jax.random.key(2))
+      ctx = StepContext(mesh=mesh, local_batch=local)
+      loss_fn = jax.jit(lambda p, f, b, r, kind=kind: task.loss(kind, p, {}, f, b, r, ctx))
+      out = loss_fn(params, dvae_params, pipeline.to_global(batch, mesh), jax.random.key(2))
+      loss, metrics = out.loss, out.metrics
       assert np.isfinite(float(loss)) and float(loss) > 1.0, (kind, metrics)
 
 
@@ -323,8 +324,8 @@ def test_iterator_state_goes_into_an_orbax_checkpoint_with_the_model(tmp_path):
   import grain  # pylint: disable=import-outside-toplevel
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   config = tiny_config()
-  expected = take(pipeline.make_pipeline(config, 0, 1), 7)
-  it = pipeline.make_pipeline(config, 0, 1)
+  expected = take(experiment.make_pipeline(config, 0, 1), 7)
+  it = experiment.make_pipeline(config, 0, 1)
   take(it, 4)
   params = {"w": np.arange(6.0, dtype=np.float32).reshape(2, 3)}
   with ocp.CheckpointManager(str(tmp_path / "ckpt")) as manager:
@@ -332,7 +333,7 @@ def test_iterator_state_goes_into_an_orbax_checkpoint_with_the_model(tmp_path):
                                             data=grain.checkpoint.CheckpointSave(it)))
     manager.wait_until_finished()
   it.close()
-  fresh = pipeline.make_pipeline(config, 0, 1)
+  fresh = experiment.make_pipeline(config, 0, 1)
   with ocp.CheckpointManager(str(tmp_path / "ckpt")) as manager:
     restored = manager.restore(4, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(params), data=grain.checkpoint.CheckpointRestore(fresh)))
@@ -348,7 +349,7 @@ def test_the_configs_data_sections_are_valid(variant):
   assert {c.kind for c in corpora.values()} == {"paired", "image", "text"}
   weights = {name: c.weight for name, c in corpora.items()}
   assert weights == {"paired": 0.7, "image": 0.15, "text": 0.15}
-  shapes = pipeline.Shapes.from_config(config)
+  shapes = experiment.parse(config)[1].data_shapes()
   block = pipeline.make_processor("image", cfg, shapes, None).block_mask
   assert block.grid_size ** 2 == (config.model.image.image_size // 16) ** 2
   if variant == "full":
@@ -363,7 +364,7 @@ def test_a_mixed_folder_feeds_each_corpus_its_own_kind_with_nothing_skipped(tmp_
   config.global_batch = 4
   config.data.corpora = {kind: dict(kind=kind, weight=1.0, source="array_record", paths=folder)
                          for kind in ("image", "text")}
-  it = pipeline.make_pipeline(config, 0, 1)
+  it = experiment.make_pipeline(config, 0, 1)
   take(it, 8)
   it.close()
   assert not it.skipped, it.skipped
@@ -385,7 +386,7 @@ def test_skip_rates_put_the_skipped_examples_next_to_those_read(tmp_path):
       "docs": dict(kind="text", weight=1.0, source="array_record", paths=str(tmp_path / "docs")),
       "clean": dict(kind="text", weight=1.0, source="array_record",
                     paths=str(tmp_path / "clean"))}
-  it = pipeline.make_pipeline(config, 0, 1)
+  it = experiment.make_pipeline(config, 0, 1)
   take(it, 12)
   skipped_docs = sum(v for k, v in it.skipped.items() if k.startswith("docs/"))
   assert skipped_docs > 0 and set(it.batches) == {"docs", "clean"}
@@ -396,11 +397,11 @@ def test_skip_rates_put_the_skipped_examples_next_to_those_read(tmp_path):
   assert 0.0 < rates["docs"] < 0.5  # 3 bad records of 12, give or take where the epoch stopped
   # The counts are part of the state: a resumed iterator carries them on.
   state = json.loads(pipeline.state_to_json(it.get_state()))
-  resumed = pipeline.make_pipeline(config, 0, 1)
+  resumed = experiment.make_pipeline(config, 0, 1)
   resumed.set_state(state)
   assert resumed.seen == it.seen and resumed.skip_rates() == rates
   # A state saved before `seen` was kept: rebuilt from the batches and skips on the next batch.
-  legacy = pipeline.make_pipeline(config, 0, 1)
+  legacy = experiment.make_pipeline(config, 0, 1)
   legacy.set_state({k: v for k, v in state.items() if k != "seen"})
   next(legacy)
   next(it)

@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import flava_jax
 from flava_jax.data import transforms as T
+from flava_jax.tasks import flava as flava_task
+from tests.trees import assert_trees_equal, matched_leaves
 
 CFG = T.ImageTransformConfig(image_size=32, dvae_size=16)
 
@@ -80,7 +83,7 @@ def test_two_views_of_the_same_crop():
   encoder, dvae = T.train_views(image, np.random.default_rng(3), CFG)
   assert encoder.shape == (32, 32, 3) and dvae.shape == (16, 16, 3)
   assert encoder.dtype == dvae.dtype == np.uint8
-  encoder, dvae = T.encoder_pixels(encoder), T.dvae_pixels(dvae)
+  encoder, dvae = T.encoder_pixels(encoder), flava_jax.map_pixels(dvae.astype(np.float32) / 255.0)
   assert encoder.dtype == dvae.dtype == np.float32
   assert 0.1 - 1e-6 <= dvae.min() and dvae.max() <= 0.9 + 1e-6  # x -> 0.8 x + 0.1
   # Same crop: de-normalised encoder pixels and unmapped dVAE pixels agree after downsampling.
@@ -98,7 +101,7 @@ def test_two_views_of_the_same_crop():
 def test_eval_views_resize_the_whole_image():
   image = Image.new("RGB", (50, 20), (255, 255, 255))
   encoder, dvae = T.eval_views(image, CFG)
-  encoder, dvae = T.encoder_pixels(encoder), T.dvae_pixels(dvae)
+  encoder, dvae = T.encoder_pixels(encoder), flava_jax.map_pixels(dvae.astype(np.float32) / 255.0)
   np.testing.assert_allclose(encoder, np.broadcast_to((1 - T.CLIP_MEAN) / T.CLIP_STD, (32, 32, 3)),
                              atol=1e-5)
   np.testing.assert_allclose(dvae, 0.9, atol=1e-6)
@@ -115,11 +118,10 @@ def test_views_from_bytes_match_the_decoded_path_and_fast_decode_stays_close():
   data = _photo()
   exact = T.train_views_from_bytes(data, np.random.default_rng(4), cfg)
   reference = T.train_views(T.decode_rgb(data, cfg.max_pixels), np.random.default_rng(4), cfg)
-  for a, b in zip(exact, reference):
-    np.testing.assert_array_equal(a, b)
+  assert_trees_equal(exact, reference)
   fast_cfg = dataclasses.replace(cfg, fast_decode=True)
   fast = T.train_views_from_bytes(data, np.random.default_rng(4), fast_cfg)
-  for a, b in zip(fast, exact):
+  for _, a, b in matched_leaves(fast, exact):
     assert a.shape == b.shape and a.dtype == np.uint8
     diff = np.abs(a.astype(float) - b)
     assert 0 < diff.mean() < 3.0  # DCT-domain 1/2 scale decode: close, not equal
@@ -132,9 +134,9 @@ def test_views_from_bytes_match_the_decoded_path_and_fast_decode_stays_close():
 def test_model_pixels_finish_uint8_views_on_the_device():
   rgb = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
   batch = {"pixels": jnp.asarray(rgb), "dvae_pixels": jnp.asarray(rgb), "patch_mask": None}
-  out = jax.jit(lambda b: T.model_pixels(b))({k: v for k, v in batch.items() if v is not None})
+  out = jax.jit(lambda b: flava_task.model_pixels(b))({k: v for k, v in batch.items() if v is not None})
   np.testing.assert_allclose(np.asarray(out["pixels"]),
                              (rgb / 255.0 - T.CLIP_MEAN) / T.CLIP_STD, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(out["dvae_pixels"]), 0.8 * rgb / 255.0 + 0.1, atol=1e-6)
   floats = {"pixels": np.zeros((1, 4, 4, 3), np.float32)}
-  assert T.model_pixels(floats)["pixels"] is floats["pixels"]  # float inputs pass unchanged
+  assert flava_task.model_pixels(floats)["pixels"] is floats["pixels"]  # float inputs pass unchanged

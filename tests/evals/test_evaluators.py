@@ -163,7 +163,7 @@ def test_finetune_state_is_sharded_and_leaves_the_callers_parameters(ctx, traine
   state, _ = evaluator.initial_state(params)
   kernel = state.params["head"]["transform"]["kernel"]
   assert len(kernel.sharding.device_set) == 8
-  assert set(state.params["flava"]) == {"image_encoder", "text_encoder", "multimodal_encoder",
+  assert set(state.params["backbone"]) == {"image_encoder", "text_encoder", "multimodal_encoder",
                                         "logit_scale"}  # no projections, no pretraining heads
   evaluator(params)  # donates its own state only
   np.testing.assert_array_equal(np.asarray(params["text_encoder"]["embeddings"]["word_embed"]),

@@ -8,6 +8,7 @@ import pytest
 
 from flava_jax import sharding
 from flava_jax.losses import contrastive, itm
+from tests.trees import assert_trees_close
 
 MESHES = [dict(data=8, fsdp=1, tensor=1), dict(data=4, fsdp=2, tensor=1),
           dict(data=2, fsdp=2, tensor=2)]
@@ -56,8 +57,7 @@ def test_global_loss_and_gradients_equal_single_device(sizes):
         *args[:2]).as_text()
   assert "all-gather" in hlo or "all_gather" in hlo
   assert float(loss) == pytest.approx(float(ref_loss), abs=1e-5)
-  for g, r in zip(grads, ref_grads):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-6)
+  assert_trees_close(grads, ref_grads, atol=1e-6)
 
 
 def test_local_loss_contrasts_within_each_shard_only():
