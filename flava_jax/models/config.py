@@ -9,9 +9,10 @@ ill-typed fields by name, so a wrong config fails at start-up rather than deep i
 from __future__ import annotations
 
 import dataclasses
-import typing
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Any
+
+from flava_jax.parse import check_choice, dataclass_from_dict
 
 ATTENTION_IMPLS = ("xla", "cudnn", "splash", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -84,6 +85,31 @@ class MultimodalConfig(EncoderConfig):
 
 
 @dataclasses.dataclass(frozen=True)
+class ComputeConfig:
+  """How the shared layers compute (dtypes, attention kernel, remat, scan unrolling, init scale).
+
+  Kept apart from any family's config so that the layers in models/transformer.py serve FLAVA,
+  BLIP and later families alike; FlavaConfig.compute builds one from FlavaConfig's own fields.
+  """
+
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  attention_impl: str = "xla"
+  remat_policy: str = "none"
+  scan_unroll: int = 1
+  initializer_range: float = 0.02
+
+  def validate(self, prefix: str) -> "ComputeConfig":
+    check_choice(f"{prefix}.dtype", self.dtype, DTYPES)
+    check_choice(f"{prefix}.param_dtype", self.param_dtype, DTYPES)
+    check_choice(f"{prefix}.attention_impl", self.attention_impl, ATTENTION_IMPLS)
+    check_choice(f"{prefix}.remat_policy", self.remat_policy, REMAT_POLICIES)
+    if self.scan_unroll < 1:
+      raise ValueError(f"{prefix}.scan_unroll must be >= 1, got {self.scan_unroll}")
+    return self
+
+
+@dataclasses.dataclass(frozen=True)
 class FlavaConfig:
   """The whole FLAVA model: three encoders, contrastive projections and pretraining heads.
 
@@ -111,16 +137,18 @@ class FlavaConfig:
   # line code, longer to compile, which XLA's cost analysis counts in full).
   scan_unroll: int = 1
 
+  @property
+  def compute(self) -> ComputeConfig:
+    """The compute settings the shared transformer layers take."""
+    return ComputeConfig(dtype=self.dtype, param_dtype=self.param_dtype,
+                         attention_impl=self.attention_impl, remat_policy=self.remat_policy,
+                         scan_unroll=self.scan_unroll, initializer_range=self.initializer_range)
+
   def validate(self) -> "FlavaConfig":
     self.image.validate("model.image")
     self.text.validate("model.text")
     self.multimodal.validate("model.multimodal")
-    check_choice("model.dtype", self.dtype, DTYPES)
-    check_choice("model.param_dtype", self.param_dtype, DTYPES)
-    check_choice("model.attention_impl", self.attention_impl, ATTENTION_IMPLS)
-    check_choice("model.remat_policy", self.remat_policy, REMAT_POLICIES)
-    if self.scan_unroll < 1:
-      raise ValueError(f"model.scan_unroll must be >= 1, got {self.scan_unroll}")
+    self.compute.validate("model")
     if self.projection_dim <= 0:
       raise ValueError(f"model.projection_dim must be positive, got {self.projection_dim}")
     return self
@@ -187,55 +215,3 @@ class DVAEConfig:
 def dvae_view_size(image: ImageConfig, dvae: DVAEConfig) -> int:
   """Pixels per side of the dVAE's view: one code per image patch (FLAVA: 14 x 8 = 112)."""
   return image.grid_size * dvae.downsample
-
-
-def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-  if value not in choices:
-    raise ValueError(f"{name}={value!r} is not one of {choices}")
-
-
-_T = TypeVar("_T")
-
-
-def dataclass_from_dict(cls: type[_T], values: Mapping[str, Any], prefix: str) -> _T:
-  """Builds dataclass `cls` from a mapping; unknown fields and wrong types are named errors."""
-  if hasattr(values, "to_dict"):  # ml_collections.ConfigDict
-    values = values.to_dict()
-  if not isinstance(values, Mapping):
-    raise TypeError(f"{prefix} must be a mapping, got {type(values).__name__}")
-  hints = typing.get_type_hints(cls)
-  fields = {f.name: f for f in dataclasses.fields(cls)}
-  unknown = sorted(set(values) - set(fields))
-  if unknown:
-    raise ValueError(
-        f"unknown field(s) {', '.join(prefix + '.' + u for u in unknown)}; "
-        f"known fields of {prefix}: {', '.join(sorted(fields))}")
-  kwargs = {}
-  for name, value in values.items():
-    hint = hints[name]
-    path = f"{prefix}.{name}"
-    if dataclasses.is_dataclass(hint):
-      kwargs[name] = value if isinstance(value, hint) else dataclass_from_dict(hint, value, path)
-      continue
-    kwargs[name] = _coerce(path, value, hint)
-  return cls(**kwargs)
-
-
-def _coerce(path: str, value: Any, hint: Any) -> Any:
-  if hint is bool:
-    if not isinstance(value, bool):
-      raise TypeError(f"{path} must be a bool, got {value!r}")
-    return value
-  if hint is int:
-    if isinstance(value, bool) or not isinstance(value, int):
-      raise TypeError(f"{path} must be an int, got {value!r}")
-    return value
-  if hint is float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-      raise TypeError(f"{path} must be a number, got {value!r}")
-    return float(value)
-  if hint is str:
-    if not isinstance(value, str):
-      raise TypeError(f"{path} must be a string, got {value!r}")
-    return value
-  return value

@@ -62,7 +62,7 @@ class ITMHead(nn.Module):
   @nn.compact
   def __call__(self, multimodal_hidden: Array) -> Array:
     dtype, pdtype = dtype_of(self.model.dtype), dtype_of(self.model.param_dtype)
-    pooled = Pooler(self.hidden_size, self.model, name="pooler")(multimodal_hidden)
+    pooled = Pooler(self.hidden_size, self.model.compute, name="pooler")(multimodal_hidden)
     logits = Dense(2, ("embed", "classes"), init_std=self.model.initializer_range, dtype=dtype,
                    param_dtype=pdtype, name="classifier")(pooled)
     return logits.astype(jnp.float32)

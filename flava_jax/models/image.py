@@ -126,7 +126,7 @@ class ImageEncoder(nn.Module):
     cfg = self.model.image
     dtype, pdtype = dtype_of(self.model.dtype), dtype_of(self.model.param_dtype)
     x = ImageEmbeddings(self.model, name="embeddings")(pixel_values, bool_masked_pos)
-    hidden = Encoder(cfg, self.model, name="encoder")(x, None)
+    hidden = Encoder(cfg, self.model.compute, name="encoder")(x, None)
     last = LayerNorm(cfg.layer_norm_eps, dtype, pdtype, name="final_norm")(hidden)
-    pooled = Pooler(cfg.hidden_size, self.model, name="pooler")(last)
+    pooled = Pooler(cfg.hidden_size, self.model.compute, name="pooler")(last)
     return EncoderOutput(last_hidden_state=last, hidden_state=hidden, pooled=pooled)

@@ -45,7 +45,7 @@ class MultimodalEncoder(nn.Module):
     if text_mask is not None:
       image_mask = jnp.ones((batch, 1 + image_tokens.shape[1]), bool)
       mask = jnp.concatenate([image_mask, text_mask.astype(bool)], axis=1)
-    hidden = Encoder(cfg, self.model, name="encoder")(x, mask)
+    hidden = Encoder(cfg, self.model.compute, name="encoder")(x, mask)
     last = LayerNorm(cfg.layer_norm_eps, dtype, pdtype, name="final_norm")(hidden)
-    pooled = Pooler(cfg.hidden_size, self.model, name="pooler")(last)
+    pooled = Pooler(cfg.hidden_size, self.model.compute, name="pooler")(last)
     return EncoderOutput(last_hidden_state=last, hidden_state=hidden, pooled=pooled)

@@ -1,5 +1,6 @@
 """Our FLAVA computes what transformers' FLAVA computes, on converted weights (float32)."""
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -155,3 +156,70 @@ def test_tiny_parity_without_qkv_bias():
   assert not model.config.text.qkv_bias
   assert "qkv_bias" not in params["text_encoder"]["encoder"]["layers"]["attention"]
   _check_against_reference(hf, model, params, _inputs(hf.config, batch=2), tol=1e-5)
+
+
+def _sentence_pair_types(mask):
+  """BERT's sentence-pair token types on each row's real tokens: 0 over the first half (the first
+  text up to its [SEP]), 1 over the rest (the second text), 0 on padding."""
+  types = np.zeros_like(mask)
+  for row, length in enumerate(mask.sum(1)):
+    types[row, length // 2:length] = 1
+  return types
+
+
+def test_token_type_ids_of_sentence_pairs_match_reference(tiny_hf_pretraining):
+  """Token types 1 (a pair's second text, as sentence-pair fine-tuning feeds them) give what
+  transformers gives: text states and pooled output, the contrastive text embedding, the fusion
+  and its heads, MLM logits, and the [CLS_T] the text classifier reads."""
+  from flava_jax.models.classifier import FlavaClassifier  # pylint: disable=import-outside-toplevel
+  model, params = flava_jax.from_transformers(tiny_hf_pretraining)
+  assert model.config.text.type_vocab_size == 2
+  x = _inputs(tiny_hf_pretraining.config, batch=3, length=9, seed=2)
+  types = _sentence_pair_types(x["mask"])
+  assert types.sum() == 5 + 2 + 1 and not types[:, 0].any()  # rows of 9, 4 and 2 real tokens
+  t = {k: torch.tensor(v) for k, v in dict(x, types=types).items()}
+  with torch.no_grad():
+    paired = tiny_hf_pretraining(
+        input_ids=t["ids"], input_ids_masked=t["ids_masked"], pixel_values=t["pixels"],
+        attention_mask=t["mask"], token_type_ids=t["types"], bool_masked_pos=t["masked_pos"],
+        return_loss=False, skip_unmasked_multimodal_encoder=True)
+    text_only = tiny_hf_pretraining(input_ids=t["ids"], input_ids_masked=t["ids_masked"],
+                                    attention_mask=t["mask"], token_type_ids=t["types"],
+                                    return_loss=False)
+    flava = tiny_hf_pretraining.flava
+    text_embedding = torch.nn.functional.normalize(
+        flava.text_projection(paired.text_embeddings[:, 0]), dim=-1)
+
+  ids, mask, ids_masked = (jnp.asarray(x[k]) for k in ("ids", "mask", "ids_masked"))
+  apply = lambda *a, **k: model.apply({"params": params}, *a, **k)  # noqa: E731
+  ours = apply(_nhwc(x["pixels"]), ids, mask, bool_masked_pos=jnp.asarray(x["masked_pos"]),
+               input_ids_masked=ids_masked, token_type_ids=jnp.asarray(types))
+  ours_text = apply(input_ids=ids, attention_mask=mask, input_ids_masked=ids_masked,
+                    token_type_ids=jnp.asarray(types))
+  tol = 1e-5
+  for what, mine, theirs in [
+      ("text states", ours.text.last_hidden_state, paired.text_output.last_hidden_state),
+      ("text pooled", ours.text.pooled, paired.text_output.pooler_output),
+      ("masked text pre-LN states", ours.text_masked.hidden_state,
+       paired.text_masked_output.hidden_states[-1]),
+      ("text embedding", ours.text_embedding, text_embedding),
+      ("multimodal states", ours.multimodal_masked.last_hidden_state,
+       paired.multimodal_masked_output.last_hidden_state),
+      ("itm logits", ours.itm_logits, paired.itm_logits),
+      ("mmm text logits", ours.mmm_text_logits, paired.mmm_text_logits),
+      ("mlm logits", ours_text.mlm_logits, text_only.mlm_logits),
+      ("method encode_text", apply(ids, mask, jnp.asarray(types), method="encode_text"),
+       paired.text_output.last_hidden_state)]:
+    _assert_close(mine, theirs, tol, what)
+
+  # The fine-tuning classifier's text input ([CLS_T] of the pair) passes the types on.
+  classifier = FlavaClassifier(model.config, "text", num_classes=2, hidden_size=8)
+  batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": jnp.asarray(types)}
+  fresh = classifier.init(jax.random.key(0), batch, method="pooled")["params"]
+  (backbone,) = [name for name, group in fresh.items() if "text_encoder" in group]
+  cls = classifier.apply({"params": dict(fresh, **{backbone: params})}, batch, method="pooled")
+  _assert_close(cls, paired.text_output.last_hidden_state[:, 0], tol, "classifier [CLS_T]")
+
+  # The types matter: all-zero types move the text states far beyond the tolerance.
+  zeros = apply(ids, mask, jnp.zeros_like(ids), method="encode_text")
+  assert parity.max_abs_error(zeros, paired.text_output.last_hidden_state) > 1000 * tol

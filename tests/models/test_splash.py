@@ -12,6 +12,7 @@ from flava_jax import sharding
 from flava_jax.models.splash import splash_attention
 from flava_jax.models.transformer import attention_kernel
 from flava_jax.tools import aot
+from tests.trees import assert_trees_close
 
 
 def _inputs(length, lengths, seed=0):
@@ -42,8 +43,7 @@ def test_splash_matches_xla_on_real_positions(length, lengths):
       lambda *a: loss("splash", *a), argnums=(0, 1, 2), has_aux=True)(q, k, v)
   np.testing.assert_allclose(np.where(real, got, 0), np.where(real, ref, 0), atol=2e-6)
   assert float(got_loss) == pytest.approx(float(ref_loss), rel=1e-5)
-  for a, b in zip(grads, ref_grads):
-    np.testing.assert_allclose(a, b, atol=2e-5)
+  assert_trees_close(grads, ref_grads, atol=2e-5)
 
 
 def test_splash_under_a_mesh_runs_per_device_shard():
