@@ -53,8 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # At the end: held-out reconstruction (MSE, PSNR, codebook use) of the embedded test images.
   config.evals = ml_collections.ConfigDict(dict(
       reconstruction=dict(evaluator="reconstruction", every_steps=0, limit=256,
-                          data=dict(source="embedded", name="image", split="test", paths="",
-                                    data_dir="", fields=dict(image="image", label="label")))))
+                          data=dict(base.evals.zero_shot.data.to_dict(), name="image"))))
   # Warm starts: model_from (a dVAE workdir or a model directory holding one).
   config.init = ml_collections.ConfigDict(dict(model_from=""))
   return config

@@ -144,9 +144,10 @@ class Experiment:
     self.mesh = sharding.make_mesh(self.run.mesh, self.devices)
     self.rules = self.run.rules
     self.check_batch(self.run.global_batch)
-    groups = self.groups()
+    self._groups = self.task.param_groups(jax.eval_shape(self.task.init_params,
+                                                         jax.random.key(0)))
     self.tx = train.make_optimizer(self.run.optimizer, self.run.total_steps, self.task.decays,
-                                   groups)
+                                   self._groups)
     self._shardings = None
 
   # --- sizes --------------------------------------------------------------------------------
@@ -166,7 +167,8 @@ class Experiment:
                        f"{global_batch})")
 
   def groups(self) -> tuple[str, ...]:
-    return self.task.param_groups(jax.eval_shape(self.task.init_params, jax.random.key(0)))
+    """The parameters' groups (the task's top-level keys): one Adam state each."""
+    return self._groups
 
   # --- state --------------------------------------------------------------------------------
 

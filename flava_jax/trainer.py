@@ -21,7 +21,6 @@ import json
 import math
 import os
 import sys
-import time
 from typing import Any
 
 import grain

@@ -17,7 +17,6 @@ Parts are copied by name and must match the run's shapes exactly.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping
 from typing import Any

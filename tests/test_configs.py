@@ -168,7 +168,7 @@ def test_prediction_slots_that_cannot_hold_the_labels_fail_at_start_up(field, va
 # --- data sections on the command line ---------------------------------------------------------
 
 _CONFIG_FILES = ([("flava.py", v) for v in ("tiny", "full")]
-                 + [(f, None) for f in ("mim.py", "mlm.py", "dvae.py")]
+                 + [(f, None) for f in ("mim.py", "mlm.py", "dvae.py", "clip.py")]
                  + [("eval/retrieval.py", v) for v in ("embedded", "coco")]
                  + [("eval/zero_shot.py", v) for v in ("embedded", "imagenet", "cifar10")]
                  + [("eval/linear_probe.py", v) for v in ("embedded", "imagenet", "cifar10")]
@@ -200,7 +200,8 @@ def test_every_data_section_can_be_pointed_at_own_shards_on_the_command_line(nam
   from flava_jax.evals import features  # pylint: disable=import-outside-toplevel
   path = name + (f":{variant}" if variant else "")
   sections = _data_sections(parse_config_flags(path))
-  expected = {"flava.py": 5, "mim.py": 1, "mlm.py": 1, "dvae.py": 2, "eval/retrieval.py": 1,
+  expected = {"flava.py": 5, "mim.py": 1, "mlm.py": 1, "dvae.py": 3, "clip.py": 2,
+              "eval/retrieval.py": 1,
               "eval/zero_shot.py": 1, "eval/linear_probe.py": 3, "eval/finetune.py": 2}[name]
   assert len(sections) == expected, sections
   overrides = []
@@ -226,7 +227,8 @@ def test_every_data_section_can_be_pointed_at_own_shards_on_the_command_line(nam
     _, corpora = pipeline.data_config(config.data)
     assert all(c.source == "array_record" and c.paths.startswith("/shards/")
                for c in corpora.values())
-  for name_, task in ({"task": config.task} if "task" in config else
+  evaluation = "task" in config and not isinstance(config.task, str)  # a training config's
+  for name_, task in ({"task": config.task} if evaluation else   # task is the model family's
                       dict(config.get("evals", {}))).items():
     evals.parse(task, name_)
 

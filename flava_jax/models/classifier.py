@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from flava_jax.models.config import FlavaConfig
 from flava_jax.models.flava import FlavaModel

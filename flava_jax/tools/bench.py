@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from flava_jax import experiment, sharding
+from flava_jax import experiment
 from flava_jax import flops as flop_counts
 from flava_jax.models.transformer import auto_attention_impl, dtype_of
 from flava_jax.tasks import StepContext
@@ -84,6 +84,7 @@ def bench_config(config: Any, batch: int, text_len: int, mlm_text_len: int) -> A
     config.global_batch = batch or config.global_batch
     if "paired_text_length" in config:
       config.paired_text_length = text_len or config.paired_text_length
+    if "text_length" in config:
       config.text_length = mlm_text_len or config.text_length
     loss = config.get("loss")
     if loss is not None and "paired_text_prediction_slots" in loss:
@@ -215,10 +216,10 @@ def run_peer(config: Any, kinds: tuple[str, ...], modes: tuple[str, ...], steps:
              timeout: float = 3600) -> dict[str, Any]:
   """The task's PyTorch peer timed in a child process (FLAVA: transformers'
   FlavaForPreTraining, flava_jax/tools/peer.py)."""
-  exp = experiment.Experiment(config, jax.devices("cpu")[:1])
-  peer = exp.task.peer_request() if hasattr(exp.task, "peer_request") else None
+  task = experiment.parse(config)[1]
+  peer = task.peer_request() if hasattr(task, "peer_request") else None
   if peer is None:
-    raise RuntimeError(f"the {exp.task.NAME} task has no PyTorch peer")
+    raise RuntimeError(f"the {task.NAME} task has no PyTorch peer")
   request = dict(peer, kinds=list(kinds), modes=list(modes), batch=config.global_batch,
                  steps=steps, warmup=warmup, max_batch_kinds=list(max_batch_kinds),
                  memory_limit_bytes=memory_limit)
@@ -317,8 +318,8 @@ def describe_config(config: Any, bench: Bench) -> str:
   """The line saying what is benched: task, batch, compute settings and FLAVA's lengths."""
   parts = [f"config {config.get('variant', '')} ({bench.task.NAME}): batch "
            f"{config.global_batch}"]
-  if "paired_text_length" in config:
-    parts.append(f"paired text {config.paired_text_length}, text {config.text_length}")
+  parts += [f"{name.replace('_length', '').replace('_', ' ')} {config[name]}"
+            for name in ("paired_text_length", "text_length") if name in config]
   parts += [f"{name} {model_setting(config, name, '-')}"
             for name in ("dtype", "attention_impl", "remat_policy", "scan_unroll")]
   loss = config.get("loss")
@@ -341,7 +342,8 @@ def main(argv):
   if not f["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   config = bench_config(f.config, f.batch, f.text_len, f.mlm_text_len)
-  known = experiment.Experiment(config, jax.devices("cpu")[:1]).step_kinds()
+  run, task = experiment.parse(config)
+  known = task.step_kinds(c.kind for c in run.corpora.values())
   kinds = known if f.kinds == ["all"] else tuple(f.kinds)
   for kind in kinds:
     if kind not in known:

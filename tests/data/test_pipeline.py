@@ -13,7 +13,7 @@ from PIL import Image
 from configs import flava
 from flava_jax import experiment, sharding
 from flava_jax.tasks import flava as flava_task
-from flava_jax.data import mixture, pipeline, preprocess, sources, transforms
+from flava_jax.data import mixture, pipeline, preprocess, sources
 from flava_jax.losses.flava import BATCH_KEYS
 from flava_jax.losses.masked import IGNORE_INDEX
 from tests.data import builds, helpers
