@@ -3,23 +3,24 @@
     exp = experiment.Experiment(config)       # task, mesh, rules, optimizer
     state = exp.create_state()                # created already sharded
     step = exp.train_step("paired")           # one jitted, donated step per batch kind
-    state, metrics = step(state, exp.frozen, batch, rng)
+    state, metrics = step(state, exp.frozen(), batch, rng)
 
 The state is created already sharded (eval_shape, then jit with out_shardings). It holds the
 parameters, the optimizer state, the step and the task's extra state (momentum copies, queues);
 the task's frozen inputs (FLAVA's dVAE) are an input of the step, never part of the state.
 
-AdamW keeps one Adam state per parameter group (the task's top-level groups): a step whose loss
-does not reach a group (the image encoder in a text-only step) leaves that group's parameters,
-moments and Adam step count exactly as they were, with no weight decay either, as PyTorch's
-AdamW skips parameters whose gradient is None. The learning-rate schedule follows the run's step.
+AdamW keeps one Adam step count per parameter group (the task's top-level groups,
+`scale_by_grouped_adam`): a step whose loss does not reach a group (the image encoder in a
+text-only step) leaves that group's parameters, moments and step count exactly as they were, with
+no weight decay either, as PyTorch's AdamW skips parameters whose gradient is None. The
+learning-rate schedule follows the run's step.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import flax.struct
@@ -33,7 +34,6 @@ from flava_jax.parse import check_choice, dataclass_from_dict
 from flava_jax.tasks.base import GradCacheSplit, LossOutput, StepContext, Task
 
 Array = jax.Array
-FROZEN = "__frozen__"  # the optimizer label of groups optimizer.trainable leaves out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,10 +104,53 @@ def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Sche
       [optax.linear_schedule(0.0, cfg.learning_rate, warmup), decay], [warmup])
 
 
+class GroupedAdamState(NamedTuple):
+  """Adam's moments of the trainable groups and one step count per group."""
+
+  count: dict  # group -> int32 []
+  mu: dict     # group -> its parameters' first moments
+  nu: dict     # group -> second moments
+
+
+def scale_by_grouped_adam(b1: float, b2: float, eps: float, mu_dtype: Any,
+                          trainable: tuple[str, ...]) -> optax.GradientTransformation:
+  """optax.scale_by_adam with one step count per top-level parameter group (the bias correction
+  of a group counts that group's updates), moments for the `trainable` groups only; the others'
+  updates are zeros. A step that must leave a group alone restores its count and moments
+  (`keep_groups`), as PyTorch's AdamW leaves a parameter without gradient."""
+  def init(params):
+    check_trainable(trainable, params)
+    return GroupedAdamState(
+        count={g: jnp.zeros([], jnp.int32) for g in trainable},
+        mu={g: jax.tree.map(lambda p: jnp.zeros_like(p, dtype=mu_dtype), params[g])
+            for g in trainable},
+        nu={g: jax.tree.map(jnp.zeros_like, params[g]) for g in trainable})
+
+  def update(updates, state, params=None):
+    del params
+    out, count, mu, nu = {}, {}, {}, {}
+    for group, grads in updates.items():
+      if group not in trainable:
+        out[group] = jax.tree.map(jnp.zeros_like, grads)
+        continue
+      mu[group] = optax.tree_utils.tree_update_moment(grads, state.mu[group], b1, 1)
+      nu[group] = optax.tree_utils.tree_update_moment_per_elem_norm(grads, state.nu[group], b2,
+                                                                    2)
+      count[group] = optax.safe_increment(state.count[group])
+      mu_hat = optax.tree_utils.tree_bias_correction(mu[group], b1, count[group])
+      nu_hat = optax.tree_utils.tree_bias_correction(nu[group], b2, count[group])
+      out[group] = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu_hat, nu_hat)
+      mu[group] = jax.tree.map(lambda m: m.astype(mu_dtype), mu[group])
+      nu[group] = jax.tree.map(lambda n, old: n.astype(old.dtype), nu[group], state.nu[group])
+    return out, GroupedAdamState(count=count, mu=mu, nu=nu)
+
+  return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(cfg: OptimizerConfig | Mapping[str, Any], total_steps: int,
                    decays: Callable[[tuple[str, ...]], bool], groups: tuple[str, ...]
                    ) -> optax.GradientTransformation:
-  """AdamW with one Adam state per parameter group (see the module docstring), the task's
+  """AdamW with one Adam step count per parameter group (see the module docstring), the task's
   weight-decay rule, the warm-up + decay schedule and optional global-norm clipping.
 
   groups: the parameter tree's top-level groups; those optimizer.trainable leaves out get no
@@ -115,11 +158,7 @@ def make_optimizer(cfg: OptimizerConfig | Mapping[str, Any], total_steps: int,
   if not isinstance(cfg, OptimizerConfig):
     cfg = dataclass_from_dict(OptimizerConfig, cfg, "optimizer")
   trainable = cfg.trainable or tuple(groups)
-  adam = {g: optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                                 mu_dtype=jnp.dtype(cfg.mu_dtype)) for g in trainable}
-  per_group = optax.multi_transform(dict(adam, **{FROZEN: optax.set_to_zero()}),
-                                    lambda params: group_labels(params, trainable))
-  parts = [per_group,
+  parts = [scale_by_grouped_adam(cfg.b1, cfg.b2, cfg.eps, jnp.dtype(cfg.mu_dtype), trainable),
            optax.add_decayed_weights(cfg.weight_decay,
                                      mask=lambda p: decay_mask(p, decays, cfg.trainable)),
            optax.scale_by_learning_rate(learning_rate_schedule(cfg, total_steps))]
@@ -128,27 +167,16 @@ def make_optimizer(cfg: OptimizerConfig | Mapping[str, Any], total_steps: int,
   return optax.chain(*parts)
 
 
-def group_labels(params: Mapping[str, Any], trainable: tuple[str, ...]) -> Any:
-  """Each leaf labelled with its top-level group, or FROZEN outside `trainable`."""
-  check_trainable(trainable, params)
-  return {k: jax.tree.map(lambda _, k=k: k if k in trainable else FROZEN, v)
-          for k, v in params.items()}
-
-
 def keep_groups(old: Any, new: Any, groups: tuple[str, ...]) -> Any:
-  """The optimizer state `new` with the per-group Adam states of `groups` taken from `old`."""
+  """The optimizer state `new` with the Adam counts and moments of `groups` taken from `old`."""
   if not groups:
     return new
-  if isinstance(new, tuple) and not hasattr(new, "inner_states"):
-    if hasattr(new, "_fields"):  # a NamedTuple state other than the per-group one
-      return new
+  if isinstance(new, GroupedAdamState):
+    pick = lambda field: {g: (getattr(old, field) if g in groups else getattr(new, field))[g]
+                          for g in getattr(new, field)}
+    return GroupedAdamState(count=pick("count"), mu=pick("mu"), nu=pick("nu"))
+  if isinstance(new, tuple) and not hasattr(new, "_fields"):  # a chain's states
     return tuple(keep_groups(o, n, groups) for o, n in zip(old, new, strict=True))
-  if hasattr(new, "inner_states"):
-    inner = dict(new.inner_states)
-    for g in groups:
-      if g in inner:
-        inner[g] = old.inner_states[g]
-    return new._replace(inner_states=inner)
   return new
 
 

@@ -111,8 +111,7 @@ def test_train_step_runs_sharded_and_lowers_the_loss():
   state = exp.create_state()
   qkv = state.params["image_encoder"]["encoder"]["layers"]["attention"]["qkv_kernel"]
   assert not qkv.sharding.is_fully_replicated  # created sharded, never materialised whole
-  adam = state.opt_state[0].inner_states["image_encoder"].inner_state
-  mu = adam.mu["image_encoder"]["encoder"]["layers"]["attention"]["qkv_kernel"]
+  mu = state.opt_state[0].mu["image_encoder"]["encoder"]["layers"]["attention"]["qkv_kernel"]
   assert mu.sharding == qkv.sharding  # optimizer state sharded like its parameter
   step = exp.train_step("paired")
   frozen = exp.frozen()

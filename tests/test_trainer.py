@@ -228,7 +228,7 @@ def test_bf16_first_moment_option():
   for dtype in ("float32", "bfloat16"):
     tx = train.make_optimizer(dict(learning_rate=1e-3, warmup_steps=1, mu_dtype=dtype), 10,
                               decays, ("layer",))
-    mu = tx.init(params)[0].inner_states["layer"].inner_state.mu["layer"]
+    mu = tx.init(params)[0].mu["layer"]
     assert mu["kernel"].dtype == jnp.dtype(dtype) and mu["bias"].dtype == jnp.dtype(dtype)
   with pytest.raises(ValueError, match="optimizer.mu_dtype='float16'"):
     train.make_optimizer(dict(mu_dtype="float16"), 10, decays, ("layer",))
