@@ -1,4 +1,4 @@
-"""What every flava_jax binary (main, train_dvae, evaluate) does before its work.
+"""What every flava_jax binary (main, evaluate) does before its work.
 
 Refuses stray arguments, keeps library INFO chatter (orbax) quiet unless `-v` asks for it, keeps
 an installed libtpu from starting on a machine without a TPU (skip_absent_tpu), joins the other

@@ -19,8 +19,8 @@ from typing import Any
 
 import jax
 
-from flava_jax import evals, sharding, tasks, warm_start
-from flava_jax.data import embedded
+from flava_jax import evals, experiment, sharding, tasks, warm_start
+from flava_jax.data import embedded, sources
 from flava_jax.data.tokenizer import Tokenizer
 from flava_jax.evals.features import EvalContext
 
@@ -133,6 +133,22 @@ def format_figure(value: Any) -> str:
 def format_metrics(name: str, metrics: Mapping[str, float]) -> str:
   """One line: the figures first, counts and skips after (format_figure)."""
   return f"{name}: " + ", ".join(f"{k} {format_figure(v)}" for k, v in metrics.items())
+
+
+def eval_rows(config: Any, kind: str, source_config: sources.SourceConfig | None = None,
+              limit: int | None = None) -> list[dict]:
+  """Held-out examples of one corpus kind, processed as the training config's task processes
+  them in eval mode (whole image, no masks), the bad ones skipped. Default source: the embedded
+  test split of that kind."""
+  run, task = experiment.parse(config)
+  processor = task.processors(run.data, (kind,), train=False)[kind]
+  source_config = source_config or sources.SourceConfig(name=kind, split="test",
+                                                        cache_dir=run.data.cache_dir)
+  source = sources.open_source(source_config, f"eval.{kind}", kind)
+  source.check(kind)
+  count = len(source) if limit is None else min(limit, len(source))
+  rows = [processor(source[i], None) for i in range(count)]
+  return [r for r in rows if "_skip" not in r]
 
 
 def main(argv) -> None:

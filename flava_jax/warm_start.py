@@ -144,7 +144,7 @@ def read_dvae_params(path: str, field: str = "init.dvae_from") -> Any:
     params = read_workdir_params(path, field)
     if not _is_dvae_tree(params):
       raise ValueError(f"{field}={path!r} is a FLAVA workdir, not a dVAE one "
-                       "(python -m flava_jax.train_dvae writes those)")
+                       "(python -m flava_jax.main --config=configs/dvae.py writes those)")
     return params
   if kind == "model":
     loaded = checkpoint.load_model(path)

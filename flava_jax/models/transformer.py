@@ -177,6 +177,21 @@ def _cached_attention(query: Array, key: Array, value: Array, mask: Array) -> Ar
   return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="xla")
 
 
+def attention_output(module: nn.Module, context: Array, cfg: EncoderConfig,
+                     compute: ComputeConfig) -> Array:
+  """An attention sublayer's output projection, [B, T, N, H] -> [B, T, D]: the module's
+  `out_kernel` [heads, head_dim, embed] and `out_bias` [embed]."""
+  dtype, pdtype = dtype_of(compute.dtype), dtype_of(compute.param_dtype)
+  out_kernel = module.param(
+      "out_kernel", param_with_axes(dense_init(compute.initializer_range),
+                                    ("heads", "head_dim", "embed")),
+      (cfg.num_heads, cfg.head_dim, cfg.hidden_size), pdtype)
+  out_bias = module.param("out_bias", param_with_axes(nn.initializers.zeros, ("embed",)),
+                          (cfg.hidden_size,), pdtype)
+  out = jnp.einsum("btnh,nhd->btd", context, out_kernel.astype(dtype))
+  return out + out_bias.astype(dtype)
+
+
 class SelfAttention(nn.Module):
   """Multi-head self-attention with a fused qkv projection; optionally causal and cached."""
 
@@ -210,13 +225,7 @@ class SelfAttention(nn.Module):
         self._cache_variables(key, key.shape[1])
       context = attention_kernel(query, key, value, mask, compute.attention_impl, self.causal)
     context = constrain(context, (BATCH, LENGTH, ACT_HEADS, ACT_HEAD_DIM))
-    out_kernel = self.param(
-        "out_kernel", param_with_axes(dense_init(std), ("heads", "head_dim", "embed")),
-        (cfg.num_heads, cfg.head_dim, cfg.hidden_size), pdtype)
-    out_bias = self.param("out_bias", param_with_axes(nn.initializers.zeros, ("embed",)),
-                          (cfg.hidden_size,), pdtype)
-    out = jnp.einsum("btnh,nhd->btd", context, out_kernel.astype(dtype))
-    return out + out_bias.astype(dtype)
+    return attention_output(self, context, cfg, compute)
 
   def _cache_variables(self, key: Array, max_length: int):
     """The cache variables; created zeroed for max_length positions where absent."""
@@ -309,13 +318,7 @@ class CrossAttention(nn.Module):
     else:
       context = attention_kernel(query, key, value, encoder_mask, compute.attention_impl)
     context = constrain(context, names)
-    out_kernel = self.param(
-        "out_kernel", param_with_axes(dense_init(std), ("heads", "head_dim", "embed")),
-        (cfg.num_heads, cfg.head_dim, cfg.hidden_size), pdtype)
-    out_bias = self.param("out_bias", param_with_axes(nn.initializers.zeros, ("embed",)),
-                          (cfg.hidden_size,), pdtype)
-    out = jnp.einsum("btnh,nhd->btd", context, out_kernel.astype(dtype))
-    return out + out_bias.astype(dtype)
+    return attention_output(self, context, cfg, compute)
 
   def _cached(self, key: Array | None, value: Array | None, mask: Array | None
               ) -> tuple[Array, Array, Array]:

@@ -32,10 +32,9 @@ from flava_jax.models.image import ImageEncoder
 from flava_jax.models.text import TextEncoder
 from flava_jax.models.transformer import Dense, dtype_of, param_with_axes
 from flava_jax.tasks.base import GradCacheSplit, LossOutput, StepContext, Task
+from flava_jax.tasks.flava import DECAYED_LEAVES, EncoderSizes  # the same encoders
 
 Array = jax.Array
-DECAYED_LEAVES = frozenset({"kernel", "qkv_kernel", "out_kernel", "patch_kernel", "word_embed",
-                            "position_embed", "token_type_embed", "pos_embed"})
 
 
 class TwoTower(nn.Module):
@@ -165,24 +164,12 @@ class ClipTask(Task):
 
 
 @dataclasses.dataclass(frozen=True)
-class ClipPredictor:
+class ClipPredictor(EncoderSizes):
   """Image and text embeddings for the retrieval and zero-shot evaluators."""
 
   model: TwoTower
   text_length: int
   logical_axes: Any  # () -> the parameters' logical axes
-
-  @property
-  def image_size(self) -> int:
-    return self.model.config.image.image_size
-
-  @property
-  def text_vocab_size(self) -> int:
-    return self.model.config.text.vocab_size
-
-  @property
-  def max_text_length(self) -> int:
-    return self.model.config.text.max_position_embeddings
 
   def image_features(self, params: Any, batch: Mapping[str, Array]) -> dict[str, Array]:
     embedding, cls = self.model.apply({"params": params},

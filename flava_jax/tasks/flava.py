@@ -289,12 +289,9 @@ class FlavaTask(Task):
                 "text_length": model_config.text.max_position_embeddings})
 
 
-@dataclasses.dataclass(frozen=True)
-class FlavaPredictor:
-  """What evaluators call on a FLAVA model (evals/features.Predictor)."""
-
-  model: FlavaModel
-  text_length: int  # captions' tokens in training
+class EncoderSizes:
+  """The sizes a predictor reports (evals/features.Predictor), read from `self.model.config`'s
+  image and text sections (FlavaConfig's; also the CLIP task's towers)."""
 
   @property
   def image_size(self) -> int:
@@ -307,6 +304,14 @@ class FlavaPredictor:
   @property
   def max_text_length(self) -> int:
     return self.model.config.text.max_position_embeddings
+
+
+@dataclasses.dataclass(frozen=True)
+class FlavaPredictor(EncoderSizes):
+  """What evaluators call on a FLAVA model (evals/features.Predictor)."""
+
+  model: FlavaModel
+  text_length: int  # captions' tokens in training
 
   def logical_axes(self) -> Any:
     return logical_axes(self.model)

@@ -25,7 +25,8 @@ from absl import app, flags
 from ml_collections import config_flags
 from PIL import Image
 
-from flava_jax.data import embedded, pipeline, records
+from flava_jax import experiment
+from flava_jax.data import embedded, records
 
 config_flags.DEFINE_config_file("config", "configs/flava.py:full", "model/data config")
 flags.DEFINE_integer("batch", 64, "examples per batch (per step)")
@@ -82,7 +83,7 @@ def _config(base, dirs: dict[str, str], kinds: tuple[str, ...], batch: int, work
 
 def measure(config, batches: int) -> tuple[float, dict[str, int]]:
   """(examples/s, batches per corpus) over `batches` batches after one warm-up batch."""
-  it = pipeline.make_pipeline(config, 0, 1)
+  it = experiment.make_pipeline(config, 0, 1)
   try:
     next(it)
     it.batches.clear()

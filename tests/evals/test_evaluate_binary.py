@@ -66,7 +66,7 @@ def test_transformers_and_converted_model_directories(tiny_hf_dir, tmp_path):
   # The same weights as a flava_jax model directory give the same figures.
   loaded = evaluate.load_checkpoint(tiny_hf_dir)
   model_dir = str(tmp_path / "model")
-  checkpoint.save_model(model_dir, loaded.model_config, loaded.params)
+  checkpoint.save_model(model_dir, loaded.predict.model.config, loaded.params)
   assert evaluate.load_checkpoint(model_dir).kind == "model"
   from_model_dir = evaluate.run(config, model_dir)
   assert from_model_dir == pytest.approx(from_transformers)
