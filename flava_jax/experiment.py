@@ -118,9 +118,6 @@ def parse(config: Mapping[str, Any]) -> tuple[RunConfig, tasks.Task]:
       data=data_cfg, corpora=corpora, mesh=dict(as_dict(config["sharding"]["mesh"])),
       rules=sharding.rules_from_config(config["sharding"]["rules"]), init=init,
       evals=evaluators, raw=json.loads(json.dumps(as_dict(config), default=list)))
-  if optimizer.trainable:
-    train.check_trainable(optimizer.trainable, jax.eval_shape(task.init_params,
-                                                              jax.random.key(0)))
   if run.grad_cache and run.grad_accum > 1 and not any(
       task.gradcache(task.step_kind(c.kind)) for c in corpora.values()):
     raise ValueError("config.grad_cache=True, but no batch kind of this run's corpora has a "
@@ -146,6 +143,7 @@ class Experiment:
     self.check_batch(self.run.global_batch)
     self._groups = self.task.param_groups(jax.eval_shape(self.task.init_params,
                                                          jax.random.key(0)))
+    train.check_trainable(self.run.optimizer.trainable, self._groups)
     self.tx = train.make_optimizer(self.run.optimizer, self.run.total_steps, self.task.decays,
                                    self._groups)
     self._shardings = None
@@ -255,17 +253,18 @@ class Experiment:
 
   def pipeline(self, process_index: int | None = None, process_count: int | None = None
                ) -> pipeline.DataIterator:
-    kinds = {c.kind for c in self.run.corpora.values()}
-    processors = self.task.processors(self.run.data, kinds)
-    return pipeline.make_pipeline(self.run.data, self.run.corpora, processors,
-                                  self.run.global_batch, self.run.seed, process_index,
-                                  process_count)
+    return _pipeline(self.run, self.task, process_index, process_count)
 
 
 def make_pipeline(config: Any, process_index: int | None = None,
                   process_count: int | None = None) -> pipeline.DataIterator:
   """The input pipeline of a training config (parsed; no mesh, no state)."""
-  run, task = parse(config)
+  return _pipeline(*parse(config), process_index, process_count)
+
+
+def _pipeline(run: RunConfig, task: tasks.Task, process_index: int | None,
+              process_count: int | None) -> pipeline.DataIterator:
+  """config.data's corpora, each read through the task's processor of its kind."""
   kinds = {c.kind for c in run.corpora.values()}
   return pipeline.make_pipeline(run.data, run.corpora, task.processors(run.data, kinds),
                                 run.global_batch, run.seed, process_index, process_count)

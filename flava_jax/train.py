@@ -244,8 +244,9 @@ def _like_params(tree: Any, param_shapes: Any, param_values: Any, default: Any) 
   return jax.tree_util.tree_map_with_path(one, tree)
 
 
-def microbatches(batch: Mapping[str, Array], grad_accum: int, mesh: Mesh) -> dict[str, Array]:
-  """[B, ...] -> [grad_accum, B / grad_accum, ...]; micro-batch j holds rows j, j + k, j + 2k...
+def microbatches(batch: Any, grad_accum: int, mesh: Mesh) -> Any:
+  """Each [B, ...] array of a batch (any pytree) -> [grad_accum, B / grad_accum, ...]; micro-batch
+  j holds rows j, j + k, j + 2k...
 
   Taking every k-th row keeps each micro-batch spread over all data-parallel devices (each
   device's rows are contiguous), so no row moves between devices.
@@ -261,7 +262,7 @@ def microbatches(batch: Mapping[str, Array], grad_accum: int, mesh: Mesh) -> dic
     x = jax.lax.with_sharding_constraint(x, batch_axis)
     return jnp.moveaxis(x, 1, 0)
 
-  return {k: split(v) for k, v in batch.items()}
+  return jax.tree.map(split, batch)
 
 
 def merge_microbatches(tree: Any, mesh: Mesh) -> Any:
@@ -353,9 +354,8 @@ def gradcache_value_and_grad(split: GradCacheSplit, params: Any, frozen: Any,
       contrast_fn, argnums=(0, 1), has_aux=True)(params, all_embeddings)
   weight = split.weights.get("global_contrastive", 1.0)
   # Back to micro-batch layout: [k, B / k, ...], scaled by the contrastive term's weight.
-  embedding_grads = jax.tree.map(lambda g: weight * g, microbatches(
-      {str(i): g for i, g in enumerate(jax.tree.leaves(embedding_grads))}, grad_accum, mesh))
-  treedef = jax.tree.structure(embeddings)
+  embedding_grads = microbatches(jax.tree.map(lambda g: weight * g, embedding_grads),
+                                 grad_accum, mesh)
 
   def surrogate(p, one, cached, r):
     emb, tms, _ = split.embed(p, frozen, constrain(one), r, ctx)
@@ -368,7 +368,6 @@ def gradcache_value_and_grad(split: GradCacheSplit, params: Any, frozen: Any,
 
   def backward(grads_sum, inputs):
     index, one, cached = inputs
-    cached = jax.tree.unflatten(treedef, [cached[str(i)] for i in range(treedef.num_leaves)])
     grads = grad_fn(params, one, cached, jax.random.fold_in(rng, index))
     return jax.tree.map(_add, grads_sum, grads), None
 

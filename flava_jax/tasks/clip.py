@@ -32,7 +32,7 @@ from flava_jax.models.image import ImageEncoder
 from flava_jax.models.text import TextEncoder
 from flava_jax.models.transformer import Dense, dtype_of, param_with_axes
 from flava_jax.tasks.base import GradCacheSplit, LossOutput, StepContext, Task
-from flava_jax.tasks.flava import DECAYED_LEAVES, EncoderSizes  # the same encoders
+from flava_jax.tasks.flava import EncoderSizes, decays  # FLAVA's encoders
 
 Array = jax.Array
 
@@ -121,7 +121,7 @@ class ClipTask(Task):
     return nn.get_partition_spec(jax.eval_shape(self._init, jax.random.key(0)))
 
   def decays(self, path: tuple[str, ...]) -> bool:
-    return bool(path) and path[-1] in DECAYED_LEAVES
+    return decays(path)
 
   def _embed(self, params: Any, batch: Mapping[str, Array]) -> dict[str, Array]:
     pixels = transforms.encoder_pixels(batch["pixels"])

@@ -103,6 +103,12 @@ def dvae_loss(dvae: DVAE, params: Any, pixels: Array, rng: Array, tau: Array, be
                 "temperature": tau, "kl_weight": beta}
 
 
+def dvae_logical_axes(dvae: DVAE, image_size: int) -> Any:
+  """The dVAE parameters' logical axis names (a tree of PartitionSpecs); nothing allocated."""
+  return nn.get_partition_spec(jax.eval_shape(
+      lambda: init_dvae_params(dvae, jax.random.key(0), image_size=image_size, boxed=True)))
+
+
 def dvae_input(rgb: Array) -> Array:
   """uint8 RGB -> the dVAE's input: /255, then x -> 0.8 x + 0.1."""
   return map_pixels(rgb.astype(jnp.float32) / 255.0)
@@ -164,9 +170,7 @@ class DVAETask(Task):
     return init_dvae_params(self.dvae, rng, image_size=self.image_size)
 
   def logical_axes(self) -> Any:
-    return nn.get_partition_spec(jax.eval_shape(
-        lambda: init_dvae_params(self.dvae, jax.random.key(0), image_size=self.image_size,
-                                 boxed=True)))
+    return dvae_logical_axes(self.dvae, self.image_size)
 
   def decays(self, path: tuple[str, ...]) -> bool:
     return bool(path) and path[-1] == "kernel"
@@ -205,9 +209,7 @@ class DVAEPredictor:
     return self.dvae.config.vocab_size
 
   def logical_axes(self) -> Any:
-    return nn.get_partition_spec(jax.eval_shape(
-        lambda: init_dvae_params(self.dvae, jax.random.key(0), image_size=self.image_size,
-                                 boxed=True)))
+    return dvae_logical_axes(self.dvae, self.image_size)
 
   def reconstruct(self, params: Any, batch: Mapping[str, Array]) -> dict[str, Array]:
     """{"codes": [B, h, w] argmax codes, "squared_error": [B] mean over pixels in [0, 1]}."""

@@ -38,6 +38,13 @@ Array = jax.Array
 # LayerNorm scales, [CLS]/[MASK] tokens and the logit scale do not.
 DECAYED_LEAVES = frozenset({"kernel", "qkv_kernel", "out_kernel", "patch_kernel", "word_embed",
                             "position_embed", "token_type_embed", "pos_embed"})
+
+
+def decays(path: tuple[str, ...]) -> bool:
+  """Weight decay for the parameter at `path` (dict keys): its leaf is in DECAYED_LEAVES."""
+  return bool(path) and path[-1] in DECAYED_LEAVES
+
+
 # The parameter groups each batch kind's loss reaches (the others get no AdamW update in that
 # step, as PyTorch's AdamW skips parameters whose gradient is None).
 GROUPS_BY_KIND = {
@@ -192,7 +199,7 @@ class FlavaTask(Task):
     return tuple(g for g in groups if g in GROUPS_BY_KIND[kind])
 
   def decays(self, path: tuple[str, ...]) -> bool:
-    return bool(path) and path[-1] in DECAYED_LEAVES
+    return decays(path)
 
   # --- the step -----------------------------------------------------------------------------
 
@@ -317,7 +324,7 @@ class FlavaPredictor(EncoderSizes):
     return logical_axes(self.model)
 
   def decays(self, path: tuple[str, ...]) -> bool:
-    return bool(path) and path[-1] in DECAYED_LEAVES
+    return decays(path)
 
   def image_features(self, params: Any, batch: Mapping[str, Array]) -> dict[str, Array]:
     """{"embedding": unit-norm projection [B, P], "cls": final-LN h_CLS_I [B, D]}."""
