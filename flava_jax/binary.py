@@ -2,7 +2,10 @@
 
 Refuses stray arguments, keeps library INFO chatter (orbax) quiet unless `-v` asks for it, keeps
 an installed libtpu from starting on a machine without a TPU (skip_absent_tpu), joins the other
-processes of a multi-host run when --multiprocess, and logs the topology.
+processes of a multi-process job (flava_jax.multihost: started by flava_jax.launch, or
+--multiprocess on a TPU slice or under SLURM), and logs the topology. In a multi-process job a
+process that fails leaves at once (`exit`, and an uncaught exception): waiting in JAX's shutdown
+barrier for processes that wait in a collective for it would hang the job.
 """
 
 from __future__ import annotations
@@ -10,10 +13,14 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import sys
+import traceback
 from collections.abc import Mapping, Sequence
 
 import jax
 from absl import app, flags, logging
+
+from flava_jax import multihost
 
 # Device files of an attached TPU: /dev/accel0.. (v2-v4), /dev/vfio/0.. (v5e, v5p, v6e; VFIO
 # groups are numbered, /dev/vfio/vfio alone is the kernel's control file on any machine).
@@ -86,8 +93,26 @@ def start(argv: Sequence[str]) -> None:
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   skip_absent_tpu()  # before anything below asks JAX for devices
-  if flags.FLAGS.multiprocess:
-    jax.distributed.initialize()
+  multiprocess = "multiprocess" in flags.FLAGS and flags.FLAGS.multiprocess
+  if multihost.initialize(multiprocess) and jax.process_count() > 1:
+    sys.excepthook = _leave_on_exception
   logging.warning("process %d of %d; %d local / %d global devices (%s)", jax.process_index(),
                   jax.process_count(), jax.local_device_count(), jax.device_count(),
                   jax.devices()[0].platform)
+
+
+def exit(code: int) -> None:  # pylint: disable=redefined-builtin
+  """sys.exit(code); a failing process of a multi-process job leaves without JAX's shutdown
+  barrier (the others notice it is gone and stop, naming it)."""
+  if code and jax.process_count() > 1:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # pylint: disable=protected-access
+  sys.exit(code)
+
+
+def _leave_on_exception(kind, value, tb) -> None:
+  traceback.print_exception(kind, value, tb)
+  print(f"error: process {jax.process_index()} of {jax.process_count()} failed "
+        f"({kind.__name__}); leaving the job", file=sys.stderr)
+  exit(1)

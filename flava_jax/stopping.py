@@ -13,6 +13,16 @@ from __future__ import annotations
 import signal
 
 NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
+_CODES = {"": 0, "SIGTERM": 1, "SIGINT": 2}  # a request as a number the processes of a job vote
+
+
+def code_of(requested: str) -> int:
+  return _CODES[requested]
+
+
+def name_of(code: int) -> str:
+  """The request of the highest code (0: none -> "")."""
+  return {v: k for k, v in _CODES.items()}[int(code)]
 
 
 class StopRequests:

@@ -29,9 +29,10 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 
-from flava_jax import (binary, evals, evaluate, experiment, flops, progress, stopping, train,
-                       warm_start)
+from flava_jax import (binary, evals, evaluate, experiment, flops, multihost, progress, stopping,
+                       train, warm_start)
 from flava_jax import workdir as workdir_lib
+from flava_jax.data import checkpointing as data_checkpointing
 from flava_jax.data import pipeline
 from flava_jax.model_summary import num_parameters
 
@@ -70,7 +71,7 @@ def _manager(workdir: str, cfg: CheckpointConfig) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR), options=options,
       item_handlers={"state": ocp.StandardCheckpointHandler(),
-                     "data": grain.checkpoint.CheckpointHandler()})
+                     "data": data_checkpointing.DataHandler()})
 
 
 class Session:
@@ -95,10 +96,11 @@ class Session:
     self._lock = None
 
   def __enter__(self) -> "Session":
-    self.workdir = workdir_lib.prepare(self.workdir)
-    if jax.process_index() == 0:
-      self._lock = workdir_lib.Lock(self.workdir).acquire()
+    error = None
     try:
+      self.workdir = workdir_lib.prepare(self.workdir)
+      if multihost.is_primary():
+        self._lock = workdir_lib.Lock(self.workdir).acquire()
       steps = warm_start.checkpoint_steps(self.workdir)
       if steps:
         self.previous = workdir_lib.read_run_config(self.workdir)
@@ -107,10 +109,16 @@ class Session:
           self.changes = workdir_lib.changes(self.previous, self.config_json)
           self.notes = workdir_lib.check_resume(self.previous, self.config_json, newest,
                                                 self.workdir)
-      self.stop.__enter__()
-    except BaseException:
+    except Exception as e:  # pylint: disable=broad-except  (re-raised below, in every process)
+      error = e
+    # Every process starts, or none does (the lock is process 0's alone).
+    if multihost.any_true(error is not None):
       self._release()
-      raise
+      if error is not None:
+        raise error
+      raise workdir_lib.WorkdirError(
+          f"another process of this job could not start on {self.workdir} (its output says why)")
+    self.stop.__enter__()
     return self
 
   def record(self, step: int) -> None:
@@ -141,34 +149,42 @@ def _one_line(error: BaseException) -> str:
 def _restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
                     data: pipeline.DataIterator, changed: list[str]
                     ) -> tuple[Any, int] | None:
-  """The newest readable checkpoint, or None when there is none.
+  """The newest checkpoint every process can read, or None when there is none.
 
   A checkpoint that does not fit this config (other array shapes, or a data-iterator state this
   pipeline cannot take) stops the run naming the changed fields: falling back to an older one
   would only fail the same way. A damaged one (unreadable files) is renamed STEP.unreadable
-  (kept, said on stdout) and the next older one is tried.
+  (kept, said on stdout) and the next older one is tried. The processes of a job decide
+  together: a checkpoint that one of them cannot read is damaged for all of them, so that every
+  process falls back to the same step.
   """
   checkpoint_dir = str(manager.directory)
   for step in sorted(manager.all_steps(), reverse=True):
+    error = restored = None
     try:
       restored = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state),
-          data=grain.checkpoint.CheckpointRestore(data)))
-      return restored["state"], step
+          data=data_checkpointing.DataRestore(data)))
     except Exception as e:  # pylint: disable=broad-except  (Orbax and grain raise many types)
       error = e
-    why = _incompatible(manager, step, abstract_state, error)
-    if why:
+    if not multihost.any_true(error is not None):
+      return restored["state"], step
+    why = _incompatible(manager, step, abstract_state, error) if error is not None else ""
+    if multihost.any_true(bool(why)):
       fields = ", ".join(changed) or "none (was it written by another version of the code?)"
+      why = why or "another process of this job found that it does not fit (its output says why)"
       raise workdir_lib.ResumeRefused(
           f"checkpoint {step} in {checkpoint_dir} does not fit this config: {why}. Config "
           f"fields changed since it was written: {fields}. Resume with the checkpoint's config "
           "or use a new workdir")
-    logging.warning("checkpoint %d cannot be restored: %s", step, error)
-    if jax.process_index() == 0:
+    reason = (_one_line(error) if error is not None
+              else "another process of this job could not read it")
+    logging.warning("checkpoint %d cannot be restored: %s", step, reason)
+    if multihost.is_primary():
       moved = workdir_lib.set_aside(checkpoint_dir, step, "unreadable")
-      print(f"warning: checkpoint {step} cannot be read ({_one_line(error)}); set aside as "
+      print(f"warning: checkpoint {step} cannot be read ({reason}); set aside as "
             f"{moved}; trying an older one", flush=True)
+    multihost.barrier(f"set_aside_{step}")
     manager.reload()
   return None
 
@@ -256,7 +272,8 @@ def _non_finite_message(manager: ocp.CheckpointManager, error: NonFiniteLoss) ->
       if saved >= onset - 1:
         aside = workdir_lib.set_aside(str(manager.directory), saved, "diverged")
         moved.append(f"{saved} -> {os.path.basename(aside)}")
-    manager.reload()
+  multihost.barrier("set_aside_diverged")
+  manager.reload()
   note = ""
   if onset <= last_loss:
     note = (f"; the loss had risen over {DIVERGED_FACTOR:g}x its usual level from step {onset}")
@@ -309,7 +326,7 @@ def run_loop(run: Run, stop_after: int | None = None) -> tuple[Any, int, str]:
     state = run.state
     if restored is not None:
       state, start = restored
-      print(f"resumed from step {start} in {run.workdir}", flush=True)
+      multihost.say(f"resumed from step {start} in {run.workdir}")
     elif run.on_fresh_start is not None:
       state = run.on_fresh_start(state)
     first = int(jax.device_get(state.step))
@@ -351,8 +368,12 @@ def _train(run: Run, manager: ocp.CheckpointManager, writer: progress.MetricWrit
   compiled: set[str] = set()
   kinds = {run.step_kind(k) for k in data.kinds.values()}
   every = run.checkpoint.every_steps
-  pending = None  # (step, corpus, device metrics): fetched one step late
+  pending = None  # (step, corpus, device metrics, stop vote): fetched one step late
   losses = collections.deque(maxlen=10_000)  # (step, corpus, loss): where a divergence began
+  # A stop signal reaches each process at its own time; the processes stop after the same step,
+  # the first whose vote (fetched with the metrics) says that one of them was asked to.
+  votes = multihost.StopVotes()
+  agreed = {"stop": ""}
 
   def evals_left(step):
     if run.evaluate is None:
@@ -360,8 +381,9 @@ def _train(run: Run, manager: ocp.CheckpointManager, writer: progress.MetricWrit
     return run.evaluate.calls_between(step, total) + run.final_evals
 
   def flush(item):
-    step, corpus, metrics = item
+    step, corpus, metrics, vote = item
     host = jax.device_get(metrics)
+    agreed["stop"] = agreed["stop"] or stopping.name_of(votes.read(vote))
     seconds = clock.ready(step)
     loss = float(host["loss"])
     if not math.isfinite(loss):
@@ -381,17 +403,17 @@ def _train(run: Run, manager: ocp.CheckpointManager, writer: progress.MetricWrit
                  tflops_per_device=interval["flops"] / seconds / jax.device_count() / 1e12)
       if peak:
         out["mfu"] = interval["flops"] / seconds / jax.device_count() / peak
-      out.update({f"skipped/{k}": v for k, v in data.skipped.items()})
-      rates, warnings = skips.take(data.skipped, data.batches)
+      skipped = multihost.sum_counts(data.skipped)  # the job's totals
+      out.update({f"skipped/{k}": v for k, v in skipped.items()})
+      rates, warnings = skips.take(skipped, multihost.sum_counts(data.batches))
       out.update({f"skip_rate/{c}": rate for c, rate in rates.items() if rate > 0})
       interval.update(seconds=0.0, flops=0.0, steps=0)
       saves_left = len(range((step // every + 1) * every, total, every)) + (step < total)
       guess = sum(compile_times) / len(compile_times) if compile_times else None
       writer.write(step, out, eta=clock.eta(total - step, len(kinds - compiled), saves_left,
                                             evals_left(step), guess))
-      if jax.process_index() == 0:
-        for warning in warnings:
-          print(f"warning: {warning}", flush=True)
+      for warning in warnings:
+        multihost.say(f"warning: {warning}")
 
   def save(step):
     with clock.paused("save"):
@@ -399,15 +421,16 @@ def _train(run: Run, manager: ocp.CheckpointManager, writer: progress.MetricWrit
         raise NonFiniteState("the updated parameters or optimizer state hold NaN or Inf (the "
                              "step's loss was finite); not saved", step, losses)
       manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data)),
+          state=ocp.args.StandardSave(state), data=data_checkpointing.DataSave(data)),
           force=True)
-    if jax.process_index() == 0:
-      print(f"checkpoint {step} saving", flush=True)
+    multihost.say(f"checkpoint {step} saving")
 
   step = first
-  if stop.requested:  # a signal during start-up: nothing has been trained since the checkpoint
-    print(f"{stop.requested}: stopped before the first step (nothing new to save)", flush=True)
-    return state, step, stop.requested
+  # A signal during start-up (to any process): nothing has been trained since the checkpoint.
+  early = stopping.name_of(multihost.max_int(stopping.code_of(stop.requested)))
+  if early:
+    multihost.say(f"{early}: stopped before the first step (nothing new to save)")
+    return state, step, early
   compile_times = []
   schedule(first)  # compiled before the clock runs
   with clock.listening():
@@ -426,30 +449,30 @@ def _train(run: Run, manager: ocp.CheckpointManager, writer: progress.MetricWrit
       if kind not in compiled or seconds > 1.0:  # the first call of a kind's step compiles it
         compile_times.append(seconds)
         writer.write(step + 1, {f"compile_seconds/{kind}": seconds}, progress=False)
-        if jax.process_index() == 0:
-          print(f"{'re' if kind in compiled else ''}compiled the {kind} step in {seconds:.1f}s",
-                flush=True)
+        multihost.say(f"{'re' if kind in compiled else ''}compiled the {kind} step in "
+                      f"{seconds:.1f}s")
         compiled.add(kind)
+      vote = votes.cast(stopping.code_of(stop.requested))
       step += 1
       if pending is not None:
         flush(pending)
-      pending = (step, corpus, metrics)
+      pending = (step, corpus, metrics, vote)
       save_due = step % every == 0 or step == total
       eval_due = run.evaluate is not None and step < total and run.evaluate.due(step)
-      if save_due or eval_due or stop.requested or step == stop_at:
+      if save_due or eval_due or agreed["stop"] or step == stop_at:
         flush(pending)  # before a save (a checkpoint holds only finite steps) or an evaluation
         pending = None
       if eval_due:
         results = run.evaluate(step, state.params, clock=clock)
         if results:
           writer.write(step, results, progress=False)
-      stopping = stop.requested or ("stop_after" if step == stop_at and step < total else "")
-      if save_due or stopping:
+      stop_now = agreed["stop"] or ("stop_after" if step == stop_at and step < total else "")
+      if save_due or stop_now:
         save(step)
-      if stopping and step < total:
+      if stop_now and step < total:
         manager.wait_until_finished()
-        print(f"{stopping}: saved step {step} and stopped", flush=True)
-        return state, step, stopping
+        multihost.say(f"{stop_now}: saved step {step} and stopped")
+        return state, step, stop_now
   return state, step, ""
 
 
@@ -481,11 +504,11 @@ def run_binary(argv, check, train_fn) -> None:
     train_fn(flags.FLAGS.config, flags.FLAGS.workdir)
   except (workdir_lib.WorkdirError, NonFiniteLoss, NonFiniteState) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
+    binary.exit(1)
   except KeyboardInterrupt:
     print("error: interrupted by a second SIGINT: stopped without saving the steps since the "
           "last checkpoint", file=sys.stderr, flush=True)
-    sys.exit(130)
+    binary.exit(130)
 
 
 class Evaluations:
@@ -543,20 +566,22 @@ def final_evaluations(evaluations: Evaluations, workdir: str, step: int, params:
   soon as it is done; a stop signal ends them between two (a rerun does the rest).
   Returns (metrics, the stop signal's name or "")."""
   results = {}
+  multihost.barrier("final_evaluations")  # metrics.jsonl (process 0 writes it) read by all
   names = [n for n in evaluations.evaluators
            if not final_metrics_logged(workdir, step, f"eval/{n}/")]
   for i, name in enumerate(names):
-    if stop.requested:
-      print(f"{stop.requested}: stopped during the final evaluation; "
-            f"{', '.join(names[i:])} left for a rerun (training is complete)", flush=True)
-      return results, stop.requested
+    requested = stopping.name_of(multihost.max_int(stopping.code_of(stop.requested)))
+    if requested:
+      multihost.say(f"{requested}: stopped during the final evaluation; "
+                    f"{', '.join(names[i:])} left for a rerun (training is complete)")
+      return results, requested
     metrics = evaluations.run_one(name, step, params)
     write_metrics(workdir, step, metrics)
     results.update(metrics)
   done = [n for n in evaluations.evaluators if n not in names]
   if done:
-    print(f"final evaluation{'s' if len(done) > 1 else ''} {', '.join(done)} already in "
-          f"{progress.METRICS_FILE}: not run again", flush=True)
+    multihost.say(f"final evaluation{'s' if len(done) > 1 else ''} {', '.join(done)} already "
+                  f"in {progress.METRICS_FILE}: not run again")
   return results, ""
 
 
@@ -589,7 +614,9 @@ def train_and_evaluate(config: Any, workdir: str, stop_after: int | None = None
           for field, name in task.FROZEN_STARTS.items()) if frozen is not None else ""
       print(f"{task.describe(state.params)} {settings.variant}: "
             f"{num_parameters(state.params):,} parameters; mesh {dict(mesh.shape)} on "
-            f"{jax.device_count()} {jax.devices()[0].platform} device(s); corpora {data.kinds}; "
+            f"{jax.device_count()} {jax.devices()[0].platform} device(s)"
+            + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else "")
+            + f"; corpora {data.kinds}; "
             f"global batch {settings.global_batch}"
             + (f" in {accum} micro-batches" + (" (GradCache)" if settings.grad_cache else "")
                if accum > 1 else "") + frozen_note, flush=True)
@@ -597,7 +624,7 @@ def train_and_evaluate(config: Any, workdir: str, stop_after: int | None = None
     def fresh_start(state):
       params, notes = warm_start.initial_params(state.params, settings.init, task.WARM_STARTS)
       for note in notes:
-        print(f"init: {note}", flush=True)
+        multihost.say(f"init: {note}")
       return state.replace(params=params)
 
     steps = {}

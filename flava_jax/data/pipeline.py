@@ -1,7 +1,8 @@
 """The training input pipeline: config -> an iterator of per-step batches, checkpointable.
 
-    corpus source (sources.py) -> this host's slice -> shuffle, repeat (reshuffled every epoch)
+    corpus source (sources.py) -> shuffle, repeat (one global order, reshuffled every epoch)
       -> per-example transform with its own rng (preprocess.py; bad examples marked)
+      -> this process's rows of every global batch (ProcessRows)
       -> read threads -> batches that drop and count bad examples -> weighted per-step mixture
       -> grain worker processes (data.worker_count) -> DataIterator (state, skip totals)
 
@@ -174,7 +175,7 @@ class EpochShuffle(grain.MapDataset):
 
   Epoch e's order is a permutation drawn from (seed, e) and kept for the epoch; it costs a few
   microseconds per element where grain's Feistel index shuffle costs about half a millisecond,
-  at 8 bytes per record of this host's slice per worker.
+  at 4 bytes per record of the corpus (8 beyond 2**31 records) per process and worker.
   """
 
   def __init__(self, parent: grain.MapDataset, seed: int, repeat: bool = True):
@@ -199,6 +200,8 @@ class EpochShuffle(grain.MapDataset):
     order = next((o for e, o in orders if e == epoch), None)
     if order is None:
       order = np.random.default_rng([self._seed, epoch]).permutation(self._size)
+      if self._size < 2**31:  # half the memory: every process holds the whole corpus's order
+        order = order.astype(np.int32)
       self._orders = ((epoch, order),) + orders[:1]
     return self._parent[int(order[position])]
 
@@ -206,19 +209,60 @@ class EpochShuffle(grain.MapDataset):
     return f"EpochShuffle(seed={self._seed}, repeat={self._repeat})"
 
 
+class ProcessRows(grain.MapDataset):
+  """This process's rows of every global batch: element i is the parent's element
+  ((i // rows) * process_count + process_index) * rows + i % rows.
+
+  The parent is the whole corpus in its global order (the same on every process); a global
+  batch of `rows * process_count` consecutive elements is split into one run of `rows` per
+  process, in process order (the order make_array_from_process_local_data lays them out). So
+  the processes read disjoint parts that together are the whole corpus, and a global batch holds
+  the same examples, in the same rows, whatever the number of processes.
+  """
+
+  def __init__(self, parent: grain.MapDataset, process_index: int, process_count: int,
+               rows: int):
+    super().__init__(parent)
+    self._index, self._count, self._rows = process_index, process_count, rows
+    whole, rest = divmod(len(parent), rows * process_count)
+    self._size = whole * rows + min(max(rest - process_index * rows, 0), rows)
+
+  def __len__(self) -> int:
+    return self._size
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    if index >= self._size:
+      raise IndexError(index)
+    return self._parent[global_position(index, self._index, self._count, self._rows)]
+
+  def __str__(self) -> str:
+    return f"ProcessRows({self._index} of {self._count}, rows={self._rows})"
+
+
+def global_position(index: int, process_index: int, process_count: int, rows: int) -> int:
+  """The corpus position of element `index` of a process's stream (ProcessRows)."""
+  chunk, row = divmod(index, rows)
+  return (chunk * process_count + process_index) * rows + row
+
+
 def corpus_examples(source: sources.Source, processor: ExampleProcessor, seed: int,
-                    process_index: int, process_count: int, shuffle: bool = True,
-                    repeat: bool = True) -> grain.MapDataset:
-  """This host's slice of one corpus, shuffled and repeated, each example transformed."""
+                    process_index: int, process_count: int, rows: int = 1,
+                    shuffle: bool = True, repeat: bool = True) -> grain.MapDataset:
+  """This process's rows of one corpus, shuffled (one global order per epoch), repeated, each
+  example transformed with an rng drawn from its global position: the same examples, masks and
+  crops in the same global batches for any number of processes."""
   if len(source) < process_count:
     raise ValueError(f"{source.where}: {len(source)} records cannot feed {process_count} "
                      "processes")
-  ds = grain.MapDataset.source(source)[process_index::process_count]
+  ds = grain.MapDataset.source(source)
   if shuffle:
     ds = EpochShuffle(ds, seed, repeat)
   elif repeat:
     ds = ds.repeat()
-  return ds.random_map(processor, seed=seed + 1)
+  ds = ds.random_map(processor, seed=seed + 1)
+  return ProcessRows(ds, process_index, process_count, rows) if process_count > 1 else ds
 
 
 class DataIterator(grain.DatasetIterator):
@@ -236,10 +280,13 @@ class DataIterator(grain.DatasetIterator):
   `ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator), ...)`.
   """
 
-  def __init__(self, dataset: grain.IterDataset, kinds: Mapping[str, str]):
+  def __init__(self, dataset: grain.IterDataset, kinds: Mapping[str, str], rows: int = 0,
+               process_count: int = 1):
     self._iterator = iter(dataset)
     super().__init__(self._iterator)
     self.kinds = dict(kinds)
+    self.rows = rows  # per batch, on this process
+    self.process_count = process_count
     self.skipped = collections.Counter()  # "corpus/reason" -> examples skipped so far
     self.seen = collections.Counter()  # corpus -> examples read so far (delivered + skipped)
     self.batches = collections.Counter()  # corpus -> batches delivered so far
@@ -275,7 +322,8 @@ class DataIterator(grain.DatasetIterator):
 
   def get_state(self) -> dict:
     return {"grain": self._iterator.get_state(), "skipped": dict(self.skipped),
-            "seen": dict(self.seen), "batches": dict(self.batches)}
+            "seen": dict(self.seen), "batches": dict(self.batches), "rows": self.rows,
+            "process_count": self.process_count}
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     self._iterator.set_state(state["grain"])
@@ -287,6 +335,54 @@ class DataIterator(grain.DatasetIterator):
   def close(self) -> None:
     """Stops grain's worker processes (also done when the iterator is collected)."""
     super().close()
+
+
+def carry_over_state(states: list[Mapping[str, Any]], process_index: int, process_count: int,
+                     rows: int) -> dict:
+  """The data state of process `process_index` of `process_count` (`rows` per batch) from the
+  states all the processes of a job of another size saved, in process order.
+
+  The mixture's step carries over as it is (it is global). Each corpus resumes at the furthest
+  position any old process had reached in the corpus's global order, rounded up to a whole
+  global batch: with no skipped examples, exactly where the old job stopped, so the data order
+  goes on as if the job had never changed size; with skips, the few examples between an old
+  process's position and the furthest one are not read this epoch. The old job's skip counters
+  go to process 0 (the job's totals are the sum over processes).
+  """
+  if not states:
+    raise ValueError("no data states to carry over")
+  old_count = len(states)
+  global_batch = rows * process_count
+  old_rows = states[0].get("rows") or global_batch // old_count
+  if old_rows * old_count != global_batch:
+    raise ValueError(f"the data states were saved with a global batch of {old_rows} x "
+                     f"{old_count} processes, this run's is {global_batch}")
+  mixtures = [s["grain"] for s in states]
+  if not all(isinstance(m, Mapping) and set(m) == {"step", "corpora"} for m in mixtures):
+    raise ValueError("the data states were saved with data.worker_count > 0 (one state per "
+                     "worker): they cannot move to another number of processes; resume with "
+                     f"{old_count} processes")
+  steps = {m["step"] for m in mixtures}
+  if len(steps) != 1:
+    raise ValueError(f"the saved data states disagree on the step: {sorted(steps)}")
+  corpora = {}
+  for name in mixtures[0]["corpora"]:
+    reached = 0
+    for p, m in enumerate(mixtures):
+      taken = m["corpora"][name]["next_index"]
+      if taken:
+        reached = max(reached, global_position(taken - 1, p, old_count, old_rows) + 1)
+    batches = -(-reached // global_batch)
+    corpora[name] = {"next_index": batches * rows}
+  out = {"grain": {"step": steps.pop(), "corpora": corpora}, "rows": rows,
+         "process_count": process_count, "skipped": {}, "seen": {}, "batches": {}}
+  if process_index == 0:
+    for key in ("skipped", "seen", "batches"):
+      total = collections.Counter()
+      for s in states:
+        total.update(s.get(key, {}))
+      out[key] = dict(total)
+  return out
 
 
 def state_to_json(state: Mapping[str, Any]) -> str:
@@ -322,7 +418,7 @@ def make_pipeline(cfg: DataConfig, corpora: Mapping[str, CorpusConfig],
     source.check(corpus.kind)
     corpus_seed = seed * 1_000_003 + _stable_hash(name)
     examples = corpus_examples(source, processors[corpus.kind], corpus_seed, process_index,
-                               process_count)
+                               process_count, host_batch)
     streams[name] = SkipCountingBatchIterDataset(
         examples.to_iter_dataset(read_options), host_batch, name, cfg.max_consecutive_skips)
     weights[name] = corpus.weight
@@ -336,7 +432,7 @@ def make_pipeline(cfg: DataConfig, corpora: Mapping[str, CorpusConfig],
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size),
         worker_init_fn=stopping.ignore_interrupts)
-  return DataIterator(dataset, kinds)
+  return DataIterator(dataset, kinds, host_batch, process_count)
 
 
 def flava_processors(cfg: DataConfig, kinds, shapes: Shapes, train: bool = True

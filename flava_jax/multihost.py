@@ -1,0 +1,129 @@
+"""One job, several processes: joining them, and the decisions they must take together.
+
+A TPU pod slice runs one process per host, a GPU cluster one per node or per GPU, and
+`python -m flava_jax.launch` N on this machine. Every process runs the same program on its own
+share of the data; whatever decides the program's path (stop now? is this checkpoint readable?
+did start-up fail anywhere?) must come out the same in all of them, or one process waits in a
+collective that the others never enter. The helpers here take such a decision from every
+process's own answer (`any_true`, `max_int`, `StopVotes`); with one process they cost nothing.
+
+How a process joins the job (`initialize`):
+  - launched by flava_jax.launch: FLAVA_JAX_NUM_PROCESSES and FLAVA_JAX_PROCESS_ID, with JAX's
+    JAX_COORDINATOR_ADDRESS (process 0's host:port);
+  - --multiprocess on a TPU VM slice or under SLURM: jax.distributed.initialize() reads the
+    slice's metadata or SLURM's variables itself.
+A process that dies (SIGKILL, a crash) stops the others: its heartbeats stop and JAX's
+coordination service ends every other process with a message naming it, after at most
+FLAVA_JAX_HEARTBEAT_SECONDS (default 100).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+NUM_PROCESSES_ENV = "FLAVA_JAX_NUM_PROCESSES"
+PROCESS_ID_ENV = "FLAVA_JAX_PROCESS_ID"
+HEARTBEAT_ENV = "FLAVA_JAX_HEARTBEAT_SECONDS"
+COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"  # JAX's own variable
+
+
+def initialize(multiprocess: bool, environ: Mapping[str, str] = os.environ) -> str:
+  """Joins the other processes of the job; returns how ("" when this is a one-process run)."""
+  heartbeat = int(environ.get(HEARTBEAT_ENV, "100"))
+  if NUM_PROCESSES_ENV in environ:
+    missing = [v for v in (PROCESS_ID_ENV, COORDINATOR_ENV) if not environ.get(v)]
+    if missing:
+      raise ValueError(f"{NUM_PROCESSES_ENV} is set but {', '.join(missing)} is not")
+    jax.distributed.initialize(
+        coordinator_address=environ[COORDINATOR_ENV],
+        num_processes=int(environ[NUM_PROCESSES_ENV]),
+        process_id=int(environ[PROCESS_ID_ENV]), heartbeat_timeout_seconds=heartbeat)
+    return f"process {environ[PROCESS_ID_ENV]} of {environ[NUM_PROCESSES_ENV]} " \
+           f"(coordinator {environ[COORDINATOR_ENV]})"
+  if multiprocess:
+    jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat)
+    return "jax.distributed.initialize() from the cluster's environment"
+  return ""
+
+
+def is_primary() -> bool:
+  """Process 0: the one that prints, writes metrics and moves files in a shared workdir."""
+  return jax.process_index() == 0
+
+
+def say(*args, **kwargs) -> None:
+  """print() on process 0 only (flushed): a job's progress is told once."""
+  if is_primary():
+    print(*args, **kwargs, flush=True)
+
+
+def gather_ints(value: int) -> np.ndarray:
+  """Every process's `value`, in process order (a blocking collective: all processes call it)."""
+  if jax.process_count() == 1:
+    return np.asarray([value], np.int64)
+  out = multihost_utils.process_allgather(np.asarray([value], np.int32))
+  return np.asarray(out, np.int64).reshape(-1)
+
+
+def max_int(value: int) -> int:
+  return int(gather_ints(value).max())
+
+
+def any_true(flag: bool) -> bool:
+  """Whether `flag` holds in any process (all processes call it; all get the same answer)."""
+  return bool(max_int(int(bool(flag))))
+
+
+def sum_counts(counts: Mapping[str, int]) -> dict[str, int]:
+  """{key: count} summed over the processes (keys any process has); all processes call it."""
+  if jax.process_count() == 1:
+    return dict(counts)
+  text = json.dumps(dict(counts), sort_keys=True).encode("utf-8")
+  size = max_int(len(text))
+  mine = np.zeros((size,), np.uint8)
+  mine[:len(text)] = np.frombuffer(text, np.uint8)
+  total = collections.Counter()
+  for row in np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, size):
+    total.update(json.loads(bytes(row).rstrip(b"\0").decode("utf-8")))
+  return dict(total)
+
+
+def barrier(name: str) -> None:
+  """Waits until every process got here (nothing with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+class StopVotes:
+  """Each step, every process's stop request as a vote the step's metrics carry home.
+
+  `cast(code)` (0: carry on; >0: this process was asked to stop, e.g. by SIGTERM) starts a small
+  max over all processes without waiting for it; `read(vote)` fetches the agreed code later,
+  where the trainer fetches the step's metrics anyway (one step late), so that a stop costs
+  the host no extra wait. Every process reads the same votes at the same steps, so all of them
+  stop after the same step. With one process a vote is the code itself.
+  """
+
+  def __init__(self):
+    self.multi = jax.process_count() > 1
+    if self.multi:
+      mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("processes",))
+      self._sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("processes"))
+      replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+      self._max = jax.jit(lambda v: v.max(), out_shardings=replicated)
+
+  def cast(self, code: int):
+    if not self.multi:
+      return int(code)
+    local = np.full((jax.local_device_count(),), code, np.int32)
+    return self._max(jax.make_array_from_process_local_data(self._sharding, local))
+
+  def read(self, vote) -> int:
+    return int(vote) if not self.multi else int(np.asarray(vote))
