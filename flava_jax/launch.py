@@ -110,6 +110,7 @@ class Job:
       proc = subprocess.Popen(list(command), env=env, stdout=out, stderr=err,  # pylint: disable=consider-using-with
                               start_new_session=True)
       self.procs.append(proc)
+      print(f"launch: process {i} of {processes} is pid {proc.pid}", file=sys.stderr, flush=True)
       if out is subprocess.PIPE:
         thread = threading.Thread(target=_relay, args=(proc.stdout, f"[process {i}] ",
                                                        sys.stderr), daemon=True)

@@ -471,7 +471,7 @@ def _train(run: Run, manager: ocp.CheckpointManager, writer: progress.MetricWrit
         save(step)
       if stop_now and step < total:
         manager.wait_until_finished()
-        multihost.say(f"{stop_now}: saved step {step} and stopped")
+        print(f"{stop_now}: saved step {step} and stopped", flush=True)  # every process
         return state, step, stop_now
   return state, step, ""
 

@@ -5,9 +5,9 @@
 
 Each process writes its own iterator's state as STEP/data/process_I-of-N.json (the layout of
 grain's own handler, so checkpoints written by either restore with the other). On restore, a
-process reads its own file when the job has the same number of processes; when it has another,
-every process reads all N files and pipeline.carry_over_state turns them into its own state
-(where each corpus's global order had got to).
+process reads its own file when the job has the same number of processes and global batch; when
+either changed, every process reads all N files and pipeline.carry_over_state turns them into its
+own state (where each corpus's global order had got to).
 """
 
 from __future__ import annotations
@@ -54,9 +54,8 @@ class DataHandler(ocp.CheckpointHandler):
   def restore(self, directory: epath.Path, args: "DataRestore") -> Any:
     iterator = args.item
     own = state_file(directory, jax.process_index(), jax.process_count())
-    if own.exists():
-      state = json.loads(own.read_text())
-    else:
+    state = json.loads(own.read_text()) if own.exists() else None
+    if state is None or state.get("rows", iterator.rows) != iterator.rows:
       state = pipeline.carry_over_state(saved_states(directory), jax.process_index(),
                                         jax.process_count(), iterator.rows)
     iterator.set_state(state)

@@ -340,40 +340,40 @@ class DataIterator(grain.DatasetIterator):
 def carry_over_state(states: list[Mapping[str, Any]], process_index: int, process_count: int,
                      rows: int) -> dict:
   """The data state of process `process_index` of `process_count` (`rows` per batch) from the
-  states all the processes of a job of another size saved, in process order.
+  states all the processes of a job of another shape (process count or global batch) saved,
+  in process order.
 
   The mixture's step carries over as it is (it is global). Each corpus resumes at the furthest
-  position any old process had reached in the corpus's global order, rounded up to a whole
-  global batch: with no skipped examples, exactly where the old job stopped, so the data order
-  goes on as if the job had never changed size; with skips, the few examples between an old
-  process's position and the furthest one are not read this epoch. The old job's skip counters
-  go to process 0 (the job's totals are the sum over processes).
+  position any old process had reached in the corpus's global order; with several processes
+  now, rounded up to a whole global batch. With no skipped examples and the same global batch
+  that is exactly where the old job stopped: the data order goes on as if the job had never
+  changed size. With skips, the few examples between an old process's position and the
+  furthest one are not read this epoch. The old job's counters go to process 0 (the job's
+  totals are the sum over its processes).
   """
   if not states:
     raise ValueError("no data states to carry over")
   old_count = len(states)
-  global_batch = rows * process_count
-  old_rows = states[0].get("rows") or global_batch // old_count
-  if old_rows * old_count != global_batch:
-    raise ValueError(f"the data states were saved with a global batch of {old_rows} x "
-                     f"{old_count} processes, this run's is {global_batch}")
   mixtures = [s["grain"] for s in states]
   if not all(isinstance(m, Mapping) and set(m) == {"step", "corpora"} for m in mixtures):
     raise ValueError("the data states were saved with data.worker_count > 0 (one state per "
-                     "worker): they cannot move to another number of processes; resume with "
-                     f"{old_count} processes")
+                     "worker): they cannot move to another number of processes or global "
+                     f"batch; resume with {old_count} process(es) and the same global_batch")
   steps = {m["step"] for m in mixtures}
   if len(steps) != 1:
     raise ValueError(f"the saved data states disagree on the step: {sorted(steps)}")
+  global_batch = rows * process_count
   corpora = {}
   for name in mixtures[0]["corpora"]:
     reached = 0
-    for p, m in enumerate(mixtures):
+    for p, (state, m) in enumerate(zip(states, mixtures)):
       taken = m["corpora"][name]["next_index"]
+      old_rows = state.get("rows") or global_batch // old_count
       if taken:
         reached = max(reached, global_position(taken - 1, p, old_count, old_rows) + 1)
-    batches = -(-reached // global_batch)
-    corpora[name] = {"next_index": batches * rows}
+    if process_count > 1:
+      reached = -(-reached // global_batch) * rows
+    corpora[name] = {"next_index": reached}
   out = {"grain": {"step": steps.pop(), "corpora": corpora}, "rows": rows,
          "process_count": process_count, "skipped": {}, "seen": {}, "batches": {}}
   if process_index == 0:

@@ -5,6 +5,7 @@ import collections
 import io
 import json
 
+import grain
 import jax
 import numpy as np
 import pytest
@@ -154,20 +155,62 @@ def _text_shards(tmp_path, n):
                               [{"text": f"document number {i}", "id": str(i)} for i in range(n)])
 
 
-def test_each_host_reads_a_disjoint_part_and_together_all(tmp_path):
+def test_each_process_reads_its_rows_of_every_global_batch(tmp_path):
+  """Two processes, 3 rows each: every global batch is the one-process run's batch, split in
+  process order; the processes' parts are disjoint and together every record, every epoch."""
   _text_shards(tmp_path, 30)
   src = sources.open_source(sources.SourceConfig(source="array_record", paths=str(tmp_path)), "d")
   identity = lambda example, rng: example  # noqa: E731
-  seen = []
-  for process in range(2):
-    ds = pipeline.corpus_examples(src, identity, seed=3, process_index=process, process_count=2)
-    epoch = [ds[i]["text"] for i in range(15)]
-    assert len(set(epoch)) == 15  # one epoch of this host's part, no repeats
-    assert sorted(ds[i]["text"] for i in range(15, 30)) == sorted(epoch)  # reshuffled repeat
-    assert [ds[i]["text"] for i in range(15, 30)] != epoch
-    seen.append(set(epoch))
-  assert not seen[0] & seen[1]
-  assert seen[0] | seen[1] == {f"document number {i}" for i in range(30)}
+  whole = pipeline.corpus_examples(src, identity, seed=3, process_index=0, process_count=1)
+  order = [whole[i]["text"] for i in range(60)]  # two epochs of the global order
+  assert len(set(order[:30])) == 30 and sorted(order[30:]) == sorted(order[:30])
+  assert order[30:] != order[:30]  # reshuffled every epoch
+  parts = [pipeline.corpus_examples(src, identity, seed=3, process_index=p, process_count=2,
+                                    rows=3) for p in range(2)]
+  mine = [[part[i]["text"] for i in range(30)] for part in parts]
+  for batch in range(10):  # global batches of 6: 3 rows of process 0, then 3 of process 1
+    assert (mine[0][batch * 3:batch * 3 + 3] + mine[1][batch * 3:batch * 3 + 3]
+            == order[batch * 6:batch * 6 + 6])
+  for epoch in range(2):
+    first, second = (set(m[epoch * 15:epoch * 15 + 15]) for m in mine)
+    assert not first & second
+    assert first | second == {f"document number {i}" for i in range(30)}
+  finite = [pipeline.ProcessRows(grain.MapDataset.range(14), p, 2, 3) for p in range(2)]
+  assert [list(f) for f in finite] == [[0, 1, 2, 6, 7, 8, 12, 13], [3, 4, 5, 9, 10, 11]]
+
+
+def test_a_data_state_carries_over_to_another_process_count(tmp_path):
+  """Two processes' states after 3 global batches of 8 become the states of one and of four
+  processes that go on exactly where the two-process job was; skip counts go to process 0."""
+  _text_shards(tmp_path, 64)
+  config = tiny_config()
+  config.global_batch = 8
+  config.data.corpora = {"docs": dict(kind="text", weight=1.0, source="array_record",
+                                      paths=str(tmp_path))}
+  one = experiment.make_pipeline(config, 0, 1)
+  expected = [next(one)[1]["input_ids_masked"] for _ in range(5)]
+  one.close()
+  two = [experiment.make_pipeline(config, p, 2) for p in range(2)]
+  for _ in range(3):
+    for host in two:
+      next(host)
+  states = [json.loads(pipeline.state_to_json(h.get_state())) for h in two]
+  for h in two:
+    h.close()
+  for count in (1, 4):
+    hosts = [experiment.make_pipeline(config, p, count) for p in range(count)]
+    for p, host in enumerate(hosts):
+      host.set_state(pipeline.carry_over_state(states, p, count, 8 // count))
+    assert hosts[0].batches == {"docs": 3 * 2}  # the job's count: 3 batches on 2 processes
+    assert count == 1 or not hosts[-1].batches
+    for step in range(3, 5):
+      rows = np.concatenate([next(h)[1]["input_ids_masked"] for h in hosts])
+      np.testing.assert_array_equal(rows, expected[step])
+    for host in hosts:
+      host.close()
+  # Another global batch on one process: on from exactly the same example.
+  assert pipeline.carry_over_state(states, 0, 1, 5)["grain"]["corpora"] == {"docs": {
+      "next_index": 24}}
 
 
 def test_two_processes_build_global_batches(tmp_path):

@@ -1,0 +1,245 @@
+"""Real multi-process jobs on this machine: the training binary as 2 processes x 4 CPU devices
+(jax.distributed on localhost, gloo collectives), started by flava_jax.launch as a pod slice's
+hosts are started, against the same job as 1 process x 8 devices.
+
+The 1-process job also runs through the launcher, so that its collectives are gloo's too: the
+two jobs then sum gradients in the same order and agree to the bit. (A 1-process run with XLA's
+in-process collectives sums in another order: its losses differ from these by ~1e-6 and its
+parameters after 12 Adam steps by ~2e-4.)
+"""
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from flava_jax import evaluate, experiment, trainer, warm_start
+from flava_jax.data import checkpointing, pipeline
+from tests.multihost import config as job_config
+from tests.trees import assert_trees_equal
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = os.path.join(REPO, "tests", "multihost", "config.py")
+STEPS = 12
+EVERY = 4
+
+
+def _env():
+  env = dict(os.environ)
+  env.update(JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+             JAX_DEFAULT_MATMUL_PRECISION="highest", PYTHONUNBUFFERED="1")
+  return env
+
+
+def _launch(processes, args, heartbeat=0):
+  """flava_jax.launch running `args` (a module and its flags) as `processes` x 8/processes CPU
+  devices; its output (process 0's, then the others' prefixed lines) on one pipe."""
+  command = [sys.executable, "-m", "flava_jax.launch", f"--processes={processes}",
+             f"--cpu_devices={8 // processes}", "--grace_seconds=120"]
+  if heartbeat:
+    command.append(f"--heartbeat_seconds={heartbeat}")
+  command += ["--", sys.executable, "-m", *args]
+  return subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _train(processes, workdir, *flags, heartbeat=0):
+  return _launch(processes, ["flava_jax.main", f"--config={CONFIG}", f"--workdir={workdir}",
+                             *flags], heartbeat)
+
+
+def _finish(proc):
+  out, _ = proc.communicate(timeout=900)
+  assert proc.returncode == 0, out[-4000:]
+  return out
+
+
+def _read_until(proc, text):
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if text in line:
+      return "".join(lines)
+  raise AssertionError(f"the job ended without printing {text!r}:\n{''.join(lines[-40:])}")
+
+
+def _pids(out):
+  return {int(i): int(pid) for i, pid in re.findall(r"launch: process (\d+) of \d+ is pid (\d+)",
+                                                    out)}
+
+
+def _losses(workdir):
+  """[(step, corpus, loss)] of metrics.jsonl's progress rows."""
+  rows = []
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    for line in f:
+      row = json.loads(line)
+      rows += [(row["step"], k.split("/")[0], v) for k, v in row.items()
+               if k.endswith("/loss")]
+  return rows
+
+
+def _data_states(workdir, step):
+  return checkpointing.saved_states(
+      checkpointing.epath.Path(workdir) / "checkpoints" / str(step) / "data")
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+  """The 12-step job's workdir as 1 x 8 and as 2 x 4, and the 2 x 4 job's output."""
+  one = str(tmp_path_factory.mktemp("one_process"))
+  _finish(_train(1, one))
+  two = str(tmp_path_factory.mktemp("two_processes"))
+  out = _finish(_train(2, two))
+  return dict(one=one, two=two, out=out)
+
+
+def test_two_processes_train_as_one(jobs):
+  """Every step's loss, the corpus order and the final parameters are the 1-process job's, to
+  the bit; only process 0 writes metrics, TensorBoard files and progress lines; each process
+  saved its own data state and together they are where the 1-process job's is."""
+  one, two = _losses(jobs["one"]), _losses(jobs["two"])
+  assert [s for s, _, _ in one] == list(range(1, STEPS + 1))  # one row per step: one writer
+  assert one == two
+  assert_trees_equal(warm_start.read_workdir_params(jobs["two"], "two"),
+                     warm_start.read_workdir_params(jobs["one"], "one"))
+  assert len(os.listdir(os.path.join(jobs["two"], "tensorboard"))) == 1
+  others = [l for l in jobs["out"].splitlines() if l.startswith("[process 1]")]
+  assert others and not any(re.search(r"step \d+/", l) for l in others)  # no progress lines
+  assert "in 2 processes" in jobs["out"]
+  states = _data_states(jobs["two"], STEPS)
+  assert [s["process_count"] for s in states] == [2, 2]
+  (single,) = _data_states(jobs["one"], STEPS)
+  assert pipeline.carry_over_state(states, 0, 1, 16)["grain"] == single["grain"]
+
+
+def test_sigterm_stops_every_process_at_one_step_and_the_restart_is_exact(jobs, tmp_path):
+  """SIGTERM to process 1 alone, then to the whole job (the launcher passes it on): both save
+  the same step and exit 0; started again, the job ends bit-identical to the uninterrupted one."""
+  workdir = str(tmp_path / "run")
+  proc = _train(2, workdir)
+  out = _read_until(proc, f"checkpoint {EVERY} saving")
+  os.kill(_pids(out)[1], signal.SIGTERM)
+  os.killpg(proc.pid, 0)  # the launcher lives
+  proc.send_signal(signal.SIGTERM)
+  out += _finish(proc)
+  stops = re.findall(r"^(\[process 1\] )?SIGTERM: saved step (\d+) and stopped$", out, re.M)
+  assert len(stops) == 2 and stops[0][1] == stops[1][1], out[-3000:]
+  stopped = int(stops[0][1])
+  assert EVERY <= stopped < STEPS
+  assert [s["process_count"] for s in _data_states(workdir, stopped)] == [2, 2]
+  out = _finish(_train(2, workdir))
+  assert f"resumed from step {stopped}" in out
+  assert_trees_equal(warm_start.read_workdir_params(workdir, "run"),
+                     warm_start.read_workdir_params(jobs["two"], "two"))
+  assert _losses(workdir)[-STEPS + stopped:] == _losses(jobs["two"])[stopped:]
+
+
+def test_sigkill_of_one_process_ends_the_job_and_a_damaged_checkpoint_is_set_aside_by_all(
+    jobs, tmp_path):
+  """Process 1 killed: process 0 stops by itself, with JAX naming the lost process, and the
+  launcher fails. One file of the newest checkpoint truncated, one that only process 1 reads
+  (its data state): both processes set the checkpoint aside, resume from the one before, and
+  the job ends with the uninterrupted job's parameters."""
+  workdir = str(tmp_path / "run")
+  proc = _train(2, workdir, heartbeat=10)
+  out = _read_until(proc, f"checkpoint {2 * EVERY} saving")
+  os.kill(_pids(out)[1], signal.SIGKILL)
+  out += proc.communicate(timeout=600)[0]
+  assert proc.returncode != 0
+  assert "launch: process 1 was killed by SIGKILL" in out
+  assert "tasks are unhealthy (stopped sending heartbeats)" in out, out[-3000:]
+  assert "still running after" not in out  # process 0 stopped by itself, not by the launcher
+  newest = max(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+  assert newest == 2 * EVERY
+  damaged = os.path.join(workdir, "checkpoints", str(newest), "data", "process_1-of-2.json")
+  with open(damaged, "r+b") as f:
+    f.truncate(os.path.getsize(damaged) // 2)
+  out = _finish(_train(2, workdir))
+  assert f"warning: checkpoint {newest} cannot be read" in out
+  assert f"resumed from step {EVERY}" in out
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", f"{newest}.unreadable"))
+  assert_trees_equal(warm_start.read_workdir_params(workdir, "run"),
+                     warm_start.read_workdir_params(jobs["two"], "two"))
+
+
+def _restore(workdir, config, devices):
+  """The newest checkpoint of `workdir` restored onto `config`'s mesh over `devices`."""
+  exp = experiment.Experiment(config, devices)
+  data = exp.pipeline()
+  manager = trainer._manager(workdir, exp.run.checkpoint)  # pylint: disable=protected-access
+  try:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            exp.create_state())
+    state, step = trainer._restore_latest(manager, abstract, data, [])  # pylint: disable=protected-access
+    return state, step, data.get_state()
+  finally:
+    manager.close()
+    data.close()
+
+
+@pytest.mark.parametrize("processes,mesh", [(8, dict(data=8, fsdp=1, tensor=1)),
+                                            (4, dict(data=1, fsdp=2, tensor=2))],
+                         ids=["1x8", "1x4_fsdp2_tensor2"])
+def test_a_two_process_checkpoint_resumes_in_one_process_on_another_mesh(jobs, processes,
+                                                                          mesh, tmp_path):
+  """Written by 2 processes x 4 devices (data=8); restored by this one process on 8 or 4
+  devices and another mesh: the same parameters, the data where the 1-process job's is; and
+  training goes on from there."""
+  config = job_config.get_config()
+  config.sharding.mesh = mesh
+  devices = jax.devices()[:processes]
+  state, step, data_state = _restore(jobs["two"], config, devices)
+  assert step == STEPS
+  assert dict(jax.tree.leaves(state.params)[0].sharding.mesh.shape) == mesh
+  assert_trees_equal(jax.tree.map(np.asarray, state.params),
+                     warm_start.read_workdir_params(jobs["two"], "two"))
+  (single,) = _data_states(jobs["one"], STEPS)
+  assert data_state["grain"] == single["grain"]
+  if processes == 4:
+    workdir = str(tmp_path / "run")
+    shutil.copytree(jobs["two"], workdir)
+    config.total_steps = STEPS + 2
+    results = trainer.train_and_evaluate(config, workdir)
+    assert int(results["state"].step) == STEPS + 2
+    assert [s for s, _, _ in _losses(workdir)][-2:] == [STEPS + 1, STEPS + 2]
+    assert all(np.isfinite(l) for _, _, l in _losses(workdir))
+
+
+@pytest.mark.parametrize("evaluator", ["retrieval", "zero_shot"])
+def test_evaluation_in_two_processes_equals_one(jobs, evaluator, tmp_path):
+  """The evaluate binary on the 2-process job's checkpoint, as 2 processes x 4 devices, gives
+  the figures this one process computes on 8."""
+  eval_config = os.path.join(REPO, "configs", "eval", f"{evaluator}.py")
+  output = str(tmp_path / "metrics.json")
+  _finish(_launch(2, ["flava_jax.evaluate", f"--config={eval_config}",
+                      f"--checkpoint={jobs['two']}", f"--output={output}"]))
+  with open(output, encoding="utf-8") as f:
+    two = json.load(f)["metrics"]
+  config = _load(eval_config)
+  one = evaluate.run(config, jobs["two"])
+  assert set(two) == set(one) and two, (two, one)
+  for name, value in one.items():
+    assert two[name] == pytest.approx(value, abs=1e-6), name
+
+
+def _load(path):
+  spec = importlib.util.spec_from_file_location("eval_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def test_the_checkpoint_layout_is_one_data_file_per_process(jobs):
+  names = sorted(os.listdir(os.path.join(jobs["two"], "checkpoints", str(STEPS), "data")))
+  assert [n for n in names if n.endswith(".json")] == ["process_0-of-2.json",
+                                                       "process_1-of-2.json"]
