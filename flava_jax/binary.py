@@ -14,6 +14,7 @@ import glob
 import importlib.util
 import os
 import sys
+import threading
 import traceback
 from collections.abc import Mapping, Sequence
 
@@ -113,6 +114,25 @@ def exit(code: int) -> None:  # pylint: disable=redefined-builtin
 
 def _leave_on_exception(kind, value, tb) -> None:
   traceback.print_exception(kind, value, tb)
-  print(f"error: process {jax.process_index()} of {jax.process_count()} failed "
-        f"({kind.__name__}); leaving the job", file=sys.stderr)
+  me = f"process {jax.process_index()} of {jax.process_count()}"
+  if isinstance(value, jax.errors.JaxRuntimeError):
+    # Most likely a collective whose peer has died: name it once the coordination service
+    # knows (at most the heartbeat timeout; JAX may also end this process first, naming it).
+    print(f"{me}: a computation with the other processes failed; asking which process left "
+          f"the job (up to {multihost.heartbeat_seconds()} s)", file=sys.stderr, flush=True)
+    lost = _with_timeout(multihost.lost_processes, multihost.heartbeat_seconds() + 10)
+    if lost:
+      print(f"error: {me} stops: process(es) {', '.join(map(str, lost))} left the job "
+            "(killed or crashed: see its output)", file=sys.stderr)
+      exit(1)
+  print(f"error: {me} failed ({kind.__name__}); leaving the job", file=sys.stderr)
   exit(1)
+
+
+def _with_timeout(fn, seconds: float):
+  """fn() in a daemon thread; None when it has not returned within `seconds`."""
+  out = []
+  thread = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+  thread.start()
+  thread.join(seconds)
+  return out[0] if out else None

@@ -127,20 +127,16 @@ class Job:
 
   def wait(self) -> int:
     """Waits for every process; the job's status (0, or the first failure's)."""
-    failed = None
-    while failed is None and any(p.poll() is None for p in self.procs):
-      for i, proc in enumerate(self.procs):
-        if proc.poll() is not None and proc.returncode != 0:
-          failed = (i, proc.returncode)
-          break
-      else:
+    failed = []
+    while not failed and any(p.poll() is None for p in self.procs):
+      failed = self._failed()
+      if not failed:
         time.sleep(0.1)
-    if failed is None:
-      failed = next(((i, p.returncode) for i, p in enumerate(self.procs) if p.returncode), None)
-    if failed is not None:
-      index, status = failed
+    failed = failed or self._failed()
+    if failed:
       running = [i for i, p in enumerate(self.procs) if p.poll() is None]
-      print(f"launch: process {index} {_describe(status)}"
+      said = "; ".join(f"process {i} {_describe(status)}" for i, status in failed)
+      print(f"launch: {said}"
             + (f"; waiting up to {self.grace_seconds:g}s for process(es) "
                f"{', '.join(map(str, running))} to stop" if running else ""),
             file=sys.stderr, flush=True)
@@ -157,7 +153,14 @@ class Job:
       thread.join()
     for log in self._logs:
       log.close()
-    return 0 if failed is None else _exit_code(failed[1])
+    return _exit_code(failed[0][1]) if failed else 0
+
+  def _failed(self) -> list[tuple[int, int]]:
+    """(index, status) of the processes that failed so far; killed by a signal first (the
+    likely cause: the others' failures follow from it)."""
+    failed = [(i, p.returncode) for i, p in enumerate(self.procs)
+              if p.poll() is not None and p.returncode != 0]
+    return sorted(failed, key=lambda f: (f[1] >= 0, f[0]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -36,7 +36,7 @@ COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"  # JAX's own variable
 
 def initialize(multiprocess: bool, environ: Mapping[str, str] = os.environ) -> str:
   """Joins the other processes of the job; returns how ("" when this is a one-process run)."""
-  heartbeat = int(environ.get(HEARTBEAT_ENV, "100"))
+  heartbeat = heartbeat_seconds(environ)
   if NUM_PROCESSES_ENV in environ:
     missing = [v for v in (PROCESS_ID_ENV, COORDINATOR_ENV) if not environ.get(v)]
     if missing:
@@ -51,6 +51,23 @@ def initialize(multiprocess: bool, environ: Mapping[str, str] = os.environ) -> s
     jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat)
     return "jax.distributed.initialize() from the cluster's environment"
   return ""
+
+
+def heartbeat_seconds(environ: Mapping[str, str] = os.environ) -> int:
+  return int(environ.get(HEARTBEAT_ENV, "100"))
+
+
+def lost_processes() -> list[int] | None:
+  """The processes of the job that JAX's coordination service no longer hears from, once it
+  knows (it waits for every live process to answer, or for a dead one's heartbeat timeout);
+  None when the service cannot tell (no job, or this JAX lacks the query)."""
+  try:
+    from jax._src import distributed  # pylint: disable=import-outside-toplevel
+    everyone = list(range(jax.process_count()))
+    live = distributed.global_state.client.get_live_nodes(everyone)
+  except Exception:  # pylint: disable=broad-except  (a private API: any failure means "unknown")
+    return None
+  return sorted(set(everyone) - set(live))
 
 
 def is_primary() -> bool:
