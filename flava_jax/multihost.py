@@ -112,6 +112,18 @@ def sum_counts(counts: Mapping[str, int]) -> dict[str, int]:
   return dict(total)
 
 
+def broadcast_text(text: str) -> str:
+  """Process 0's `text` in every process (all processes call it)."""
+  if jax.process_count() == 1:
+    return text
+  data = text.encode("utf-8")
+  size = max_int(len(data))
+  mine = np.zeros((size + 1,), np.uint8)
+  mine[:len(data)] = np.frombuffer(data, np.uint8)
+  rows = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, size + 1)
+  return bytes(rows[0]).rstrip(b"\0").decode("utf-8")
+
+
 def barrier(name: str) -> None:
   """Waits until every process got here (nothing with one process)."""
   if jax.process_count() > 1:

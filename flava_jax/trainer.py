@@ -165,11 +165,13 @@ def _restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
       restored = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state),
           data=data_checkpointing.DataRestore(data)))
+      if isinstance(restored["data"], data_checkpointing.Unreadable):
+        error = restored["data"].error
     except Exception as e:  # pylint: disable=broad-except  (Orbax and grain raise many types)
       error = e
     if not multihost.any_true(error is not None):
       return restored["state"], step
-    why = _incompatible(manager, step, abstract_state, error) if error is not None else ""
+    why = _incompatible(manager, step, abstract_state, error)  # in every process: it restores
     if multihost.any_true(bool(why)):
       fields = ", ".join(changed) or "none (was it written by another version of the code?)"
       why = why or "another process of this job found that it does not fit (its output says why)"
@@ -190,8 +192,10 @@ def _restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
 
 
 def _incompatible(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
-                  error: Exception) -> str:
-  """Why a checkpoint that failed to restore does not fit the config ("" when it is damaged)."""
+                  error: Exception | None) -> str:
+  """Why a checkpoint that failed to restore (in this process: `error`, or in another) does
+  not fit the config ("" when it is damaged). Every process of the job calls it: it reads the
+  same files in each, and its restore is collective."""
   try:
     saved = manager.item_metadata(step)["state"]
   except Exception:  # pylint: disable=broad-except  (unreadable metadata: damaged)
@@ -212,8 +216,9 @@ def _incompatible(manager: ocp.CheckpointManager, step: int, abstract_state: Any
         if name.endswith(".json"):
           json.load(f)
     except (OSError, ValueError):
-      return ""  # the data state's file is damaged
-  return f"the saved data-iterator state does not fit this input pipeline ({_one_line(error)})"
+      return ""  # a data state's file is damaged
+  cause = _one_line(error) if error is not None else "another process could not take its own"
+  return f"the saved data-iterator state does not fit this input pipeline ({cause})"
 
 
 def _all_finite(tree: Any) -> jax.Array:

@@ -50,6 +50,9 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, BinaryIO
 
+import jax
+
+from flava_jax import multihost
 from flava_jax.data.examples import Skip, as_image_bytes, as_text
 from flava_jax.data.preprocess import KINDS
 from flava_jax.data.records import SHARD_SUFFIX, ShardWriter
@@ -714,18 +717,29 @@ def _try_replace(src: str, dst: str) -> None:
 
 
 def _write_build(kind: str, sources: Sequence[Source], opts: BuildOptions, summary: Summary,
-                 staging: str, num_shards: int, inputs: Sequence[str]) -> None:
-  """Writes every usable example of `sources` into shards under `staging`, then the classes
-  and the summary (last). Raises BuildError when nothing was written."""
+                 staging: str, num_shards: int, process_index: int = 0,
+                 process_count: int = 1) -> None:
+  """Writes this process's shards of the usable examples of `sources` under `staging`.
+
+  Item j of the inputs (every item, in order, usable or not) belongs to shard j % num_shards;
+  process p writes the shards s with s % process_count == p and reads (decodes, checks) only
+  their items. So the shards are the same whatever the number of processes.
+  """
   staging_prefix = os.path.join(staging, summary.prefix)
+  mine = [s for s in range(num_shards) if s % process_count == process_index]
   try:
-    writer = ShardWriter(staging_prefix, num_shards)
+    writer = ShardWriter(staging_prefix, num_shards, shards=mine)
   except RuntimeError as e:  # ArrayRecordWriter cannot open a file
     raise BuildError(f"cannot write shards to --out={summary.out_dir}: {e}") from None
+  index = -1
   try:
     with writer:
       for source in sources:
         for item_id, fields in source():
+          index += 1
+          shard = index % num_shards
+          if shard % process_count != process_index:
+            continue
           try:
             if isinstance(fields, Skip):
               raise fields
@@ -734,7 +748,7 @@ def _write_build(kind: str, sources: Sequence[Source], opts: BuildOptions, summa
             summary.skip(e.reason, item_id)
             continue
           record["id"] = item_id
-          writer.write(record)
+          writer.write_to(shard, record)
           if writer.count % 10000 == 0:
             logging.info("%s: %d examples written, %d skipped", summary.out_dir, writer.count,
                          sum(summary.skipped.values()))
@@ -742,6 +756,12 @@ def _write_build(kind: str, sources: Sequence[Source], opts: BuildOptions, summa
     raise BuildError(f"writing shards to --out={summary.out_dir} failed: {e}") from None
   summary.written = writer.count
   summary.paths = [os.path.join(summary.out_dir, os.path.basename(p)) for p in writer.paths]
+
+
+def _finish_build(kind: str, opts: BuildOptions, summary: Summary, staging: str,
+                  inputs: Sequence[str]) -> None:
+  """The classes and the summary (last) of a written build; BuildError when nothing was
+  written."""
   if not summary.written:
     hint = ""
     if kind == "paired" and summary.skipped.keys() & {"missing_image", "missing_text"}:
@@ -756,15 +776,52 @@ def _write_build(kind: str, sources: Sequence[Source], opts: BuildOptions, summa
   _write_json(os.path.join(staging, os.path.basename(summary.summary_path)), summary.to_dict())
 
 
+_PART = ".process-{}.json"  # a process's counts in a multi-process build's staging folder
+
+
+def _merge_parts(summary: Summary, staging: str, process_count: int) -> None:
+  """Adds the other processes' counts (their part files, then removed) to process 0's."""
+  for p in range(process_count):
+    path = os.path.join(staging, _PART.format(p))
+    if p:
+      with open(path, encoding="utf-8") as f:
+        part = json.load(f)
+      summary.written += part["written"]
+      summary.skipped.update(part["skipped"])
+      for reason, ids in part["skip_examples"].items():
+        kept = summary.skip_examples.setdefault(reason, [])
+        kept.extend(ids[:max(0, SKIP_EXAMPLES_KEPT - len(kept))])
+    if os.path.exists(path):
+      os.remove(path)
+
+
+def _together(what: Callable[[], Any], process_count: int) -> Any:
+  """what() in every process; when it fails in any, it fails in all (each raising its own
+  error, or one saying that another process failed)."""
+  result, error = None, None
+  try:
+    result = what()
+  except (BuildError, OSError) as e:
+    error = e
+  if process_count > 1 and multihost.any_true(error is not None) and error is None:
+    raise BuildError("another process of this build failed (its output says why)")
+  if error is not None:
+    raise error
+  return result
+
+
 def build(kind: str, inputs: str | Sequence[str], out_dir: str, *, num_shards: int = 1,
           prefix: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
           max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES, image_field: str = "image",
           caption_field: str = "caption", text_field: str = "text",
-          text_chars: int = DEFAULT_TEXT_CHARS, overwrite: bool = False) -> Summary:
+          text_chars: int = DEFAULT_TEXT_CHARS, overwrite: bool = False,
+          process_index: int | None = None, process_count: int | None = None) -> Summary:
   """Converts `inputs` into `num_shards` shards `out_dir/PREFIX-*` (PREFIX defaults to kind).
 
   Raises BuildError (a ValueError) when the command cannot work; single bad examples are
-  skipped and counted in the returned Summary instead.
+  skipped and counted in the returned Summary instead. In a multi-process job (default: JAX's
+  process index and count) every process calls it with the same arguments; each writes its
+  shards, process 0 counts and installs them.
   """
   if kind not in KINDS:
     raise BuildError(f"kind={kind!r} is not one of {KINDS}")
@@ -794,25 +851,64 @@ def build(kind: str, inputs: str | Sequence[str], out_dir: str, *, num_shards: i
     raise BuildError(f"{out_dir} already holds {len(existing)} files of prefix {prefix!r} "
                      f"(e.g. {os.path.basename(existing[0])}); pass --overwrite, or choose "
                      "another --prefix or --out")
+  if process_index is None or process_count is None:
+    process_index, process_count = jax.process_index(), jax.process_count()
+  if num_shards < process_count:
+    raise BuildError(f"num_shards={num_shards} is less than the {process_count} processes "
+                     "(each process writes whole shards)")
+  primary = process_index == 0
+
   # The new build is written into a hidden folder inside --out and moved into place only when
   # it has finished: a build that fails leaves the old outputs (and nothing else) behind.
-  created = _make_out_dir(out_dir)
-  try:
-    staging = tempfile.mkdtemp(dir=out_dir, prefix=f".{prefix}.building-")
-  except OSError as e:
-    _remove_dirs(created)
-    raise BuildError(f"cannot write to --out={out_dir}: {e.strerror or e}") from None
-  try:
+  # Process 0 makes it and installs the result; every process writes its own shards there.
+  def make_staging() -> tuple[list[str], str]:
+    if not primary:
+      return [], ""
+    created = _make_out_dir(out_dir)
     try:
-      _write_build(kind, sources, opts, summary, staging, num_shards, paths)
-      _install(staging, out_dir, prefix, existing)
+      return created, tempfile.mkdtemp(dir=out_dir, prefix=f".{prefix}.building-")
+    except OSError as e:
+      _remove_dirs(created)
+      raise BuildError(f"cannot write to --out={out_dir}: {e.strerror or e}") from None
+
+  created, staging = _together(make_staging, process_count)
+  if process_count > 1:
+    staging = multihost.broadcast_text(staging)
+
+  def write() -> None:
+    try:
+      _write_build(kind, sources, opts, summary, staging, num_shards, process_index,
+                   process_count)
+      if not primary:
+        _write_json(os.path.join(staging, _PART.format(process_index)), summary.to_dict())
     except OSError as e:  # an input that cannot be read, a full disk
       raise BuildError(f"{e.filename or out_dir}: {e.strerror or e}") from None
+
+  def install() -> None:
+    if not primary:
+      return
+    try:
+      _merge_parts(summary, staging, process_count)
+      _finish_build(kind, opts, summary, staging, paths)
+      _install(staging, out_dir, prefix, existing)
+    except OSError as e:
+      raise BuildError(f"{e.filename or out_dir}: {e.strerror or e}") from None
+
+  try:
+    _together(write, process_count)
+    _together(install, process_count)
   except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    _remove_dirs(created)
+    if primary:
+      shutil.rmtree(staging, ignore_errors=True)
+      _remove_dirs(created)
     raise
-  shutil.rmtree(staging, ignore_errors=True)
+  if primary:
+    shutil.rmtree(staging, ignore_errors=True)
+  elif process_count > 1:  # the job's summary, as process 0 wrote it
+    with open(summary.summary_path, encoding="utf-8") as f:
+      done = json.load(f)
+    summary.written, summary.skipped = done["written"], collections.Counter(done["skipped"])
+    summary.skip_examples = done["skip_examples"]
   return summary
 
 
@@ -826,6 +922,7 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise SystemExit(f"error: unexpected arguments {list(argv[1:])}; inputs are given with "
                      "--input")
+  multihost.initialize(False)  # a job's process when started by flava_jax.launch
   try:
     summary = build(f.kind, f.input, f.out, num_shards=f.num_shards, prefix=f.prefix,
                     max_pixels=f.max_pixels, max_text_bytes=f.max_text_bytes,
@@ -833,8 +930,8 @@ def main(argv: Sequence[str]) -> None:
                     text_field=f.text_field, text_chars=f.text_chars, overwrite=f.overwrite)
   except BuildError as e:
     raise SystemExit(f"error: {e}") from None
-  print(summary.format())
-  print(f"summary: {summary.summary_path}")
+  multihost.say(summary.format())
+  multihost.say(f"summary: {summary.summary_path}")
 
 
 def _define_flags() -> None:

@@ -44,6 +44,13 @@ def saved_states(directory: epath.Path) -> list[dict]:
   return [json.loads(found[i][1].read_text()) for i in sorted(found)]
 
 
+@dataclasses.dataclass
+class Unreadable:
+  """What DataHandler.restore returns when this process could not take its saved state."""
+
+  error: Exception
+
+
 class DataHandler(ocp.CheckpointHandler):
   """Orbax handler of a pipeline.DataIterator: see the module docstring."""
 
@@ -52,13 +59,19 @@ class DataHandler(ocp.CheckpointHandler):
     state_file(directory, jax.process_index(), jax.process_count()).write_text(state)
 
   def restore(self, directory: epath.Path, args: "DataRestore") -> Any:
+    """The iterator, set to its saved state; or Unreadable(error), so that a state one process
+    cannot read does not stop it half way through Orbax's restore (the others would wait for it
+    in Orbax's collectives): the trainer decides with every process what to do."""
     iterator = args.item
-    own = state_file(directory, jax.process_index(), jax.process_count())
-    state = json.loads(own.read_text()) if own.exists() else None
-    if state is None or state.get("rows", iterator.rows) != iterator.rows:
-      state = pipeline.carry_over_state(saved_states(directory), jax.process_index(),
-                                        jax.process_count(), iterator.rows)
-    iterator.set_state(state)
+    try:
+      own = state_file(directory, jax.process_index(), jax.process_count())
+      state = json.loads(own.read_text()) if own.exists() else None
+      if state is None or state.get("rows", iterator.rows) != iterator.rows:
+        state = pipeline.carry_over_state(saved_states(directory), jax.process_index(),
+                                          jax.process_count(), iterator.rows)
+      iterator.set_state(state)
+    except Exception as e:  # pylint: disable=broad-except  (a damaged file, a foreign state)
+      return Unreadable(e)
     iterator.start_prefetch()
     return iterator
 

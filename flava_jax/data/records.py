@@ -74,6 +74,9 @@ class ShardWriter:
 
   prefix: str
   num_shards: int = 1
+  # The shards this writer opens (None: all); `write_to` writes one of them (a multi-process
+  # build: each process writes its own shards).
+  shards: Any = None
 
   def __post_init__(self):
     # Imported here so that reading code does not need the writer extension loaded.
@@ -82,15 +85,19 @@ class ShardWriter:
       raise ValueError(f"num_shards={self.num_shards} must be >= 1")
     os.makedirs(os.path.dirname(os.path.abspath(self.prefix)), exist_ok=True)
     self.paths = shard_paths(self.prefix, self.num_shards)
-    self._writers = [ArrayRecordWriter(p, "group_size:1") for p in self.paths]
+    opened = range(self.num_shards) if self.shards is None else self.shards
+    self._writers = {i: ArrayRecordWriter(self.paths[i], "group_size:1") for i in opened}
     self.count = 0
 
   def write(self, example: dict[str, Any]) -> None:
-    self._writers[self.count % self.num_shards].write(encode_record(example))
+    self.write_to(self.count % self.num_shards, example)
+
+  def write_to(self, shard: int, example: dict[str, Any]) -> None:
+    self._writers[shard].write(encode_record(example))
     self.count += 1
 
   def close(self) -> None:
-    for w in self._writers:
+    for w in self._writers.values():
       w.close()
 
   def __enter__(self) -> "ShardWriter":

@@ -17,6 +17,7 @@ same shapes and prints the ratios. --json_out writes every figure. Nothing here 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -29,8 +30,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from absl import app
 
-from flava_jax import experiment
+from flava_jax import binary, experiment, multihost
 from flava_jax import flops as flop_counts
 from flava_jax.models.transformer import auto_attention_impl, dtype_of
 from flava_jax.tasks import StepContext
@@ -200,6 +202,8 @@ def peak_device_bytes(devices: list[Any]) -> float | None:
   """The largest per-device peak of memory in use, where the runtime reports it (GPU, TPU)."""
   peaks = []
   for device in devices:
+    if device.process_index != jax.process_index():  # another process's: not ours to read
+      continue
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "peak_bytes_in_use" in stats:
       peaks.append(float(stats["peak_bytes_in_use"]))
@@ -336,11 +340,20 @@ def describe_devices(devices: list[Any]) -> str:
 
 
 def main(argv):
-  del argv
-  from absl import flags, logging  # pylint: disable=import-outside-toplevel
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  binary.start(argv)  # joins the job's other processes when started by flava_jax.launch
   f = flags.FLAGS
-  if not f["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  if jax.process_count() > 1:
+    if f.peer:
+      raise app.UsageError("--peer times the PyTorch peer on one process: run it without "
+                           "flava_jax.launch")
+    if not multihost.is_primary():  # every process steps; process 0 reports
+      with open(os.devnull, "w", encoding="utf-8") as quiet, contextlib.redirect_stdout(quiet):
+        return _bench(f)
+  return _bench(f)
+
+
+def _bench(f):
   config = bench_config(f.config, f.batch, f.text_len, f.mlm_text_len)
   run, task = experiment.parse(config)
   known = task.step_kinds(c.kind for c in run.corpora.values())
@@ -421,7 +434,7 @@ def main(argv):
         "torch.compile | ours / compile | MFU | date):")
   for row in markdown_rows(timings, bench.devices[0].device_kind, config, results["date"]):
     print(row)
-  if f.json_out:
+  if f.json_out and multihost.is_primary():
     with open(f.json_out, "w") as out:
       json.dump(results, out, indent=1)
 
@@ -454,7 +467,6 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=import-outside-toplevel
   # XLA takes 75% of GPU memory by default; the bench wants nearly all of it for the largest
   # batch. The peer runs first in its own process and has returned its memory by then.
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
