@@ -23,7 +23,6 @@ import os
 import sys
 from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp

@@ -40,11 +40,12 @@ def _env():
   return env
 
 
-def _launch(processes, args, heartbeat=0):
+def _launch(processes, args, heartbeat=0, cpu_devices=0):
   """flava_jax.launch running `args` (a module and its flags) as `processes` x 8/processes CPU
-  devices; its output (process 0's, then the others' prefixed lines) on one pipe."""
+  devices (or x cpu_devices); its output (process 0's, then the others' prefixed lines) on one
+  pipe."""
   command = [sys.executable, "-m", "flava_jax.launch", f"--processes={processes}",
-             f"--cpu_devices={8 // processes}", "--grace_seconds=120"]
+             f"--cpu_devices={cpu_devices or 8 // processes}", "--grace_seconds=120"]
   if heartbeat:
     command.append(f"--heartbeat_seconds={heartbeat}")
   command += ["--", sys.executable, "-m", *args]
@@ -208,12 +209,14 @@ def test_a_two_process_checkpoint_resumes_in_one_process_on_another_mesh(jobs, p
                      warm_start.read_workdir_params(jobs["two"], "two"))
   (single,) = _data_states(jobs["one"], STEPS)
   assert data_state["grain"] == single["grain"]
-  if processes == 4:
+  if processes == 4:  # the binary, as 1 process x 4 devices on that mesh, trains on
     workdir = str(tmp_path / "run")
     shutil.copytree(jobs["two"], workdir)
-    config.total_steps = STEPS + 2
-    results = trainer.train_and_evaluate(config, workdir)
-    assert int(results["state"].step) == STEPS + 2
+    out = _finish(_launch(1, ["flava_jax.main", f"--config={CONFIG}", f"--workdir={workdir}",
+                              f"--config.total_steps={STEPS + 2}",
+                              *[f"--config.sharding.mesh.{k}={v}" for k, v in mesh.items()]],
+                          cpu_devices=4))
+    assert f"resumed from step {STEPS}" in out and "mesh {'data': 1, 'fsdp': 2, 'tensor': 2}" in out
     assert [s for s, _, _ in _losses(workdir)][-2:] == [STEPS + 1, STEPS + 2]
     assert all(np.isfinite(l) for _, _, l in _losses(workdir))
 
