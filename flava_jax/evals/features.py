@@ -29,7 +29,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from flava_jax import sharding
+from flava_jax import multihost, sharding
 from flava_jax.data import pipeline, sources, transforms
 from flava_jax.data.examples import Skip, as_image_bytes, as_text
 from flava_jax.data.preprocess import pick_one
@@ -178,7 +178,8 @@ class EvalContext:
 
     The outputs of the examples kept, in index order; outputs["index"] says which they are.
 
-    Every process must call it with the same arguments (it takes its own share of the rows).
+    Every process must call it with the same arguments (it takes its own share of the rows);
+    the skip counts are the job's.
     """
     batch_size = self.global_batch(batch_size)
     pcount, pindex = jax.process_count(), jax.process_index()
@@ -226,7 +227,9 @@ class EvalContext:
     order = merged[INDEX_KEY]
     keep = np.flatnonzero(order >= 0)
     keep = keep[np.argsort(order[keep], kind="stable")]
-    return {k: v[keep] for k, v in merged.items()}, skipped
+    # The job's skip counts (each process counted its own rows).
+    return {k: v[keep] for k, v in merged.items()}, collections.Counter(
+        multihost.sum_counts(skipped))
 
   @staticmethod
   def _find_template(count: int, safe: Callable) -> dict[str, np.ndarray]:

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from flava_jax import sharding, train
+from flava_jax import multihost, sharding, train
 from flava_jax.data import embedded, pipeline, transforms
 from flava_jax.data.examples import Skip
 from flava_jax.evals.features import (EvalContext, TaskConfig, load_names, open_split,
@@ -145,7 +145,9 @@ class Evaluator:
 
   def _train_batches(self, host_batch: int, skipped: collections.Counter
                      ) -> Iterator[dict[str, np.ndarray]]:
-    """Endless host batches of this process's share of the train split, reshuffled each epoch."""
+    """Endless host batches of this process's rows of the train split's global batches,
+    reshuffled each epoch: one global order, process p reading rows [p*B/P, (p+1)*B/P) of each
+    global batch of B, so that the batches are the same for any number of processes."""
     source, cfg = self.train_source, self.cfg
     pcount, pindex = jax.process_count(), jax.process_index()
 
@@ -153,9 +155,9 @@ class Evaluator:
     rows = []
     with concurrent.futures.ThreadPoolExecutor(max(1, cfg.read_threads)) as pool:
       for epoch in range(1 << 30):
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(source))[pindex::pcount]
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(source))
         kept_this_epoch = 0
-        for start in range(0, len(order), host_batch):
+        for start in range(pindex * host_batch, len(order), pcount * host_batch):
           for row in pool.map(safe, order[start:start + host_batch]):
             if isinstance(row, str):
               skipped[row] += 1
@@ -243,10 +245,11 @@ class Evaluator:
         state, metrics = step(state, pipeline.to_global(next(batches), ctx.mesh))
         losses.append(metrics["loss"])
         if cfg.log_every_steps and (i + 1) % cfg.log_every_steps == 0:
-          print(f"{self.where} step {i + 1}/{cfg.steps}: loss {float(metrics['loss']):.4f}",
-                flush=True)
+          multihost.say(f"{self.where} step {i + 1}/{cfg.steps}: loss "
+                        f"{float(metrics['loss']):.4f}")
       batches.close()
       losses = [float(x) for x in jax.device_get(losses)]
+      skipped = collections.Counter(multihost.sum_counts(skipped))  # the job's
     out = self.score(state.params, skipped)
     if losses:
       window = max(1, min(10, len(losses) // 4))
