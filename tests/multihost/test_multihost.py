@@ -186,8 +186,9 @@ def _restore(workdir, config, devices):
 
 
 @pytest.mark.parametrize("processes,mesh", [(8, dict(data=8, fsdp=1, tensor=1)),
+                                            (8, dict(data=2, fsdp=2, tensor=2)),
                                             (4, dict(data=1, fsdp=2, tensor=2))],
-                         ids=["1x8", "1x4_fsdp2_tensor2"])
+                         ids=["1x8", "1x8_data2_fsdp2_tensor2", "1x4_fsdp2_tensor2"])
 def test_a_two_process_checkpoint_resumes_in_one_process_on_another_mesh(jobs, processes,
                                                                           mesh, tmp_path):
   """Written by 2 processes x 4 devices (data=8); restored by this one process on 8 or 4
@@ -215,18 +216,29 @@ def test_a_two_process_checkpoint_resumes_in_one_process_on_another_mesh(jobs, p
     assert all(np.isfinite(l) for _, _, l in _losses(workdir))
 
 
-@pytest.mark.parametrize("evaluator", ["retrieval", "zero_shot"])
+def _evaluate(processes, config, checkpoint, output, *flags):
+  _finish(_launch(processes, ["flava_jax.evaluate", f"--config={config}",
+                              f"--checkpoint={checkpoint}", f"--output={output}", *flags]))
+  with open(output, encoding="utf-8") as f:
+    return json.load(f)["metrics"]
+
+
+@pytest.mark.parametrize("evaluator", ["retrieval", "zero_shot", "finetune"])
 def test_evaluation_in_two_processes_equals_one(jobs, evaluator, tmp_path):
   """The evaluate binary on the 2-process job's checkpoint, as 2 processes x 4 devices, gives
-  the figures this one process computes on 8."""
-  eval_config = os.path.join(REPO, "configs", "eval", f"{evaluator}.py")
-  output = str(tmp_path / "metrics.json")
-  _finish(_launch(2, ["flava_jax.evaluate", f"--config={eval_config}",
-                      f"--checkpoint={jobs['two']}", f"--output={output}"]))
-  with open(output, encoding="utf-8") as f:
-    two = json.load(f)["metrics"]
-  config = _load(eval_config)
-  one = evaluate.run(config, jobs["two"])
+  the figures of one process: retrieval and zero-shot those this process computes on 8 devices;
+  fine-tuning (20 steps on sentence pairs, its batches the same for any number of processes)
+  those of a 1 x 8 job (gloo's sums, as above)."""
+  path = os.path.join(REPO, "configs", "eval", f"{evaluator}.py")
+  if evaluator == "finetune":
+    flags = ["--config.task.steps=20"]
+    config = f"{path}:text_pairs"
+    two = _evaluate(2, config, jobs["two"], str(tmp_path / "two.json"), *flags)
+    one = _evaluate(1, config, jobs["two"], str(tmp_path / "one.json"), *flags)
+    assert one == two and two["steps"] == 20
+    return
+  two = _evaluate(2, path, jobs["two"], str(tmp_path / "two.json"))
+  one = evaluate.run(_load(path), jobs["two"])
   assert set(two) == set(one) and two, (two, one)
   for name, value in one.items():
     assert two[name] == pytest.approx(value, abs=1e-6), name
