@@ -251,7 +251,12 @@ def _load(path):
   return module.get_config()
 
 
-def test_the_checkpoint_layout_is_one_data_file_per_process(jobs):
-  names = sorted(os.listdir(os.path.join(jobs["two"], "checkpoints", str(STEPS), "data")))
+def test_each_process_writes_its_own_part_of_a_checkpoint(jobs):
+  """One data state per process, and one Orbax array store per process (each wrote its own
+  shards)."""
+  step = os.path.join(jobs["two"], "checkpoints", str(STEPS))
+  names = sorted(os.listdir(os.path.join(step, "data")))
   assert [n for n in names if n.endswith(".json")] == ["process_0-of-2.json",
                                                        "process_1-of-2.json"]
+  stores = sorted(n for n in os.listdir(os.path.join(step, "state")) if n.startswith("ocdbt."))
+  assert stores == ["ocdbt.process_0", "ocdbt.process_1"]
