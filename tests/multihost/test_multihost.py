@@ -128,8 +128,9 @@ def test_preemption_a_lost_process_and_a_damaged_checkpoint(jobs, tmp_path):
 
   1. SIGTERM to process 1 alone, then to the whole job (the launcher passes it on): both
      processes save the same step and exit 0.
-  2. Started again, it resumes from that step; once checkpoint 8 is saved, process 1 is killed:
-     process 0 stops by itself naming the lost process, and the launcher fails.
+  2. Started again, it resumes from that step, its losses the uninterrupted job's; once
+     checkpoint 8 is saved, process 1 is killed: process 0 stops by itself naming the lost
+     process, and the launcher fails.
   3. One file of checkpoint 8 truncated, one that only process 1 reads (its data state): both
      processes set the checkpoint aside and resume from the SIGTERM's step.
   """
@@ -145,7 +146,7 @@ def test_preemption_a_lost_process_and_a_damaged_checkpoint(jobs, tmp_path):
   assert EVERY < stopped < 2 * EVERY, out[-3000:]  # the vote is read one step late
   assert [s["process_count"] for s in _data_states(workdir, stopped)] == [2, 2]
 
-  proc = _train(2, workdir, heartbeat=10)
+  proc = _train(2, workdir, heartbeat=5)
   out = _read_until(proc, f"checkpoint {2 * EVERY} saving")
   assert f"resumed from step {stopped}" in out
   os.kill(_pids(out)[1], signal.SIGKILL)
@@ -157,6 +158,8 @@ def test_preemption_a_lost_process_and_a_damaged_checkpoint(jobs, tmp_path):
   assert ("process(es) 1 left the job" in out
           or re.search(r"unhealthy \(stopped sending heartbeats\):\s*1\b", out)), out[-3000:]
   assert "still running after" not in out  # process 0 stopped by itself, not by the launcher
+  # The restart after the SIGTERM was exact: its steps are the uninterrupted job's.
+  assert _losses(workdir)[:2 * EVERY] == _losses(jobs["two"])[:2 * EVERY]
 
   damaged = os.path.join(workdir, "checkpoints", str(2 * EVERY), "data", "process_1-of-2.json")
   with open(damaged, "r+b") as f:
