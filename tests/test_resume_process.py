@@ -10,11 +10,11 @@ import signal
 import subprocess
 import sys
 
-import jax
 import pytest
 
 from configs import flava, mlm
 from flava_jax import trainer, warm_start
+from tests.processes import child_env
 from tests.trees import assert_trees_equal
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,11 +30,7 @@ MIXED = {"global_batch": 16, "total_steps": MIXED_STEPS, "log_every_steps": 1,
 
 
 def _env():
-  env = dict(os.environ)
-  env.update(JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
-             JAX_DEFAULT_MATMUL_PRECISION="highest", PYTHONUNBUFFERED="1")
-  return env
+  return child_env()
 
 
 def _command(workdir, extra=(), config="mlm.py", overrides=None):

@@ -24,6 +24,7 @@ import pytest
 from flava_jax import evaluate, experiment, trainer, warm_start
 from flava_jax.data import checkpointing, pipeline
 from tests.multihost import config as job_config
+from tests.processes import child_env
 from tests.trees import assert_trees_equal
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,11 +34,7 @@ EVERY = 4
 
 
 def _env():
-  env = dict(os.environ)
-  env.update(JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
-             JAX_DEFAULT_MATMUL_PRECISION="highest", PYTHONUNBUFFERED="1")
-  return env
+  return child_env()
 
 
 def _launch(processes, args, heartbeat=0, cpu_devices=0):
