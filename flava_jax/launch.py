@@ -184,14 +184,25 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--heartbeat_seconds", type=int, default=0,
                       help="how soon a dead process is noticed by the others (0: JAX's 100 s)")
   args = parser.parse_args(own)
+  jobs: list[Job] = []
+  received: list[int] = []
+
+  def forward(signum, frame):  # in place before any process starts
+    del frame
+    received.append(signum)
+    for job in jobs:
+      job.signal(signum)
+
+  for signum in FORWARDED:
+    signal.signal(signum, forward)
   try:
-    job = Job(command, args.processes, args.cpu_devices, args.port, args.log_dir,
-              args.grace_seconds, args.heartbeat_seconds)
+    jobs.append(Job(command, args.processes, args.cpu_devices, args.port, args.log_dir,
+                    args.grace_seconds, args.heartbeat_seconds))
   except (ValueError, OSError) as e:
     parser.error(str(e))
-  for signum in FORWARDED:
-    signal.signal(signum, lambda s, f: job.signal(s))
-  return job.wait()
+  for signum in received:  # a signal while the processes were starting
+    jobs[0].signal(signum)
+  return jobs[0].wait()
 
 
 if __name__ == "__main__":
