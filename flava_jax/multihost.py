@@ -98,30 +98,31 @@ def any_true(flag: bool) -> bool:
   return bool(max_int(int(bool(flag))))
 
 
+def gather_texts(text: str) -> list[str]:
+  """Every process's `text`, in process order (all processes call it)."""
+  if jax.process_count() == 1:
+    return [text]
+  data = text.encode("utf-8")
+  size = max_int(len(data)) + 1  # never an empty array
+  mine = np.zeros((size,), np.uint8)
+  mine[:len(data)] = np.frombuffer(data, np.uint8)
+  rows = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, size)
+  return [bytes(row).rstrip(b"\0").decode("utf-8") for row in rows]
+
+
 def sum_counts(counts: Mapping[str, int]) -> dict[str, int]:
   """{key: count} summed over the processes (keys any process has); all processes call it."""
   if jax.process_count() == 1:
     return dict(counts)
-  text = json.dumps(dict(counts), sort_keys=True).encode("utf-8")
-  size = max_int(len(text))
-  mine = np.zeros((size,), np.uint8)
-  mine[:len(text)] = np.frombuffer(text, np.uint8)
   total = collections.Counter()
-  for row in np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, size):
-    total.update(json.loads(bytes(row).rstrip(b"\0").decode("utf-8")))
+  for text in gather_texts(json.dumps(dict(counts), sort_keys=True)):
+    total.update(json.loads(text))
   return dict(total)
 
 
 def broadcast_text(text: str) -> str:
   """Process 0's `text` in every process (all processes call it)."""
-  if jax.process_count() == 1:
-    return text
-  data = text.encode("utf-8")
-  size = max_int(len(data))
-  mine = np.zeros((size + 1,), np.uint8)
-  mine[:len(data)] = np.frombuffer(data, np.uint8)
-  rows = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, size + 1)
-  return bytes(rows[0]).rstrip(b"\0").decode("utf-8")
+  return gather_texts(text)[0]
 
 
 def barrier(name: str) -> None:
