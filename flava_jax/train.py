@@ -38,12 +38,21 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-  """AdamW with linear warm-up then cosine (or linear) decay, as FLAVA trains."""
+  """AdamW with linear warm-up then cosine (or linear, constant, step) decay.
+
+  decay="step" (BLIP's recipe): learning_rate * decay_rate ** (step // decay_every_steps),
+  counted from step 0 (the warm-up replaces it while it lasts), never below
+  end_learning_rate_fraction * learning_rate.
+  """
 
   learning_rate: float = 1e-3
   warmup_steps: int = 10_000
-  decay: str = "cosine"  # cosine | linear | constant
+  # The warm-up starts at this fraction of learning_rate (BLIP: 1e-6 / 3e-4).
+  warmup_init_fraction: float = 0.0
+  decay: str = "cosine"  # cosine | linear | constant | step
   end_learning_rate_fraction: float = 0.0
+  decay_rate: float = 0.9  # decay="step": the factor per decay_every_steps
+  decay_every_steps: int = 0  # decay="step": e.g. the steps of one epoch
   weight_decay: float = 0.1
   b1: float = 0.9
   b2: float = 0.999
@@ -60,7 +69,13 @@ class OptimizerConfig:
       raise TypeError(f"optimizer.trainable must be a tuple of parameter group names, got "
                       f"{trainable!r}")
     object.__setattr__(self, "trainable", tuple(trainable))
-    check_choice("optimizer.decay", self.decay, ("cosine", "linear", "constant"))
+    check_choice("optimizer.decay", self.decay, ("cosine", "linear", "constant", "step"))
+    if self.decay == "step" and self.decay_every_steps <= 0:
+      raise ValueError("optimizer.decay='step' needs optimizer.decay_every_steps > 0, got "
+                       f"{self.decay_every_steps}")
+    if not 0.0 <= self.warmup_init_fraction <= 1.0:
+      raise ValueError("optimizer.warmup_init_fraction must be in [0, 1], got "
+                       f"{self.warmup_init_fraction}")
     check_choice("optimizer.mu_dtype", self.mu_dtype, ("float32", "bfloat16"))
     if self.learning_rate <= 0:
       raise ValueError(f"optimizer.learning_rate must be positive, got {self.learning_rate}")
@@ -90,6 +105,14 @@ def decay_mask(params: Any, decays: Callable[[tuple[str, ...]], bool],
 def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
   warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
   end = cfg.learning_rate * cfg.end_learning_rate_fraction
+  start = cfg.learning_rate * cfg.warmup_init_fraction
+  if cfg.decay == "step":
+    def staircase(step):
+      step = jnp.asarray(step, jnp.float32)
+      decayed = cfg.learning_rate * cfg.decay_rate ** jnp.floor(step / cfg.decay_every_steps)
+      warming = start + (cfg.learning_rate - start) * step / max(warmup, 1)
+      return jnp.where(step < warmup, warming, jnp.maximum(end, decayed))
+    return staircase
   decay_steps = max(total_steps - warmup, 1)
   if cfg.decay == "cosine":
     decay = optax.cosine_decay_schedule(cfg.learning_rate, decay_steps,
@@ -101,7 +124,7 @@ def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Sche
   if warmup == 0:
     return decay
   return optax.join_schedules(
-      [optax.linear_schedule(0.0, cfg.learning_rate, warmup), decay], [warmup])
+      [optax.linear_schedule(start, cfg.learning_rate, warmup), decay], [warmup])
 
 
 class GroupedAdamState(NamedTuple):

@@ -75,9 +75,14 @@ def interpolate_positions(pos_embed: Array, grid_h: int, grid_w: int) -> Array:
 
 
 class ImageEmbeddings(nn.Module):
-  """Patchify -> linear (the stride-p conv), masked patches -> [MASK], prepend [CLS_I], + positions."""
+  """Patchify -> linear (the stride-p conv), masked patches -> [MASK], prepend [CLS_I], + positions.
+
+  `model` is any config with FlavaConfig's image, dtype, param_dtype and initializer_range
+  fields (BLIP's too); mask_token=False builds no [MASK] patch (a ViT that never masks).
+  """
 
   model: FlavaConfig
+  mask_token: bool = True
 
   @nn.compact
   def __call__(self, pixel_values: Array, bool_masked_pos: Array | None) -> Array:
@@ -99,7 +104,8 @@ class ImageEmbeddings(nn.Module):
                             (cfg.hidden_size,), pdtype)
     tokens_init = param_with_axes(nn.initializers.truncated_normal(std), ("embed",))
     cls_token = self.param("cls_token", tokens_init, (cfg.hidden_size,), pdtype)
-    mask_token = self.param("mask_token", tokens_init, (cfg.hidden_size,), pdtype)
+    mask_token = (self.param("mask_token", tokens_init, (cfg.hidden_size,), pdtype)
+                  if self.mask_token else None)
     pos_embed = self.param(
         "pos_embed",
         param_with_axes(nn.initializers.truncated_normal(std), ("position", "embed")),
@@ -110,6 +116,8 @@ class ImageEmbeddings(nn.Module):
     embeddings = embeddings.reshape(batch, grid_h * grid_w, cfg.hidden_size)
     embeddings = embeddings + patch_bias.astype(dtype)
     if bool_masked_pos is not None:
+      if mask_token is None:
+        raise ValueError("bool_masked_pos given to image embeddings built without a [MASK] token")
       masked = bool_masked_pos.reshape(batch, -1)[..., None].astype(dtype)  # [B, P, 1]
       embeddings = embeddings * (1 - masked) + mask_token.astype(dtype) * masked
     cls = jnp.broadcast_to(cls_token.astype(dtype), (batch, 1, cfg.hidden_size))

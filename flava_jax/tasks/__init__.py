@@ -17,6 +17,7 @@ REGISTRY = {
     "flava": "flava_jax.tasks.flava:FlavaTask",
     "dvae": "flava_jax.tasks.dvae:DVAETask",
     "clip": "flava_jax.tasks.clip:ClipTask",
+    "blip": "flava_jax.tasks.blip:BlipTask",
 }
 DEFAULT = "flava"
 
