@@ -74,7 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.global_batch = 2880 if base else 32
   config.text_length = 30 if base else 16
   steps_per_epoch = PAPER_PAIRS // 2880 if base else 6000 // 32
-  config.total_steps = 20 * steps_per_epoch if base else 600
+  config.total_steps = 20 * steps_per_epoch if base else 1200
   config.log_every_steps = 100 if base else 50
   config.grad_accum = 1
   config.grad_cache = False
@@ -101,9 +101,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       trainable=()))
   data = reference.data
   data.corpora = {"paired": dict(data.corpora.paired.to_dict(), weight=1.0)}
-  # BLIP's augmentation: RandomResizedCrop scale (0.2, 1.0), horizontal flip.
+  # BLIP's augmentation: RandomResizedCrop scale (0.2, 1.0), horizontal flip, RandAugment(2, 5)
+  # over the reference's operations; captions cleaned (pre_caption) and cut to 30 words.
   data.crop_scale = (0.2, 1.0)
   data.horizontal_flip = True
+  data.randaugment = (2, 5)
+  data.clean_captions = True
+  data.caption_max_words = 30
   config.data = data
   config.evals = ml_collections.ConfigDict(dict(retrieval=reference.evals.retrieval.to_dict()))
   config.init = ml_collections.ConfigDict(dict(model_from=""))

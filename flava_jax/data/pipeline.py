@@ -31,7 +31,7 @@ from flava_jax import sharding, stopping
 from flava_jax.data import embedded, masking, sources, transforms
 from flava_jax.data.mixture import (CORPUS_KEY, SKIPPED_KEY, SkipCountingBatchIterDataset,
                                     WeightedMixtureIterDataset)
-from flava_jax.data.preprocess import KINDS, ExampleProcessor
+from flava_jax.data.preprocess import KINDS, ExampleProcessor, ImageTextProcessor
 from flava_jax.data.tokenizer import Tokenizer
 from flava_jax.parse import check_choice, dataclass_from_dict
 
@@ -64,6 +64,11 @@ class DataConfig:
   crop_scale: tuple = (0.9, 1.0)
   crop_ratio: tuple = (3 / 4, 4 / 3)
   horizontal_flip: bool = False
+  # Read by image-caption processors (preprocess.ImageTextProcessor: BLIP) only; FLAVA-style
+  # processors refuse them. randaugment: (n, m) or () for none; caption_max_words: 0 = no cut.
+  randaugment: tuple = ()
+  clean_captions: bool = False
+  caption_max_words: int = 0
   fast_decode: bool = False  # JPEG DCT-domain downscaling of large images (transforms.py)
   max_pixels: int = 100_000_000
   max_text_bytes: int = 1 << 20
@@ -141,6 +146,10 @@ def load_tokenizer(cfg: DataConfig, shapes: Shapes | None = None) -> Tokenizer:
 
 def make_processor(kind: str, cfg: DataConfig, shapes: Shapes, tok: Tokenizer | None,
                    train: bool = True) -> ExampleProcessor:
+  for name in ("randaugment", "clean_captions", "caption_max_words"):
+    if getattr(cfg, name):
+      raise ValueError(f"data.{name}={getattr(cfg, name)!r} is read by image-caption "
+                       "processors (the BLIP task) only; this task's processors ignore it")
   grid = shapes.grid
   block = masking.BlockMaskConfig(grid_size=grid, num_masked=min(cfg.mask_patches, grid * grid),
                                   min_block=cfg.mask_min_block, min_aspect=cfg.mask_min_aspect)
@@ -433,6 +442,17 @@ def make_pipeline(cfg: DataConfig, corpora: Mapping[str, CorpusConfig],
         num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size),
         worker_init_fn=stopping.ignore_interrupts)
   return DataIterator(dataset, kinds, host_batch, process_count)
+
+
+def image_text_processor(cfg: DataConfig, image_size: int, tok: Tokenizer, text_length: int,
+                         train: bool = True) -> ImageTextProcessor:
+  """An image-caption processor (BLIP's data) from the data settings."""
+  return ImageTextProcessor(
+      image_size=image_size, tokenizer=tok, text_length=text_length,
+      crop_scale=tuple(cfg.crop_scale), crop_ratio=tuple(cfg.crop_ratio),
+      horizontal_flip=cfg.horizontal_flip, randaugment=tuple(cfg.randaugment),
+      max_words=cfg.caption_max_words, clean_captions=cfg.clean_captions,
+      max_pixels=cfg.max_pixels, max_text_bytes=cfg.max_text_bytes, train=train)
 
 
 def flava_processors(cfg: DataConfig, kinds, shapes: Shapes, train: bool = True

@@ -8,6 +8,9 @@
 The keys are what FLAVA's steps read per kind; eval mode (`train=False`) takes the whole image with
 no crop and no masks, and adds `label` and `input_ids` where the example has them. A bad example
 becomes {"_skip": reason} (examples.py) for the batcher to count.
+
+`ImageTextProcessor` is the BLIP-style processor of image-caption pairs: one augmented view (random
+resized crop, flip, RandAugment) and a cleaned caption, no dVAE view and no masks.
 """
 
 from __future__ import annotations
@@ -16,9 +19,12 @@ import dataclasses
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from flava_jax.data import masking, transforms
+from flava_jax.data.captions import clean_caption, truncate_words
 from flava_jax.data.examples import Skip, as_image_bytes, as_text
+from flava_jax.data.randaugment import RandAugment
 from flava_jax.data.tokenizer import Tokenizer
 # What a corpus holds: image-caption pairs, images (optionally labelled), or text. A task says
 # which kinds it trains on and which train step each kind feeds (flava_jax/tasks/).
@@ -97,6 +103,97 @@ class ExampleProcessor:
       out.update(self._image_features(example, rng))
       if self.kind == "paired":
         out.update(self._text_features(caption, rng))
+    if not self.train and example.get("label") is not None:
+      out["label"] = np.int32(example["label"])
+    return out
+
+
+@dataclasses.dataclass
+class ImageTextProcessor:
+  """Picklable per-example transform of image-caption pairs as BLIP's reference prepares them.
+
+  Train: a random caption (pick_one), cleaned (captions.clean_caption: lowercase, punctuation
+  spaced out, cut to `max_words` words) and tokenised to `text_length`; the image decoded, one
+  random resized crop (`crop_scale`, `crop_ratio`) resized bicubic to `image_size`, flipped
+  left-right with probability 0.5 when `horizontal_flip`, then RandAugment(n, m) when
+  `randaugment` is (n, m). Eval (`train=False`): the first caption, cleaned the same way, and the
+  whole image resized bicubic to `image_size`, no crop and no augmentation; `label` is added
+  where the example has one.
+
+  Output: pixels uint8 [S, S, 3] (the task's step normalises them with the CLIP mean/std),
+  input_ids and attention_mask int32 [L] ([CLS] caption [SEP], right-padded). A bad example
+  becomes {"_skip": reason} as with ExampleProcessor; so does a caption that cleaning empties
+  (reason "empty_text"), where the reference would train on an empty caption.
+  """
+
+  image_size: int
+  tokenizer: Tokenizer
+  text_length: int
+  crop_scale: tuple[float, float] = (0.2, 1.0)  # BLIP pretraining; its fine-tuning uses (0.5, 1)
+  crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+  horizontal_flip: bool = True
+  randaugment: tuple = (2, 5)  # (n, m) or () for none
+  max_words: int = 30  # 0: no cut
+  clean_captions: bool = True  # False: captions as as_text leaves them (still cut to max_words)
+  max_pixels: int = 100_000_000
+  max_text_bytes: int = 1 << 20
+  train: bool = True
+  kind: str = "paired"  # the corpus kind it reads, as ExampleProcessor.kind
+
+  def __post_init__(self):
+    if self.kind != "paired":
+      raise ValueError(f"ImageTextProcessor reads paired corpora, not {self.kind!r}")
+    if self.tokenizer is None:
+      raise ValueError("ImageTextProcessor needs a tokenizer")
+    self.crop_scale = tuple(self.crop_scale)
+    self.crop_ratio = tuple(self.crop_ratio)
+    self.randaugment = tuple(self.randaugment)
+    if len(self.randaugment) not in (0, 2):
+      raise ValueError(f"randaugment={self.randaugment!r}: give (n, m) or () for none")
+    # Validates n and m now rather than on the first example.
+    self._augment = RandAugment(*self.randaugment) if self.randaugment else None
+
+  def __call__(self, example: dict, rng: np.random.Generator) -> dict:
+    if "_skip" in example:
+      return example
+    try:
+      return self._process(example, rng)
+    except Skip as e:
+      return {"_skip": e.reason}
+
+  def caption(self, value: Any) -> str:
+    """A caption field's text as it is tokenised (cleaned and cut), or Skip."""
+    text = as_text(value, self.max_text_bytes)
+    text = (clean_caption(text, self.max_words) if self.clean_captions
+            else truncate_words(text, self.max_words))
+    if not text:
+      raise Skip("empty_text", "nothing left after cleaning")
+    return text
+
+  def _pixels(self, data: bytes, rng: np.random.Generator | None) -> np.ndarray:
+    image = transforms.decode_rgb(data, self.max_pixels)
+    if not self.train:
+      return transforms.eval_pixels(image, self.image_size)
+    left, top, w, h = transforms.random_resized_crop_box(image.width, image.height, rng,
+                                                         self.crop_scale, self.crop_ratio)
+    # Crop, then resize, as torchvision's RandomResizedCrop does: the bicubic filter sees only
+    # the crop (resize(box=...) would also read the pixels just outside it).
+    crop = image.crop((left, top, left + w, top + h))
+    pixels = np.asarray(crop.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC))
+    # Flipping the resized crop equals resizing the flipped crop (the bicubic kernel and the
+    # sampling grid are symmetric), and is cheaper.
+    if self.horizontal_flip and rng.random() < 0.5:
+      pixels = pixels[:, ::-1]
+    if self._augment is not None:
+      pixels = self._augment(pixels, rng)
+    return np.ascontiguousarray(pixels, np.uint8)  # [S, S, 3]
+
+  def _process(self, example: dict, rng: np.random.Generator) -> dict:
+    rng = rng if self.train else None
+    caption = self.caption(pick_one(example.get("caption"), rng))  # cheap to reject: first
+    pixels = self._pixels(as_image_bytes(pick_one(example.get("image"), rng)), rng)
+    ids, attention_mask, _ = self.tokenizer.encode(caption, self.text_length)
+    out = {"pixels": pixels, "input_ids": ids, "attention_mask": attention_mask}
     if not self.train and example.get("label") is not None:
       out["label"] = np.int32(example["label"])
     return out

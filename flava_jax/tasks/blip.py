@@ -128,15 +128,12 @@ class BlipTask(Task):
     return ("paired",)
 
   def processors(self, data_cfg: Any, kinds, train: bool = True) -> dict[str, Any]:
-    text = self.model_config.text
+    """BLIP's image-caption processor: random resized crop, flip and RandAugment per the data
+    settings, captions cleaned and cut (data.clean_captions, data.caption_max_words)."""
     tok = pipeline.load_tokenizer(data_cfg)
     self.check_tokenizer(tok, "data.vocab_file")
-    shapes = pipeline.Shapes(
-        image_size=self.model_config.image.image_size, patch_size=self.model_config.image.patch_size,
-        dvae_size=self.model_config.image.patch_size, paired_text_length=self.text_length,
-        text_length=self.text_length, text_vocab_size=text.vocab_size,
-        text_pad_id=text.pad_token_id)
-    return {k: pipeline.make_processor(k, data_cfg, shapes, tok, train) for k in kinds}
+    return {k: pipeline.image_text_processor(data_cfg, self.model_config.image.image_size, tok,
+                                             self.text_length, train) for k in kinds}
 
   def check_tokenizer(self, tok: Any, field: str) -> None:
     """The vocabulary must leave BLIP's [DEC] and [ENC] ids free and agree on [PAD] and [SEP]."""
