@@ -20,6 +20,7 @@ EVALUATORS = {
     "linear_probe": "flava_jax.evals.linear_probe",  # logistic regression on frozen h_CLS
     "finetune": "flava_jax.evals.finetune",          # a classifier head on h_CLS_I/T/M, trained
     "reconstruction": "flava_jax.evals.reconstruction",  # an image tokenizer's round trip
+    "captioning": "flava_jax.evals.captioning",      # captions of held-out images (BLIP)
 }
 
 
@@ -49,6 +50,7 @@ NEEDS = {
     "linear_probe": ("image_features",),
     "finetune": ("classifier", "classifier_width"),
     "reconstruction": ("reconstruct",),
+    "captioning": ("caption", "caption_settings", "caption_prompt"),
 }
 
 

@@ -38,6 +38,7 @@ from jax.sharding import PartitionSpec as P
 from flava_jax import flops
 from flava_jax.data import pipeline, transforms
 from flava_jax.losses import blip as blip_losses
+from flava_jax.models import blip_generate
 from flava_jax.models.blip import (
     MOMENTUM_PARTS, Blip, BlipConfig, l2_normalize, unimodal_text, with_first_token)
 from flava_jax.parse import check_choice, dataclass_from_dict
@@ -349,6 +350,27 @@ class BlipPredictor:
     ids = with_first_token(batch["input_ids"], self.model.config.text.enc_token_id)
     hidden = self.model.text_hidden(params, ids, batch["attention_mask"], image)
     return {"cls": hidden[:, 0].astype(jnp.float32)}
+
+  # --- captioning (evals/captioning.py, python -m flava_jax.caption) -------------------------
+
+  def caption_settings(self, **fields: Any) -> blip_generate.CaptionSettings:
+    """Decoding settings (blip_generate.CaptionSettings: method, max_length, min_length, ...);
+    sampling defaults to the CapFilt captioner's top-k 50."""
+    if fields.get("method") == "sample":
+      fields.setdefault("top_k", blip_generate.NUCLEUS.top_k)
+    return blip_generate.CaptionSettings(**fields)
+
+  def caption_prompt(self, tokenizer: Any, text: str) -> np.ndarray:
+    """A prompt text -> the decoder's prompt ids: [DEC] then the text's tokens, no [SEP]."""
+    ids, mask, _ = tokenizer.encode(text, self.max_text_length)
+    ids = ids[: int(mask.sum())]
+    return np.asarray(blip_generate.decoder_prompt(ids, self.model.config.text.bos_token_id))
+
+  def caption(self, params: Any, batch: Mapping[str, Array], prompt: Any,
+              settings: blip_generate.CaptionSettings, rng: Array | None = None) -> Array:
+    """Generated token ids [B, max_length - prompt length] of uint8 images (batch["pixels"])."""
+    pixels = transforms.encoder_pixels(batch["pixels"])
+    return blip_generate.captions(self.model, params, pixels, prompt, settings, rng).tokens
 
   def classifier(self, inputs: str, num_classes: int, hidden_size: int) -> Any:
     raise NotImplementedError("fine-tuning heads on BLIP come with its evaluations (VQA, "

@@ -21,8 +21,25 @@ MESHES = [dict(data=8, fsdp=1, tensor=1), dict(data=4, fsdp=2, tensor=1),
           dict(data=2, fsdp=2, tensor=2)]
 
 
+# Smaller than configs/blip.py:tiny (one layer per stack, 32 px): the same code paths, a
+# fraction of the compile time.
+SMALL = {"model.image.num_layers": 1, "model.text.num_layers": 1, "model.image.image_size": 32,
+         "model.image.hidden_size": 32, "model.text.hidden_size": 32, "model.image.mlp_dim": 64,
+         "model.text.mlp_dim": 64, "model.embed_dim": 16}
+
+
+def _set(config, dotted, value):
+  *path, last = dotted.split(".")
+  node = config
+  for part in path:
+    node = node[part]
+  node[last] = value
+
+
 def tiny_config(**loss):
   config = blip_configs.get_config("tiny")
+  for key, value in SMALL.items():
+    _set(config, key, value)
   config.global_batch = BATCH
   config.loss.queue_size = 2 * BATCH
   config.optimizer.warmup_steps = 0
@@ -182,7 +199,8 @@ def test_momentum_queues_and_pointer_resume_bit_exactly_after_sigkill(tmp_path):
   steps = 8
   overrides = {"global_batch": 16, "total_steps": steps, "log_every_steps": 1,
                "checkpoint.every_steps": 2, "optimizer.warmup_steps": 2,
-               "loss.queue_size": 48}  # 3 batches: the pointer wraps mid-run
+               "loss.queue_size": 48,  # 3 batches: the pointer wraps mid-run
+               **SMALL}
   config = blip_configs.get_config("tiny")
   config.evals = {}
   _uninterrupted(config, overrides, str(tmp_path / "uninterrupted"))
@@ -202,3 +220,47 @@ def test_momentum_queues_and_pointer_resume_bit_exactly_after_sigkill(tmp_path):
   assert_trees_equal(state["extra"], reference["extra"])
   assert_trees_equal(state["params"], reference["params"])
   assert_trees_equal(state["opt_state"], reference["opt_state"])
+
+
+def test_base_config_is_the_papers_vit_b_recipe():
+  config = blip_configs.get_config("base")
+  run, task = experiment.parse(config)
+  model, loss = task.model_config, task.loss_config
+  assert (model.image.image_size, model.image.patch_size, model.image.layer_norm_eps) == (
+      224, 16, 1e-6)
+  for enc in (model.image, model.text):
+    assert (enc.hidden_size, enc.num_layers, enc.num_heads, enc.mlp_dim) == (768, 12, 12, 3072)
+  text = model.text
+  assert (text.vocab_size, text.bos_token_id, text.enc_token_id, text.sep_token_id) == (
+      30524, 30522, 30523, 102)
+  assert text.layer_norm_eps == 1e-12 and model.embed_dim == 256 and model.share_decoder
+  assert (run.global_batch, task.text_length) == (2880, 30)
+  assert (loss.queue_size, loss.momentum, loss.alpha, loss.label_smoothing) == (
+      57600, 0.995, 0.4, 0.1)
+  assert loss.queue_size % run.global_batch == 0 and loss.negatives == "device"
+  epoch = blip_configs.PAPER_PAIRS // 2880
+  assert loss.alpha_ramp_steps == 2 * epoch and run.total_steps == 20 * epoch
+  opt = run.optimizer
+  assert (opt.learning_rate, opt.weight_decay, opt.warmup_steps, opt.decay, opt.decay_rate) == (
+      3e-4, 0.05, 3000, "step", 0.9)
+  schedule = train.learning_rate_schedule(opt, run.total_steps)
+  assert float(schedule(0)) == pytest.approx(1e-6)
+  assert float(schedule(3000)) == pytest.approx(3e-4)
+  assert float(schedule(3 * epoch + 5)) == pytest.approx(3e-4 * 0.9**3)
+  assert float(schedule(run.total_steps * 10)) == pytest.approx(1e-6)  # the floor
+  assert run.data.randaugment == (2, 5) and run.data.crop_scale == (0.2, 1.0)
+  assert run.data.clean_captions and run.data.caption_max_words == 30
+
+
+@pytest.mark.parametrize("variant", ["tiny", "base"])
+def test_every_blip_state_axis_has_a_logical_name_with_a_rule(variant):
+  config = blip_configs.get_config(variant)
+  _, task = experiment.parse(config)
+  ruled = {name for name, _ in config.sharding.rules}
+  axes = {"params": task.logical_axes(), "extra": task.extra_logical_axes()}
+  shapes = jax.eval_shape(lambda: (lambda p: {"params": p, "extra": task.init_extra(
+      jax.random.key(0), p)})(task.init_params(jax.random.key(0))))
+  for path, shape, spec in matched_leaves(shapes, axes, is_leaf=lambda x: isinstance(
+      x, jax.sharding.PartitionSpec)):
+    assert len(spec) == shape.ndim, path
+    assert all(name is None or name in ruled for name in spec), (path, spec)
