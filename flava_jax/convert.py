@@ -12,6 +12,11 @@ Command line (writes/reads the Orbax checkpoints of flava_jax.checkpoint):
     python -m flava_jax.convert --to_transformers=CKPT_DIR --out=DIR
     python -m flava_jax.convert --to_transformers=WORKDIR --out=DIR   # its newest checkpoint
 
+BLIP (flava_jax.convert_blip) goes through the same flags: --from_transformers takes one BLIP
+directory (BlipForImageTextRetrieval or BlipForConditionalGeneration), RETRIEVAL_DIR,CAPTIONING_DIR
+(one model of both), or a directory holding retrieval/ and captioning/; --to_transformers of a BLIP
+model directory or workdir writes OUT/retrieval and OUT/captioning.
+
 An existing non-empty --out is refused unless --overwrite is given (and then only a folder that
 holds a model is replaced, by one written beside it and swapped in once finished). Bad input is
 one `error:` line and a non-zero exit.
@@ -506,10 +511,13 @@ def _source_error(flag: str, src: str, e: Exception) -> CommandError:
 
 
 def _holds_model(directory: str) -> bool:
-  """A transformers directory (config.json) or a flava_jax model directory."""
+  """A transformers directory (config.json), a flava_jax model directory, or a BLIP export
+  (retrieval/ and/or captioning/ transformers directories)."""
   from flava_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  return any(os.path.exists(os.path.join(directory, name))
-             for name in (transformers_io.CONFIG, checkpoint.MODEL_JSON))
+  names = (transformers_io.CONFIG, checkpoint.MODEL_JSON,
+           os.path.join("retrieval", transformers_io.CONFIG),
+           os.path.join("captioning", transformers_io.CONFIG))
+  return any(os.path.exists(os.path.join(directory, name)) for name in names)
 
 
 def _check_out(out: str, overwrite: bool, sources: Sequence[str]) -> None:
@@ -576,11 +584,13 @@ def _replacing(out: str) -> Iterator[str]:
 
 
 def load_workdir(workdir: str, field: str = "--to_transformers"
-                 ) -> tuple[FlavaModel, Any, int, list[str]]:
-  """(model, params, step, notes) of a FLAVA training workdir's newest readable checkpoint.
+                 ) -> tuple[Any, Any, int, list[str]]:
+  """(model, params, step, notes) of a FLAVA or BLIP training workdir's newest readable
+  checkpoint.
 
-  The model config is the workdir's run_config.json `model`; a checkpoint that cannot be read
-  is passed over for the one before it (noted). Errors name `field` and the workdir.
+  The model config is the workdir's run_config.json `model` (a BlipConfig's fields when its
+  task is "blip"); a checkpoint that cannot be read is passed over for the one before it
+  (noted). Errors name `field` and the workdir.
   """
   from flava_jax import warm_start  # pylint: disable=import-outside-toplevel
   run_config = os.path.join(workdir, warm_start.RUN_CONFIG)
@@ -593,11 +603,17 @@ def load_workdir(workdir: str, field: str = "--to_transformers"
     raise ValueError(f"{run_config} is not JSON: {e}") from None
   model_config = run.get("model") if isinstance(run, dict) else None
   task = run.get("task", "flava") if isinstance(run, dict) else "flava"
-  if task != "flava" or not isinstance(model_config, dict) or "image" not in model_config:
-    raise ValueError(f"{field}={workdir} is not a FLAVA training workdir (its "
+  if task not in ("flava", "blip") or not isinstance(model_config, dict) or (
+      "image" not in model_config):
+    raise ValueError(f"{field}={workdir} is not a FLAVA training workdir nor a BLIP one (its "
                      f"{warm_start.RUN_CONFIG} describes task {task!r}"
-                     + ("" if task != "flava" else " without a FLAVA model config") + ")")
-  model = FlavaModel(FlavaConfig.from_dict(model_config))
+                     + ("" if task not in ("flava", "blip") else
+                        f" without a {task.upper()} model config") + ")")
+  if task == "blip":
+    from flava_jax.models.blip import Blip, BlipConfig  # pylint: disable=import-outside-toplevel
+    model = Blip(BlipConfig.from_dict(model_config))
+  else:
+    model = FlavaModel(FlavaConfig.from_dict(model_config))
   params, step, notes = warm_start.newest_readable_params(workdir, field)
   return model, params, step, notes
 
@@ -607,6 +623,7 @@ def run_command(from_hf: str = "", to_hf: str = "", out: str = "", overwrite: bo
   """The command line (--from_transformers=from_hf or --to_transformers=to_hf, --out,
   --overwrite); returns what to print, raises CommandError (one line)."""
   from flava_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  from flava_jax import convert_blip  # pylint: disable=import-outside-toplevel
   from flava_jax import warm_start  # pylint: disable=import-outside-toplevel
   from flava_jax.model_summary import num_parameters  # pylint: disable=import-outside-toplevel
 
@@ -615,10 +632,19 @@ def run_command(from_hf: str = "", to_hf: str = "", out: str = "", overwrite: bo
   if not out:
     raise CommandError("--out is required")
   flag, src = ("--from_transformers", from_hf) if from_hf else ("--to_transformers", to_hf)
-  _check_out(out, overwrite, [src])
+  blip_sources = None
+  if from_hf:
+    try:
+      blip_sources = convert_blip.command_sources(src)
+    except ValueError as e:
+      raise _source_error(flag, src, e) from None
+  _check_out(out, overwrite, list(blip_sources.values()) if blip_sources else [src])
   notes: list[str] = []
   try:
-    if from_hf:
+    if blip_sources:
+      model, params = convert_blip.from_transformers(**blip_sources)
+      dvae = dvae_params = None
+    elif from_hf:
       model, params = from_transformers(src)
       dvae = dvae_params = None
       if model.config.pretraining_heads:
@@ -634,8 +660,9 @@ def run_command(from_hf: str = "", to_hf: str = "", out: str = "", overwrite: bo
       if kind == "workdir":
         model, params, step, notes = load_workdir(src, flag)
         dvae = dvae_params = None
-        notes.append(f"exported step {step}, the newest readable checkpoint of {src} (without "
-                     "an image codebook: a workdir does not hold its frozen dVAE)")
+        notes.append(f"exported step {step}, the newest readable checkpoint of {src}"
+                     + (" (without an image codebook: a workdir does not hold its frozen dVAE)"
+                        if isinstance(model, FlavaModel) else ""))
       else:
         loaded = checkpoint.load_model(src)
         model, params, dvae, dvae_params = (loaded.model, loaded.params, loaded.dvae,
@@ -647,13 +674,24 @@ def run_command(from_hf: str = "", to_hf: str = "", out: str = "", overwrite: bo
       if from_hf:
         checkpoint.save_model(staging, model.config, params, dvae.config if dvae else None,
                               dvae_params)
-      else:
+      elif isinstance(model, FlavaModel):
         to_transformers(model, params, staging, dvae, dvae_params)
+      else:
+        convert_blip.to_transformers(model, params, staging)
   except OSError as e:
     raise CommandError(f"cannot write --out={out}: {e}") from None
   except ValueError as e:  # parameters that do not fit their config
     raise _source_error(flag, src, e) from None
-  if from_hf:
+  if blip_sources:
+    done = (f"wrote {out}: BLIP with {num_parameters(params):,} parameters ("
+            f"{convert_blip.describe(model.config)}) from "
+            + " and ".join(f"{kind} {path}" for kind, path in blip_sources.items()))
+  elif not isinstance(model, FlavaModel):
+    done = f"wrote {out}: " + ", ".join(
+        f"{os.path.join(out, kind)} loadable with transformers' {name}.from_pretrained"
+        for kind, name in convert_blip.ARCHITECTURES.items()
+        if getattr(model.config, "with_encoder" if kind == "retrieval" else "with_decoder"))
+  elif from_hf:
     done = (f"wrote {out}: FLAVA with {num_parameters(params):,} parameters"
             + (", pretraining heads" if model.config.pretraining_heads else ", no heads")
             + (", dVAE encoder" if dvae else ""))
@@ -679,7 +717,10 @@ def main(argv: Sequence[str]) -> None:
 def _define_flags() -> None:
   from absl import flags  # pylint: disable=import-outside-toplevel
   flags.DEFINE_string("from_transformers", None,
-                      "a transformers save_pretrained directory (FlavaForPreTraining/FlavaModel)")
+                      "a transformers save_pretrained directory (FlavaForPreTraining/FlavaModel, "
+                      "or a BLIP: BlipForImageTextRetrieval or BlipForConditionalGeneration, "
+                      "RETRIEVAL_DIR,CAPTIONING_DIR for one model of both, or a folder holding "
+                      "retrieval/ and captioning/)")
   flags.DEFINE_string("to_transformers", None, "a flava_jax model directory (written by "
                       "--from_transformers) or a training workdir (its newest checkpoint)")
   flags.DEFINE_string("out", None, "output directory (new or empty, or see --overwrite)")

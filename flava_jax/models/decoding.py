@@ -36,6 +36,7 @@ import jax.numpy as jnp
 Array = jax.Array
 LogitsFn = Callable[[Array, Any], tuple[Array, Any]]
 LENGTH_PENALTY_STYLES = ("power", "gnmt")
+BEAM_RULES = ("exact", "transformers")
 NEG_INF = -jnp.inf
 
 
@@ -218,12 +219,20 @@ def beam_search(logits_fn: LogitsFn, prompt: Array, state: Any, *, beam_size: in
                 max_length: int, eos_id: int, pad_id: int, min_length: int = 0,
                 alpha: float = 1.0, length_penalty_style: str = "power",
                 state_batch_axes: Any = None,
-                prefill_fn: LogitsFn | None = None) -> BeamSearchOutput:
+                prefill_fn: LogitsFn | None = None, rules: str = "exact") -> BeamSearchOutput:
   """Beam search keeping beam_size live and beam_size finished hypotheses per row.
 
   A hypothesis finishes when it emits EOS or reaches max_length; its score is its log-probability
-  sum divided by length_penalty(length, alpha, length_penalty_style) (see `length_penalty`). The
-  loop stops early once no live hypothesis can beat the worst kept finished one.
+  sum divided by length_penalty(length, alpha, length_penalty_style) (see `length_penalty`).
+  rules="exact": any of a step's 2K candidates may finish, and the loop stops early once no live
+  hypothesis can beat the worst kept finished one (it never stops before the best is certain).
+  rules="transformers": transformers' beam search (5.x) with its default early_stopping=False:
+  only candidates ranked among the step's best beam_size may finish, and a row stops accepting
+  finished hypotheses for good once its K finished slots are full and its best live sum over
+  length_penalty(tokens generated so far) does not beat the worst of them (a heuristic: with
+  alpha > 0 a longer hypothesis could still have won); the loop stops when every row has
+  stopped. Its lengths are generated tokens, EOS included, as here (transformers 4.x before
+  the decoder_prompt_len change divided by the whole length, prompt included, EOS excluded).
   state_batch_axes: a pytree like the post-prefill state giving each leaf's batch axis (None:
   shared by all rows, such as a cache index); default: axis 0 for arrays, scalars shared. For a
   transformer cache use transformer.cache_batch_axes(state). The prefill runs on the B prompts;
@@ -232,6 +241,9 @@ def beam_search(logits_fn: LogitsFn, prompt: Array, state: Any, *, beam_size: in
   if length_penalty_style not in LENGTH_PENALTY_STYLES:
     raise ValueError(f"length_penalty_style={length_penalty_style!r} is not one of "
                      f"{LENGTH_PENALTY_STYLES}")
+  if rules not in BEAM_RULES:
+    raise ValueError(f"rules={rules!r} is not one of {BEAM_RULES}")
+  transformers_rules = rules == "transformers"
   batch, beams = prompt.shape[0], beam_size
   logits, state = (prefill_fn or logits_fn)(prompt, state)
   vocab_size = logits.shape[-1]
@@ -241,9 +253,10 @@ def beam_search(logits_fn: LogitsFn, prompt: Array, state: Any, *, beam_size: in
   logits = jnp.repeat(logits, beams, axis=0)  # [B * K, V]
   penalty = lambda length: length_penalty(length, alpha, length_penalty_style)  # noqa: E731
 
-  def select(step, logits, live_seqs, live_scores, done_seqs, done_scores):
-    """Expands the live beams by one token; returns the new live/done beams and the live ones'
-    origin beams [B, K] (to reorder the state) and last tokens [B * K]."""
+  def select(step, logits, live_seqs, live_scores, done_seqs, done_scores, settled):
+    """Expands the live beams by one token; returns the new live/done beams, the live ones'
+    origin beams [B, K] (to reorder the state) and last tokens [B * K], and which rows have
+    stopped accepting finished hypotheses (rules="transformers"; [B])."""
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     log_probs = forbid_eos(log_probs, eos_id, step < min_length).reshape(batch, beams, vocab_size)
     candidates = (live_scores[:, :, None] + log_probs).reshape(batch, beams * vocab_size)
@@ -255,6 +268,8 @@ def beam_search(logits_fn: LogitsFn, prompt: Array, state: Any, *, beam_size: in
     seqs = jax.lax.dynamic_update_slice(
         seqs, tokens[:, :, None].astype(jnp.int32), (jnp.zeros((), jnp.int32),) * 2 + (step,))
     ends = (tokens == eos_id) | (step == max_length - 1)
+    if transformers_rules:  # only the best K may finish, and not in a row that has stopped
+      ends = ends & (jnp.arange(2 * beams) < beams)[None, :] & ~settled[:, None]
     # Finished: keep the best K of the old finished and the candidates that end here.
     new_done = jnp.where(ends, top_scores / penalty(step + 1), NEG_INF)
     done_scores, keep = jax.lax.top_k(jnp.concatenate([done_scores, new_done], axis=1), beams)
@@ -265,7 +280,11 @@ def beam_search(logits_fn: LogitsFn, prompt: Array, state: Any, *, beam_size: in
     live_seqs = jnp.take_along_axis(seqs, keep[:, :, None], axis=1)
     origin = jnp.take_along_axis(origin, keep, axis=1)
     last = jnp.take_along_axis(tokens, keep, axis=1).reshape(batch * beams).astype(jnp.int32)
-    return live_seqs, live_scores, done_seqs, done_scores, origin, last
+    if transformers_rules:  # live_scores are sorted, best first
+      full = jnp.all(done_scores > NEG_INF, axis=1)
+      settled = settled | (full & (live_scores[:, 0] / penalty(step + 1)
+                                   <= jnp.min(done_scores, axis=1)))
+    return live_seqs, live_scores, done_seqs, done_scores, origin, last, settled
 
   live_seqs = jnp.full((batch, beams, max_length), pad_id, jnp.int32)
   # Only beam 0 is live at first: the K copies of a prompt would otherwise propose K times the
@@ -274,28 +293,30 @@ def beam_search(logits_fn: LogitsFn, prompt: Array, state: Any, *, beam_size: in
   done_seqs = jnp.full((batch, beams, max_length), pad_id, jnp.int32)
   done_scores = jnp.full((batch, beams), NEG_INF, jnp.float32)
   step = jnp.zeros((), jnp.int32)
-  live_seqs, live_scores, done_seqs, done_scores, origin, last = select(
-      step, logits, live_seqs, live_scores, done_seqs, done_scores)
+  live_seqs, live_scores, done_seqs, done_scores, origin, last, settled = select(
+      step, logits, live_seqs, live_scores, done_seqs, done_scores, jnp.zeros((batch,), bool))
   state = _map_batch_rows(lambda x: _gather_beams(x, origin), state, state_batch_axes)
 
   def cond(carry):
-    step, _, _, _, live_scores, _, done_scores = carry
+    step, _, _, _, live_scores, _, done_scores, settled = carry
+    if transformers_rules:
+      return (step < max_length) & ~jnp.all(settled)
     # Log-probabilities only fall, so a live beam's best reachable score is its current sum over
     # the largest penalty of the lengths still reachable (at one end: the penalty is monotone).
     best_penalty = jnp.maximum(penalty(step + 1), penalty(max_length))
     best_live = jnp.max(live_scores, axis=1) / best_penalty  # [B]
-    settled = jnp.min(done_scores, axis=1) >= best_live
-    return (step < max_length) & ~jnp.all(settled)
+    certain = jnp.min(done_scores, axis=1) >= best_live
+    return (step < max_length) & ~jnp.all(certain)
 
   def body(carry):
-    step, last, state, live_seqs, live_scores, done_seqs, done_scores = carry
+    step, last, state, live_seqs, live_scores, done_seqs, done_scores, settled = carry
     logits, state = logits_fn(last[:, None], state)
-    live_seqs, live_scores, done_seqs, done_scores, origin, last = select(
-        step, logits, live_seqs, live_scores, done_seqs, done_scores)
+    live_seqs, live_scores, done_seqs, done_scores, origin, last, settled = select(
+        step, logits, live_seqs, live_scores, done_seqs, done_scores, settled)
     state = _map_batch_rows(lambda x: _gather_beams(x, origin), state, state_batch_axes)
-    return step + 1, last, state, live_seqs, live_scores, done_seqs, done_scores
+    return step + 1, last, state, live_seqs, live_scores, done_seqs, done_scores, settled
 
-  carry = (step + 1, last, state, live_seqs, live_scores, done_seqs, done_scores)
-  *_, done_seqs, done_scores = jax.lax.while_loop(cond, body, carry)
+  carry = (step + 1, last, state, live_seqs, live_scores, done_seqs, done_scores, settled)
+  *_, done_seqs, done_scores, _ = jax.lax.while_loop(cond, body, carry)
   return BeamSearchOutput(sequences=done_seqs[:, 0], scores=done_scores[:, 0],
                           beam_sequences=done_seqs, beam_scores=done_scores)
