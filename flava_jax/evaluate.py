@@ -24,7 +24,6 @@ from flava_jax.data import embedded, sources
 from flava_jax.data.tokenizer import Tokenizer
 from flava_jax.evals.features import EvalContext
 
-DEFAULT_TEXT_LENGTH = 77  # FLAVA's caption length, for checkpoints that do not say
 EVAL_FIELDS = ("task", "vocab_file", "cache_dir", "text_length", "sharding")
 
 
@@ -58,18 +57,19 @@ def load_checkpoint(path: str, field: str = "--checkpoint") -> Checkpoint:
     return Checkpoint(task, warm_start.read_workdir_params(path, field),
                       run.get("data", {}).get("vocab_file", ""),
                       task.predict().text_length, kind)
+  family = "flava"
   if kind == "model":
     from flava_jax import checkpoint  # pylint: disable=import-outside-toplevel
     loaded = checkpoint.load_model(path)
-    config, params = loaded.model.config, loaded.params
+    config, params, family = loaded.model.config, loaded.params, loaded.task
   else:
     from flava_jax import convert  # pylint: disable=import-outside-toplevel
     model, params = convert.from_transformers(path)
     config = model.config
   vocab = os.path.join(path, "vocab.txt")
-  task = tasks.for_converted_model(config)
-  return Checkpoint(task, params, vocab if os.path.exists(vocab) else "", DEFAULT_TEXT_LENGTH,
-                    kind)
+  task = tasks.for_converted_model(config, family)
+  return Checkpoint(task, params, vocab if os.path.exists(vocab) else "",
+                    task.predict().text_length, kind)
 
 
 def make_context(task: tasks.Task, mesh: jax.sharding.Mesh, rules: sharding.Rules,

@@ -135,6 +135,10 @@ def read_flava_params(path: str, field: str) -> Any:
     return params
   if kind == "model":
     return checkpoint.load_model(path).params
+  from flava_jax import convert_blip  # pylint: disable=import-outside-toplevel
+  blip_sources = convert_blip.command_sources(path)
+  if blip_sources:  # a BLIP transformers directory (retrieval, captioning or both)
+    return convert_blip.from_transformers(**blip_sources)[1]
   return convert.from_transformers(path)[1]
 
 

@@ -39,10 +39,10 @@ def build(config: Mapping[str, Any]) -> Task:
   return task_class(task_name(config))(config)
 
 
-def for_converted_model(model_config: Any) -> Task:
+def for_converted_model(model_config: Any, family: str = "flava") -> Task:
   """The task of a model directory without a training config (converted from transformers or
-  by `python -m flava_jax.convert`): FLAVA, the family those formats hold."""
-  return task_class("flava").for_model(model_config)
+  by `python -m flava_jax.convert`): its family's (`family`: the directory's recorded task)."""
+  return task_class(family).for_model(model_config)
 
 
 def for_run_config(run: Mapping[str, Any], field: str = "--checkpoint") -> Task:

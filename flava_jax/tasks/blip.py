@@ -114,6 +114,21 @@ class BlipTask(Task):
             f"global_batch={global_batch}: every step enqueues the global batch's features")
     self.model = Blip(self.model_config)
 
+  @classmethod
+  def for_model(cls, model_config: BlipConfig) -> "BlipTask":
+    """The task of a model without a training config (a converted directory): its own sizes,
+    the default objectives, captions of 30 tokens (fewer if its positions are fewer)."""
+    return cls({"model": model_config.to_dict(), "loss": {},
+                "text_length": min(30, model_config.text.max_position_embeddings)})
+
+  def check(self, data_cfg: Any) -> None:
+    """Pretraining needs every part of the MED (a converted model may hold only some)."""
+    super().check(data_cfg)
+    for part in ("with_encoder", "with_decoder"):
+      if not getattr(self.model_config, part):
+        raise ValueError(f"model.{part}=False: BLIP pretraining trains the text encoder (ITC, "
+                         "ITM) and the decoder (LM); this model lacks one of them")
+
   def replace(self, **model_changes: Any) -> "BlipTask":
     """The same task with model fields changed (e.g. attention_impl)."""
     new = object.__new__(BlipTask)
