@@ -70,7 +70,7 @@ def caption_images(ckpt, paths: Sequence[str], settings_fields: dict, prompt_tex
     raise ValueError(f"--checkpoint: a {ckpt.task.NAME} model has no captioning decoder")
   mesh = sharding.make_mesh({"data": -1})
   ctx = evaluate.make_context(ckpt.task, mesh, (("batch", ("data", "fsdp")),),
-                              vocab_file or ckpt.vocab_file)
+                              evaluate.vocabulary(ckpt, vocab_file, "--vocab_file"))
   settings = predict.caption_settings(**settings_fields)
   prompt = predict.caption_prompt(ctx.tokenizer, prompt_text)
   key = jax.random.key(seed)

@@ -104,16 +104,24 @@ def check_config(config: Any) -> None:
   sharding.rules_from_config(config.sharding.rules)
 
 
+def vocabulary(ckpt: Checkpoint, vocab_file: str, flag: str) -> str:
+  """The vocab.txt to read a checkpoint's text with: `vocab_file`, else the checkpoint's own
+  (a workdir's config, a model directory's vocab.txt), else the embedded corpus's, which only
+  a model of the embedded vocabulary's size may use (errors name `flag`)."""
+  vocab_file = vocab_file or ckpt.vocab_file
+  size = getattr(ckpt.predict, "tokenizer_vocab_size", ckpt.predict.text_vocab_size)
+  if not vocab_file and ckpt.kind != "workdir" and size != embedded.VOCAB_SIZE:
+    raise ValueError(f"the checkpoint's text vocabulary has {size} tokens and its directory "
+                     f"no vocab.txt: set {flag} to the model's (bert-base-uncased's vocab.txt "
+                     "for facebook/flava-full and Salesforce's BLIP)")
+  return vocab_file
+
+
 def run(config: Any, checkpoint_path: str) -> dict[str, float]:
   """Loads the checkpoint, builds the task's evaluator on this process's mesh, runs it."""
   check_config(config)
   ckpt = load_checkpoint(checkpoint_path)
-  vocab_file = config.vocab_file or ckpt.vocab_file
-  if not vocab_file and ckpt.kind != "workdir" and (
-      ckpt.predict.text_vocab_size != embedded.VOCAB_SIZE):
-    raise ValueError(f"the checkpoint's text vocabulary has {ckpt.predict.text_vocab_size} "
-                     "tokens and its directory no vocab.txt: set --config.vocab_file to the "
-                     "model's (bert-base-uncased's vocab.txt for facebook/flava-full)")
+  vocab_file = vocabulary(ckpt, config.vocab_file, "--config.vocab_file")
   mesh = sharding.make_mesh(config.sharding.mesh)
   rules = sharding.rules_from_config(config.sharding.rules)
   ctx = make_context(ckpt.task, mesh, rules, vocab_file, config.cache_dir,

@@ -334,6 +334,12 @@ class BlipPredictor:
   def max_text_length(self) -> int:
     return self.model.config.text.max_position_embeddings
 
+  @property
+  def tokenizer_vocab_size(self) -> int:
+    """The text vocabulary without BLIP's [DEC] and [ENC] (the tokenizer's size)."""
+    text = self.model.config.text
+    return min(text.bos_token_id, text.enc_token_id)
+
   def logical_axes(self) -> Any:
     return self.model.logical_axes()
 
