@@ -444,6 +444,21 @@ def from_transformers(src: Any, dtype: str = "float32", **config_overrides: Any
   return model, jax.tree_util.tree_map(np.asarray, params)
 
 
+def check_params(expected: Any, params: Mapping) -> None:
+  """Parameters must have the leaves and shapes of `expected` (a tree of shapes): an error
+  names the missing, unexpected or misshapen ones."""
+  expected, given = flatten_tree(expected), flatten_tree(params)
+  if set(expected) != set(given):
+    raise ValueError(
+        "params do not match the model: missing "
+        f"{sorted('/'.join(p) for p in set(expected) - set(given))[:10]}, unexpected "
+        f"{sorted('/'.join(p) for p in set(given) - set(expected))[:10]}")
+  for path, shape in expected.items():
+    if tuple(np.shape(given[path])) != tuple(shape.shape):
+      raise ValueError(f"params do not match the model: {'/'.join(path)} has shape "
+                       f"{tuple(np.shape(given[path]))}, the config implies {tuple(shape.shape)}")
+
+
 def to_transformers(model: FlavaModel, params: Mapping, dst: str, dvae: DVAE | None = None,
                     dvae_params: Mapping | None = None) -> None:
   """Writes `dst` so that transformers' FlavaForPreTraining.from_pretrained(dst) loads our weights.
@@ -457,13 +472,7 @@ def to_transformers(model: FlavaModel, params: Mapping, dst: str, dvae: DVAE | N
   if dvae is not None and not config.pretraining_heads:
     raise ValueError("an image codebook can only be written with a FlavaForPreTraining model")
   prefix = PRETRAINING_PREFIX if config.pretraining_heads else ""
-  expected = flatten_tree(_abstract(lambda: init_params(model, jax.random.key(0))))
-  given = flatten_tree(params)
-  if set(expected) != set(given):
-    raise ValueError(
-        "params do not match the model: missing "
-        f"{sorted('/'.join(p) for p in set(expected) - set(given))[:10]}, unexpected "
-        f"{sorted('/'.join(p) for p in set(given) - set(expected))[:10]}")
+  check_params(_abstract(lambda: init_params(model, jax.random.key(0))), params)
   state = _scatter(flava_rules(config, prefix), params)
   if dvae is not None:
     enc_params = {"encoder": dvae_params["encoder"]}

@@ -55,7 +55,7 @@ import numpy as np
 from flava_jax import transformers_io
 from flava_jax.convert import (
     _CONV, _LINEAR, _POSITIONS, _TOKEN, ConversionError, _gather, _linear, _norm,
-    _out_kernel, _qkv_bias, _qkv_kernel, _Rule, _scalar, _scatter, _Transform, flatten_tree)
+    _out_kernel, _qkv_bias, _qkv_kernel, _Rule, _scalar, _scatter, _Transform, check_params)
 from flava_jax.models.blip import DECODER_OWN, Blip, BlipConfig, BlipTextConfig
 from flava_jax.models.config import ImageConfig
 
@@ -475,17 +475,7 @@ def to_transformers(model: Blip | BlipConfig, params: Mapping, dst: str) -> list
   the folders written. A shared decoder is written whole (transformers has no sharing)."""
   config = model.config if isinstance(model, Blip) else model
   blip = Blip(config)
-  expected = flatten_tree(jax.eval_shape(blip.init_params, jax.random.key(0)))
-  given = flatten_tree(params)
-  if set(expected) != set(given):
-    raise ValueError(
-        "params do not match the model: missing "
-        f"{sorted('/'.join(p) for p in set(expected) - set(given))[:10]}, unexpected "
-        f"{sorted('/'.join(p) for p in set(given) - set(expected))[:10]}")
-  for path, shape in expected.items():
-    if tuple(np.shape(given[path])) != tuple(shape.shape):
-      raise ValueError(f"params do not match the model: {'/'.join(path)} has shape "
-                       f"{tuple(np.shape(given[path]))}, the config implies {tuple(shape.shape)}")
+  check_params(jax.eval_shape(blip.init_params, jax.random.key(0)), params)
   full = blip.expand(params)
   written = []
   if config.with_encoder:

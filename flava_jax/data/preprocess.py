@@ -42,8 +42,21 @@ def pick_one(value: Any, rng: np.random.Generator | None) -> Any:
   return value
 
 
+class _SkipsBadExamples:
+  """Processors call `_process` and turn a Skip into {"_skip": reason} for the batcher to count;
+  an example already marked bad passes through."""
+
+  def __call__(self, example: dict, rng: np.random.Generator) -> dict:
+    if "_skip" in example:
+      return example
+    try:
+      return self._process(example, rng)
+    except Skip as e:
+      return {"_skip": e.reason}
+
+
 @dataclasses.dataclass
-class ExampleProcessor:
+class ExampleProcessor(_SkipsBadExamples):
   """Picklable per-example transform for one corpus kind."""
 
   kind: str
@@ -61,13 +74,6 @@ class ExampleProcessor:
     if self.kind != "image" and (self.tokenizer is None or self.mlm is None):
       raise ValueError(f"a {self.kind} corpus needs a tokenizer and MLM settings")
 
-  def __call__(self, example: dict, rng: np.random.Generator) -> dict:
-    if "_skip" in example:
-      return example
-    try:
-      return self._process(example, rng)
-    except Skip as e:
-      return {"_skip": e.reason}
 
   def _image_features(self, example: dict, rng: np.random.Generator) -> dict:
     data = as_image_bytes(pick_one(example.get("image"), rng))
@@ -109,7 +115,7 @@ class ExampleProcessor:
 
 
 @dataclasses.dataclass
-class ImageTextProcessor:
+class ImageTextProcessor(_SkipsBadExamples):
   """Picklable per-example transform of image-caption pairs as BLIP's reference prepares them.
 
   Train: a random caption (pick_one), cleaned (captions.clean_caption: lowercase, punctuation
@@ -153,13 +159,6 @@ class ImageTextProcessor:
     # Validates n and m now rather than on the first example.
     self._augment = RandAugment(*self.randaugment) if self.randaugment else None
 
-  def __call__(self, example: dict, rng: np.random.Generator) -> dict:
-    if "_skip" in example:
-      return example
-    try:
-      return self._process(example, rng)
-    except Skip as e:
-      return {"_skip": e.reason}
 
   def caption(self, value: Any) -> str:
     """A caption field's text as it is tokenised (cleaned and cut), or Skip."""

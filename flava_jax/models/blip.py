@@ -44,7 +44,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flava_jax.models.config import ComputeConfig, EncoderConfig, ImageConfig
+from flava_jax.models.config import ComputeConfig, EncoderConfig, ImageConfig, compute_of
 from flava_jax.models.image import ImageEmbeddings
 from flava_jax.models.transformer import (
     ACT_EMBED, ACT_VOCAB, BATCH, LENGTH, Dense, Encoder, LayerNorm, constrain, dtype_of,
@@ -106,9 +106,7 @@ class BlipConfig:
 
   @property
   def compute(self) -> ComputeConfig:
-    return ComputeConfig(dtype=self.dtype, param_dtype=self.param_dtype,
-                         attention_impl=self.attention_impl, remat_policy=self.remat_policy,
-                         scan_unroll=self.scan_unroll, initializer_range=self.initializer_range)
+    return compute_of(self)
 
   def validate(self) -> "BlipConfig":
     self.image.validate("model.image")

@@ -109,6 +109,14 @@ class ComputeConfig:
     return self
 
 
+def compute_of(config: Any) -> ComputeConfig:
+  """The ComputeConfig of a family's config holding the same-named fields (dtype, param_dtype,
+  attention_impl, remat_policy, scan_unroll, initializer_range)."""
+  return ComputeConfig(dtype=config.dtype, param_dtype=config.param_dtype,
+                       attention_impl=config.attention_impl, remat_policy=config.remat_policy,
+                       scan_unroll=config.scan_unroll, initializer_range=config.initializer_range)
+
+
 @dataclasses.dataclass(frozen=True)
 class FlavaConfig:
   """The whole FLAVA model: three encoders, contrastive projections and pretraining heads.
@@ -140,9 +148,7 @@ class FlavaConfig:
   @property
   def compute(self) -> ComputeConfig:
     """The compute settings the shared transformer layers take."""
-    return ComputeConfig(dtype=self.dtype, param_dtype=self.param_dtype,
-                         attention_impl=self.attention_impl, remat_policy=self.remat_policy,
-                         scan_unroll=self.scan_unroll, initializer_range=self.initializer_range)
+    return compute_of(self)
 
   def validate(self) -> "FlavaConfig":
     self.image.validate("model.image")

@@ -43,6 +43,7 @@ from flava_jax.models.blip import (
     MOMENTUM_PARTS, Blip, BlipConfig, l2_normalize, unimodal_text, with_first_token)
 from flava_jax.parse import check_choice, dataclass_from_dict
 from flava_jax.tasks.base import LossOutput, StepContext, Task
+from flava_jax.tasks.flava import EncoderSizes  # image_size, text_vocab_size, max_text_length
 
 Array = jax.Array
 
@@ -316,23 +317,11 @@ def momentum_parts(tree: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @dataclasses.dataclass(frozen=True)
-class BlipPredictor:
+class BlipPredictor(EncoderSizes):
   """What evaluators call: ITC features of images and texts (retrieval, zero-shot, probes)."""
 
   model: Blip
   text_length: int
-
-  @property
-  def image_size(self) -> int:
-    return self.model.config.image.image_size
-
-  @property
-  def text_vocab_size(self) -> int:
-    return self.model.config.text.vocab_size
-
-  @property
-  def max_text_length(self) -> int:
-    return self.model.config.text.max_position_embeddings
 
   @property
   def tokenizer_vocab_size(self) -> int:
