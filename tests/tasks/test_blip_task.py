@@ -58,9 +58,10 @@ def tiny_experiment(sizes, devices=None, **loss):
 
 @pytest.fixture(scope="module")
 def one_device():
+  """The single-device experiment and its initial state as host arrays (the meshes' steps start
+  from it: no per-mesh initialisation to compile)."""
   exp = tiny_experiment(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1], negatives="global")
-  params = jax.device_get(exp.task.init_params(jax.random.key(0)))
-  return exp, params
+  return exp, jax.device_get(exp.create_state(jax.random.key(1)))
 
 
 def _batch(exp, seed=0):
@@ -70,12 +71,11 @@ def _batch(exp, seed=0):
 def test_whole_step_with_global_negatives_matches_one_device_on_every_mesh(one_device):
   """Loss, metrics, parameters, Adam state, momentum copies, queues and pointer after two
   donated steps equal the single-device steps' (1e-5)."""
-  exp1, params = one_device
+  exp1, initial = one_device
   batches = [_batch(exp1, seed) for seed in (0, 1)]
 
   def two_steps(exp):
-    state = exp.create_state(jax.random.key(1))
-    state = state.replace(params=jax.device_put(params, exp.state_shardings.params))
+    state = jax.device_put(initial, exp.state_shardings)
     step = exp.train_step("paired")
     metrics = []
     for i, batch in enumerate(batches):
@@ -126,28 +126,34 @@ def test_global_hard_negatives_are_the_same_on_every_mesh(sizes):
 def test_itm_is_computed_on_the_pairs_the_reference_builds(one_device):
   """The step's ITM loss equals the cross-entropy of the ITM head on (text, image) positives
   followed by (text, negative image) and (negative text, image), drawn the step's way."""
-  exp, params = one_device
+  exp, initial = one_device
+  params = initial.params
   task, model = exp.task, exp.task.model
   batch = {k: jnp.asarray(v) for k, v in _batch(exp, 2).items()}
-  extra = task.init_extra(jax.random.key(1), params)
+  extra = initial.extra
   rng = jax.random.key(9)
   ctx = StepContext(mesh=None, local_batch=BATCH, step=0)
-  out = task.loss("paired", params, extra, None, batch, rng, ctx)
+  # Both sides compiled (much faster than op by op).
+  out = jax.jit(lambda p, e, b: task.loss("paired", p, e, None, b, rng, ctx))(params, extra, batch)
 
-  image = model.image_embeds(params, transforms.encoder_pixels(batch["pixels"]))
-  ids, mask = batch["input_ids"], batch["attention_mask"]
-  text_feat = model.text_feature(params, model.text_hidden(params, ids, mask))
-  _, sim_i2t, sim_t2i = blip_losses.itc_loss(
-      model.image_feature(params, image), text_feat, model.image_feature(params, image),
-      text_feat, extra["image_queue"], extra["text_queue"], params["temp"], 0.4)
-  neg_image, neg_text = blip_losses.hard_negatives(sim_t2i[:, :BATCH], sim_i2t[:, :BATCH], rng,
-                                                   BATCH)
-  enc = with_first_token(ids, task.model_config.text.enc_token_id)
-  positives = model.text_hidden(params, enc, mask, image)
-  negatives = model.text_hidden(params, jnp.concatenate([enc, enc[neg_text]]),
-                                jnp.concatenate([mask, mask[neg_text]]),
-                                jnp.concatenate([image[neg_image], image]))
-  logits = model.itm_logits(params, jnp.concatenate([positives, negatives]))
+  @jax.jit
+  def reference_logits(params, extra, batch):
+    image = model.image_embeds(params, transforms.encoder_pixels(batch["pixels"]))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    text_feat = model.text_feature(params, model.text_hidden(params, ids, mask))
+    _, sim_i2t, sim_t2i = blip_losses.itc_loss(
+        model.image_feature(params, image), text_feat, model.image_feature(params, image),
+        text_feat, extra["image_queue"], extra["text_queue"], params["temp"], 0.4)
+    neg_image, neg_text = blip_losses.hard_negatives(sim_t2i[:, :BATCH], sim_i2t[:, :BATCH],
+                                                     rng, BATCH)
+    enc = with_first_token(ids, task.model_config.text.enc_token_id)
+    positives = model.text_hidden(params, enc, mask, image)
+    negatives = model.text_hidden(params, jnp.concatenate([enc, enc[neg_text]]),
+                                  jnp.concatenate([mask, mask[neg_text]]),
+                                  jnp.concatenate([image[neg_image], image]))
+    return model.itm_logits(params, jnp.concatenate([positives, negatives]))
+
+  logits = reference_logits(params, extra, batch)
   labels = jnp.concatenate([jnp.ones(BATCH, jnp.int32), jnp.zeros(2 * BATCH, jnp.int32)])
   want = -np.mean(np.asarray(jax.nn.log_softmax(logits))[np.arange(3 * BATCH), labels])
   # Momentum = online at initialisation, so the similarities above are the step's.
