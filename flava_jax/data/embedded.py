@@ -16,8 +16,20 @@ Evaluation parts, drawn from the same scenes (records: `SCHEMAS`):
   answers from `VQA_ANSWERS` (VQA v2-style soft scores).
 - ve: a scene and a hypothesis labelled entailment / neutral / contradiction (SNLI-VE-style).
 
-vocab.txt is a small WordPiece vocabulary trained on the train splits' texts (never the test
-splits'). Everything is drawn from fixed seeds: two builds are byte-identical. The shards are our
+CapFilt parts (BLIP's bootstrapping, tools/capfilt.py), train only:
+- human: scenes with one clean caption each, phrased like the retrieval captions: the small,
+  human-annotated corpus (COCO's role) the captioner and the filter are fine-tuned on.
+- web: scenes with alt-text-like captions, a known share of them noisy (`WEB_NOISE`): another
+  scene's caption ("mismatched"), the scene's caption with one colour or shape changed
+  ("partly_wrong"), or words that say nothing of the scene ("uninformative"). Each record keeps its
+  corruption ("noise") and the scene ("scene", JSON) for measurement only; training reads image
+  and caption.
+
+vocab.txt is a small WordPiece vocabulary trained on the train splits' texts of VOCAB_PARTS
+(never the test splits'). The trainer (tokenizers') breaks ties between equally frequent merges
+differently from run to run, so the vocabulary trained once is kept in the package
+(embedded_vocab.txt) and copied: token ids are the same on every machine. Everything else is
+drawn from fixed seeds: two builds are byte-identical. The shards are our
 own ArrayRecord format (records.py), read through the same path as user data.
 """
 
@@ -28,6 +40,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 
@@ -36,14 +49,16 @@ from PIL import Image, ImageDraw
 
 from flava_jax.data import records, tokenizer
 
-VERSION = 2  # bump when the generator changes: the cache directory is named after it
+VERSION = 3  # bump when the generator changes: the cache directory is named after it
 # The random streams are seeded with version 1's seed (not VERSION), so that parts which did not
 # change stay byte-identical across versions (figures measured on them remain comparable).
 _SEED = 1
 IMAGE_SIZE = 128
 VOCAB_SIZE = 1024
 # A part's seed depends on its index here and its split's in SPLITS: only append to both.
-PARTS = ("paired", "image", "text", "retrieval", "text_pairs", "vqa", "ve")
+PARTS = ("paired", "image", "text", "retrieval", "text_pairs", "vqa", "ve", "human", "web")
+# The parts whose train texts teach vocab.txt (those of version 2: its vocabulary is unchanged).
+VOCAB_PARTS = ("paired", "image", "text", "retrieval", "text_pairs", "vqa", "ve")
 SPLITS = ("train", "test")  # every split name; a part has those of `splits(part)`
 # Examples per (part, split); text is cut 90/10 from its source instead (`text_examples`).
 SIZES = {("paired", "train"): 6000, ("paired", "test"): 256,
@@ -51,11 +66,13 @@ SIZES = {("paired", "train"): 6000, ("paired", "test"): 256,
          ("retrieval", "test"): 200,
          ("text_pairs", "train"): 4000, ("text_pairs", "test"): 400,
          ("vqa", "train"): 3000, ("vqa", "test"): 300,
-         ("ve", "train"): 3000, ("ve", "test"): 300}
+         ("ve", "train"): 3000, ("ve", "test"): 300,
+         ("human", "train"): 1000, ("web", "train"): 6000}
 # The fields of each part's records (all also have "id", a string naming part/split/index).
 SCHEMAS = {"paired": ("image", "caption"), "image": ("image", "label"), "text": ("text",),
            "retrieval": ("image", "captions"), "text_pairs": ("text", "text_pair", "label"),
-           "vqa": ("image", "question", "answers"), "ve": ("image", "hypothesis", "label")}
+           "vqa": ("image", "question", "answers"), "ve": ("image", "hypothesis", "label"),
+           "human": ("image", "caption", "scene"), "web": ("image", "caption", "noise", "scene")}
 TEXT_CHARS = 400  # characters per text example (paragraphs joined up to this)
 RETRIEVAL_CAPTIONS = 5  # captions per retrieval scene
 VQA_ANNOTATORS = 10  # answers per VQA question
@@ -66,6 +83,7 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
 SHAPES = ("circle", "square", "triangle", "diamond")
 CLASS_NAMES = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)
 _COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
+_COUNT_VALUES = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3}
 _NUMBERS = {1: "one", 2: "two", 3: "three"}
 VQA_ANSWERS = tuple(COLOURS) + SHAPES + tuple(_NUMBERS.values())
 TEXT_PAIR_LABELS = ("not entailed", "entailed")  # text_pairs' label 0 / 1
@@ -79,9 +97,18 @@ _PREFIXES = ("", "a picture of ", "an image with ", "a drawing of ")
 # claims of text_pairs and ve, and "are" from the VQA questions).
 _RETRIEVAL_PREFIXES = _PREFIXES + ("i can see ", "there is ")
 _CLAIMS = ("there is {}", "i can see {}", "the picture shows {}")  # {}: "a red circle"
+# The web part's corruption: kind -> share of the records (the rest are "clean").
+WEB_NOISE = {"mismatched": 0.2, "partly_wrong": 0.15, "uninformative": 0.1}
+NOISE_KINDS = ("clean",) + tuple(WEB_NOISE)
+# Alt-text that says nothing of the picture ({} a number).
+_UNINFORMATIVE = ("image {}", "img {}", "photo {}", "picture", "click to enlarge",
+                  "untitled {}", "stock image {}", "download now", "thumbnail", "see more")
 _NEUTRAL = (("was drawn by a child", "were drawn by a child"),
             ("was drawn yesterday", "were drawn yesterday"),
             ("is made of paper", "are made of paper"))
+
+
+KEPT_VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded_vocab.txt")
 
 
 def default_cache_dir() -> str:
@@ -369,8 +396,91 @@ def ve_example(rng: np.random.Generator) -> dict:
   return {"image": image, "hypothesis": hypothesis, "label": label}
 
 
+def scene_json(groups: list[dict], where: str | None) -> str:
+  return json.dumps({"groups": groups, "where": where}, sort_keys=True)
+
+
+def scene_from_json(text: str | bytes) -> tuple[list[dict], str | None]:
+  value = json.loads(text)
+  return value["groups"], value["where"]
+
+
+def parse_caption(text: str) -> tuple[list[dict], str | None]:
+  """The groups a caption states ([{count, size or None, colour, shape}]) and its position phrase
+  (or None): "two small red circles and a blue square" -> two groups. Words outside the corpus's
+  grammar are ignored; a caption that names no colour-shape pair states no group."""
+  words = re.findall(r"[a-z]+", text.lower())
+  groups = []
+  for i in range(1, len(words)):
+    shape = words[i][:-1] if words[i].endswith("s") else words[i]
+    if shape not in SHAPES or words[i - 1] not in COLOURS:
+      continue
+    before = words[max(0, i - 3):i - 1]
+    size = before[-1] if before and before[-1] in _RADIUS else None
+    counts = [w for w in before if w in _COUNT_VALUES]
+    count = _COUNT_VALUES[counts[-1]] if counts else (2 if shape != words[i] else 1)
+    groups.append(dict(count=count, size=size, colour=words[i - 1], shape=shape))
+  joined = " ".join(words)
+  where = next((w for w in _POSITIONS if joined.endswith(w)), None)
+  return groups, where
+
+
+def caption_fits(text: str, scene: tuple[list[dict], str | None]) -> bool:
+  """Whether a caption is true of a scene: it names every group with its count, colour and shape,
+  and any size or position it states is the scene's (what a clean caption of it does)."""
+  stated, where = parse_caption(text)
+  return bool(stated) and _fits(stated, where, scene)
+
+
+def human_example(rng: np.random.Generator) -> dict:
+  """A scene and one clean caption in one of the retrieval captions' phrasings."""
+  groups, where = _scene(rng)
+  image = _draw(groups, where, rng)
+  options = [(True, True), (True, False), (False, True), (False, False)] if where else [
+      (True, False), (False, False)]
+  variants = _caption_variants(groups, where, options)
+  return {"image": image, "caption": variants[rng.integers(len(variants))],
+          "scene": scene_json(groups, where)}
+
+
+def web_example(rng: np.random.Generator) -> dict:
+  """A scene and an alt-text-like caption: clean, or corrupted as WEB_NOISE draws."""
+  groups, where = _scene(rng)
+  image = _draw(groups, where, rng)
+  draw, noise = rng.random(), "clean"
+  for kind, share in WEB_NOISE.items():
+    if draw < share:
+      noise = kind
+      break
+    draw -= share
+  if noise == "mismatched":
+    while True:  # another scene's caption, never one that happens to be true of this one
+      other = _scene(rng)
+      caption = _PREFIXES[rng.integers(len(_PREFIXES))] + _describe(*other)
+      if not caption_fits(caption, (groups, where)):
+        break
+  elif noise == "partly_wrong":  # one group's colour or shape changed to one the scene lacks
+    k = int(rng.integers(len(groups)))
+    present = {(g["colour"], g["shape"]) for g in groups}
+    change_colour = rng.random() < 0.5
+    while True:
+      colour = list(COLOURS)[rng.integers(len(COLOURS))] if change_colour else groups[k]["colour"]
+      shape = groups[k]["shape"] if change_colour else SHAPES[rng.integers(len(SHAPES))]
+      if (colour, shape) not in present:
+        break
+    changed = [dict(g, colour=colour, shape=shape) if j == k else g for j, g in enumerate(groups)]
+    caption = _PREFIXES[rng.integers(len(_PREFIXES))] + _describe(changed, where)
+  elif noise == "uninformative":
+    caption = _UNINFORMATIVE[rng.integers(len(_UNINFORMATIVE))].format(rng.integers(100, 10000))
+  else:
+    caption = _PREFIXES[rng.integers(len(_PREFIXES))] + _describe(groups, where)
+  return {"image": image, "caption": caption, "noise": noise,
+          "scene": scene_json(groups, where)}
+
+
 _EXAMPLES = {"paired": paired_example, "image": image_example, "text_pairs": text_pair_example,
-             "vqa": vqa_example, "ve": ve_example}
+             "vqa": vqa_example, "ve": ve_example, "human": human_example,
+             "web": web_example}
 
 
 def splits(part: str) -> tuple[str, ...]:
@@ -409,21 +519,31 @@ def _texts(example: dict) -> list[str]:
 
 def build(out_dir: str) -> None:
   """Writes every part and split, the class and answer names and the vocabulary into out_dir."""
-  texts = []
   for part in PARTS:
     for split in splits(part):
       examples = _part_records(part, split)
       with records.ShardWriter(os.path.join(out_dir, f"{part}-{split}")) as shards:
         for example in examples:
           shards.write(example)
-      if split == "train":
-        texts += [t for e in examples for t in _texts(e)]
   with open(os.path.join(out_dir, "classes.json"), "w") as f:
     json.dump(list(CLASS_NAMES), f)
   with open(os.path.join(out_dir, "vqa_answers.json"), "w") as f:
     json.dump(list(VQA_ANSWERS), f)
-  texts += [f"a photo of a {name}" for name in CLASS_NAMES]
-  tokenizer.train_wordpiece(texts, VOCAB_SIZE, os.path.join(out_dir, "vocab.txt"))
+  shutil.copyfile(KEPT_VOCAB, os.path.join(out_dir, "vocab.txt"))
+
+
+def vocab_texts() -> list[str]:
+  """The texts the kept vocabulary was trained on (train_vocab retrains it; see the docstring)."""
+  texts = []
+  for part in VOCAB_PARTS:
+    if "train" in splits(part):
+      texts += [t for e in _part_records(part, "train") for t in _texts(e)]
+  return texts + [f"a photo of a {name}" for name in CLASS_NAMES]
+
+
+def train_vocab(out_file: str) -> str:
+  """Trains the vocabulary again (same tokens; ids may differ where the trainer breaks ties)."""
+  return tokenizer.train_wordpiece(vocab_texts(), VOCAB_SIZE, out_file)
 
 
 def ensure(cache_dir: str = "") -> str:

@@ -11,6 +11,11 @@ A record holds any of these fields (absent ones are simply missing):
     text_pair: str, the second sentence of a sentence-pair task
     question, answers: str and the annotators' answers (list of str), VQA
     hypothesis: str, visual entailment
+  and, in CapFilt's corpora (data/embedded.py's web part, tools/capfilt.py's output):
+    origin: str, where a caption came from: human, web or synthetic (written by the captioner)
+    match: float, the filter's ITM match probability of the pair
+    noise, scene: str, the embedded web part's recorded corruption and scene (JSON), kept for
+                  measurement only
 
 Shards are `PREFIX-00000-of-00004.array_record`, written with group_size 1 so that every record
 can be read on its own (random access for grain's global shuffle).
@@ -27,9 +32,9 @@ from typing import Any
 import msgpack
 
 # Training corpora use the first five; evaluation splits add several captions per image, sentence
-# pairs, VQA questions with their annotators' answers and entailment hypotheses.
+# pairs, VQA questions with their annotators' answers and entailment hypotheses; CapFilt the rest.
 FIELDS = ("image", "caption", "label", "text", "id", "captions", "text_pair", "question",
-          "answers", "hypothesis")
+          "answers", "hypothesis", "origin", "match", "noise", "scene")
 SHARD_SUFFIX = ".array_record"
 
 

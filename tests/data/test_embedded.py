@@ -202,3 +202,72 @@ def test_encode_pair_token_types_and_truncation():
   assert tok.decode(ids[6:9]) == "a blue square"
   plain = tok.encode("two small red circles", 16)[0]  # single texts are unchanged
   assert list(plain[:6]) == list(tok.encode_pair("two small red circles", "x", 16)[0][:6])
+
+
+def test_capfilt_parts_open_with_their_sizes_and_fields():
+  for part in ("human", "web"):
+    assert embedded.splits(part) == ("train",)
+    src = sources.open_source(sources.SourceConfig(name=part, split="train"), "x")
+    assert len(src) == embedded.SIZES[(part, "train")]
+    record = src.record(len(src) - 1)
+    assert set(record) == set(embedded.SCHEMAS[part]) | {"id"}
+    assert record["image"][:2] == b"\xff\xd8"
+
+
+def test_web_noise_is_recorded_and_true_to_its_kind():
+  rows = _records("web", "train")
+  counts = collections.Counter(r["noise"] for r in rows)
+  n = len(rows)
+  for kind, share in embedded.WEB_NOISE.items():  # within 4 binomial standard deviations
+    assert abs(counts[kind] / n - share) < 4 * np.sqrt(share * (1 - share) / n), (kind, counts)
+  assert set(counts) == set(embedded.NOISE_KINDS)
+  for r in rows:
+    scene = embedded.scene_from_json(r["scene"])
+    # Clean captions are true of their scene; every corrupted one is not.
+    assert embedded.caption_fits(r["caption"], scene) == (r["noise"] == "clean"), r
+    stated, _ = embedded.parse_caption(r["caption"])
+    if r["noise"] == "uninformative":
+      assert stated == []
+    if r["noise"] == "partly_wrong":  # the same groups, one of them recoloured or reshaped
+      groups, _ = scene
+      named = {(g["colour"], g["shape"]) for g in stated}
+      true = {(g["colour"], g["shape"]) for g in groups}
+      assert len(stated) == len(groups) and len(named - true) == 1, r
+
+
+def test_human_captions_are_true_of_their_scene_only():
+  rows = _records("human", "train")
+  scenes = [embedded.scene_from_json(r["scene"]) for r in rows]
+  assert all(embedded.caption_fits(r["caption"], s) for r, s in zip(rows, scenes))
+  # Phrased like the retrieval captions: several openings, sizes sometimes left out.
+  openings = collections.Counter(r["caption"].split()[0] for r in rows)
+  assert len(openings) >= 4
+  assert 0.1 < np.mean([all(g["size"] is None for g in embedded.parse_caption(r["caption"])[0])
+                        for r in rows]) < 0.9
+
+
+def test_parse_caption_reads_counts_sizes_and_positions():
+  groups, where = embedded.parse_caption("there are two small red circles and an orange square")
+  assert groups == [dict(count=2, size="small", colour="red", shape="circle"),
+                    dict(count=1, size=None, colour="orange", shape="square")]
+  assert where is None
+  groups, where = embedded.parse_caption("a picture of one large cyan diamond on the left")
+  assert groups == [dict(count=1, size="large", colour="cyan", shape="diamond")]
+  assert where == "on the left"
+  assert embedded.parse_caption("click to enlarge") == ([], None)
+  scene = ([dict(count=2, size="small", colour="red", shape="circle")], None)
+  assert embedded.caption_fits("two red circles", scene)
+  assert not embedded.caption_fits("two large red circles", scene)
+  assert not embedded.caption_fits("a red circle", scene)
+  assert not embedded.caption_fits("two red circles on the left", scene)
+
+
+def test_the_kept_vocabulary_covers_the_captions():
+  """The vocabulary is the package's kept file (ids equal on every machine), and every word of the
+  human and web captions but the uninformative ones is one of its tokens."""
+  with open(embedded.vocab_file(), "rb") as a, open(embedded.KEPT_VOCAB, "rb") as b:
+    assert a.read() == b.read()
+  vocab = set(tokenizer.Tokenizer(embedded.vocab_file())._make().get_vocab())
+  words = {w for part in ("human", "web") for r in _records(part, "train")
+           if r.get("noise", "clean") != "uninformative" for w in r["caption"].split()}
+  assert words - vocab == set()
