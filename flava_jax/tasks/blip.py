@@ -347,12 +347,17 @@ class BlipPredictor(EncoderSizes):
     return {"embedding": self.model.text_feature(params, hidden),
             "cls": hidden[:, 0].astype(jnp.float32)}
 
-  def itm_scores(self, params: Any, batch: Mapping[str, Array]) -> Array:
-    """The ITM head's match probability [B] of each (image, text) row ([ENC] replaces [CLS])."""
+  def itm_logits(self, params: Any, batch: Mapping[str, Array]) -> Array:
+    """The ITM head's logits [B, 2] (no match, match) of each (image, text) row ([ENC] replaces
+    [CLS])."""
     image = self.model.image_embeds(params, transforms.encoder_pixels(batch["pixels"]))
     ids = with_first_token(batch["input_ids"], self.model.config.text.enc_token_id)
     hidden = self.model.text_hidden(params, ids, batch["attention_mask"], image)
-    return jax.nn.softmax(self.model.itm_logits(params, hidden), axis=-1)[:, 1]
+    return self.model.itm_logits(params, hidden).astype(jnp.float32)
+
+  def itm_scores(self, params: Any, batch: Mapping[str, Array]) -> Array:
+    """The ITM head's match probability [B] of each (image, text) row."""
+    return jax.nn.softmax(self.itm_logits(params, batch), axis=-1)[:, 1]
 
   def multimodal_features(self, params: Any, batch: Mapping[str, Array]) -> dict[str, Array]:
     """{"cls": the image-grounded [ENC] state [B, D]} of an image and a text."""
