@@ -14,6 +14,20 @@ the first two epochs, AdamW (weight decay 0.05 on every parameter) warming up fr
 
 tiny: a few narrow layers on the embedded corpus (64 px images, 16 tokens); [DEC] and [ENC]
 are the two ids after the embedded vocabulary's 1,024.
+
+CapFilt on the embedded corpus (tools/capfilt.py runs the two fine-tunes itself):
+    web           tiny, pretrained on the noisy corpus: the human pairs + the web pairs
+    captioner     tiny fine-tuned from a pretrained one (init.model_from) on the human pairs:
+                  LM only, prompt "a picture of " (its tokens not targets)
+    filter        the same on ITC + ITM, hard negatives from the whole batch
+    bootstrapped  tiny on CapFilt's output (--config.data.corpora.capfilt.paths=OUT)
+Fine-tuning the paper's ViT-B (set init.model_from to a pretrained BLIP):
+    retrieval_coco, retrieval_flickr   ITC + ITM (negative_all_rank), lr 1e-5 cosine, 6 epochs,
+                                       batch 256, crop (0.5, 1); evaluated with ITM re-ranking
+                                       of the top 256 (128 on Flickr30k)
+    caption_coco                       LM with the prompt, lr 1e-5 cosine, 5 epochs, batch 256
+The reference fine-tunes at 384 px (position embeddings interpolated from 224); these run at the
+pretraining's 224 px, as warm starts do not interpolate position embeddings yet.
 """
 
 import os
@@ -59,10 +73,99 @@ def model_config(arg: str) -> ml_collections.ConfigDict:
   ))
 
 
+VARIANTS = ("tiny", "base", "web", "captioner", "filter", "bootstrapped", "retrieval_coco",
+            "retrieval_flickr", "caption_coco")
+# Pairs per epoch of the fine-tuning sets: COCO Karpathy train (113,287 images x 5 captions) and
+# Flickr30k train (29,000 x 5); each step draws one caption of each image it reads.
+COCO_PAIRS, FLICKR_PAIRS = 566_747, 145_000
+HUMAN_PAIRS, WEB_PAIRS = 1000, 6000  # the embedded corpus's human and web parts
+
+
+def _embedded(name: str, weight: float = 1.0) -> dict:
+  fields = dict(image="image", caption="caption", text="text", label="label")
+  return dict(kind="paired", weight=weight, source="embedded", name=name, split="train",
+              paths="", data_dir="", fields=fields)
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = arg or "tiny"
-  if arg not in ("tiny", "base"):
-    raise ValueError(f"unknown BLIP variant {arg!r}; use tiny or base")
+  if arg not in VARIANTS:
+    raise ValueError(f"unknown BLIP variant {arg!r}; use one of {', '.join(VARIANTS)}")
+  if arg in ("tiny", "base"):
+    return _pretraining(arg)
+  if arg in ("web", "captioner", "filter", "bootstrapped"):
+    return _capfilt(arg)
+  return _finetuning(arg)
+
+
+def _capfilt(arg: str) -> ml_collections.ConfigDict:
+  config = _pretraining("tiny")
+  config.variant = arg
+  if arg in ("web", "bootstrapped"):
+    if arg == "web":  # the noisy corpus: both parts, each read in proportion to its size
+      config.data.corpora = {"human": _embedded("human", HUMAN_PAIRS),
+                             "web": _embedded("web", WEB_PAIRS)}
+    else:
+      corpus = _embedded("")
+      corpus.update(source="array_record", paths="")  # CapFilt's output folder
+      config.data.corpora = {"capfilt": corpus}
+    return config
+  # Fine-tuning on the human pairs (COCO's role): 300 steps of 32, about 10 epochs.
+  config.data.corpora = {"human": _embedded("human")}
+  config.total_steps = 300
+  config.checkpoint.every_steps = 300
+  config.optimizer.update(learning_rate=2e-4, warmup_steps=20, decay="cosine")
+  config.loss.alpha_ramp_steps = 0
+  if arg == "captioner":
+    config.loss.update(itc=0.0, itm=0.0, lm=1.0, prompt="a picture of ")
+    config.evals = ml_collections.ConfigDict()
+  else:
+    config.loss.update(itc=1.0, itm=1.0, lm=0.0, negatives="global")
+    config.data.crop_scale = (0.5, 1.0)
+  return config
+
+
+def _finetuning(arg: str) -> ml_collections.ConfigDict:
+  config = _pretraining("base")
+  config.variant = arg
+  retrieval = arg.startswith("retrieval")
+  pairs = FLICKR_PAIRS if arg == "retrieval_flickr" else COCO_PAIRS
+  config.global_batch = 256  # 32 per GPU on 8 GPUs
+  steps_per_epoch = pairs // config.global_batch
+  epochs = 6 if retrieval else 5
+  config.total_steps = epochs * steps_per_epoch
+  config.checkpoint.every_steps = steps_per_epoch
+  config.optimizer.update(learning_rate=1e-5, warmup_steps=0, warmup_init_fraction=0.0,
+                          decay="cosine", end_learning_rate_fraction=0.0,
+                          decay_every_steps=steps_per_epoch)
+  fields = dict(image="image", caption="captions/text", text="text", label="label")
+  if arg == "retrieval_flickr":  # our shards: python -m flava_jax.data.build --kind=paired
+    corpus = dict(kind="paired", weight=1.0, source="array_record", name="", split="train",
+                  paths="", data_dir="", fields=dict(fields, caption="caption"))
+  else:
+    corpus = dict(kind="paired", weight=1.0, source="tfds", name="coco_captions", split="train",
+                  paths="", data_dir="", fields=fields)
+  config.data.corpora = {"paired": corpus}
+  if retrieval:
+    config.loss.update(itc=1.0, itm=1.0, lm=0.0, negatives="global", queue_size=57600,
+                       alpha=0.4, alpha_ramp_steps=steps_per_epoch)
+    config.data.crop_scale = (0.5, 1.0)
+    evals = config.evals.retrieval
+    evals.rerank_k = 128 if arg == "retrieval_flickr" else 256
+    evals.rerank_score = "itm+itc"
+    if arg == "retrieval_coco":
+      evals.data.update(source="tfds", name="coco_captions", split="test")
+      evals.data.fields.caption = "captions/text"
+    else:
+      evals.data.update(source="array_record", name="", split="test")
+      evals.data.fields.caption = "caption"
+  else:
+    config.loss.update(itc=0.0, itm=0.0, lm=1.0, prompt="a picture of ")
+    config.evals = ml_collections.ConfigDict()
+  return config
+
+
+def _pretraining(arg: str) -> ml_collections.ConfigDict:
   base = arg == "base"
   flava_variant = "full" if base else "tiny"
   reference = flava.get_config(flava_variant)
@@ -86,6 +189,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       alpha_ramp_steps=2 * steps_per_epoch,
       negatives="device",  # "global": hard negatives from the whole batch (negative_all_rank)
       label_smoothing=0.1,
+      prompt="",  # captioning fine-tuning: prepended to captions, not an LM target
   ))
   config.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=2000 if base else 200, keep=3, async_save=True))

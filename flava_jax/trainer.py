@@ -629,7 +629,7 @@ def train_and_evaluate(config: Any, workdir: str, stop_after: int | None = None
       params, notes = warm_start.initial_params(state.params, settings.init, task.WARM_STARTS)
       for note in notes:
         multihost.say(f"init: {note}")
-      return state.replace(params=params)
+      return state.replace(params=params, extra=task.warm_started(params, state.extra))
 
     steps = {}
     for kind in task.step_kinds(data.kinds.values()):

@@ -445,9 +445,10 @@ def make_pipeline(cfg: DataConfig, corpora: Mapping[str, CorpusConfig],
 
 
 def image_text_processor(cfg: DataConfig, image_size: int, tok: Tokenizer, text_length: int,
-                         train: bool = True) -> ImageTextProcessor:
-  """An image-caption processor (BLIP's data) from the data settings."""
-  return ImageTextProcessor(
+                         train: bool = True, prompt: str = "") -> ImageTextProcessor:
+  """An image-caption processor (BLIP's data) from the data settings; `prompt` is prepended to
+  every caption (BLIP's captioning fine-tuning)."""
+  return ImageTextProcessor(prompt=prompt, 
       image_size=image_size, tokenizer=tok, text_length=text_length,
       crop_scale=tuple(cfg.crop_scale), crop_ratio=tuple(cfg.crop_ratio),
       horizontal_flip=cfg.horizontal_flip, randaugment=tuple(cfg.randaugment),

@@ -145,6 +145,7 @@ class ImageTextProcessor(_SkipsBadExamples):
   max_text_bytes: int = 1 << 20
   train: bool = True
   kind: str = "paired"  # the corpus kind it reads, as ExampleProcessor.kind
+  prompt: str = ""  # prepended to every caption after cleaning ("a picture of ": captioning)
 
   def __post_init__(self):
     if self.kind != "paired":
@@ -167,7 +168,7 @@ class ImageTextProcessor(_SkipsBadExamples):
             else truncate_words(text, self.max_words))
     if not text:
       raise Skip("empty_text", "nothing left after cleaning")
-    return text
+    return self.prompt + text
 
   def _pixels(self, data: bytes, rng: np.random.Generator | None) -> np.ndarray:
     image = transforms.decode_rgb(data, self.max_pixels)

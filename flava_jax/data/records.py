@@ -36,6 +36,7 @@ import msgpack
 FIELDS = ("image", "caption", "label", "text", "id", "captions", "text_pair", "question",
           "answers", "hypothesis", "origin", "match", "noise", "scene")
 SHARD_SUFFIX = ".array_record"
+WRITER_OPTIONS = "group_size:1"  # every record readable on its own (random access)
 
 
 def encode_record(example: dict[str, Any]) -> bytes:
@@ -91,7 +92,7 @@ class ShardWriter:
     os.makedirs(os.path.dirname(os.path.abspath(self.prefix)), exist_ok=True)
     self.paths = shard_paths(self.prefix, self.num_shards)
     opened = range(self.num_shards) if self.shards is None else self.shards
-    self._writers = {i: ArrayRecordWriter(self.paths[i], "group_size:1") for i in opened}
+    self._writers = {i: ArrayRecordWriter(self.paths[i], WRITER_OPTIONS) for i in opened}
     self.count = 0
 
   def write(self, example: dict[str, Any]) -> None:

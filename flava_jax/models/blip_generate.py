@@ -95,7 +95,8 @@ def decoder_prompt(tokenized: Array, bos_id: int) -> Array:
 def captions(model: Blip, params: Any, pixels: Array, prompt: Array,
              settings: CaptionSettings = BEAM, rng: Array | None = None) -> Captions:
   """Captions of normalised NHWC `pixels` [B, H, W, C] continuing `prompt` ([P] for every image
-  or [B, P]; from `decoder_prompt`). rng: the key of sampling (deterministic under it)."""
+  or [B, P]; from `decoder_prompt`). rng: the key of sampling (deterministic under it), or one
+  key per image [B] (each caption then depends on its image and key only)."""
   cfg = model.config.text
   batch = pixels.shape[0]
   prompt = jnp.asarray(prompt, jnp.int32)

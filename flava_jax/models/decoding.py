@@ -180,13 +180,22 @@ def sample(logits_fn: LogitsFn, prompt: Array, state: Any, rng: Array, *, max_le
            prefill_fn: LogitsFn | None = None) -> DecodeOutput:
   """Ancestral sampling: repetition penalty, then temperature, top-k (0: off) and top-p (1.0:
   off), as transformers orders them. Deterministic under `rng`: step t draws with
-  fold_in(rng, t), each row independently."""
+  fold_in(rng, t), each row independently. rng may be one key per row ([B] keys): a row's
+  tokens then depend on its own key only, not on the batch it is in or its place there."""
   if temperature <= 0:
     raise ValueError(f"temperature must be positive, got {temperature} (use greedy)")
+  per_row = jnp.ndim(rng) == 1
+  if per_row and rng.shape[0] != prompt.shape[0]:
+    raise ValueError(f"{rng.shape[0]} keys for {prompt.shape[0]} rows")
+
+  def draw(key, logits, step):
+    return jax.random.categorical(jax.random.fold_in(key, step), logits, axis=-1)
 
   def choose(logits, step):
     logits = top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
-    return jax.random.categorical(jax.random.fold_in(rng, step), logits, axis=-1)
+    if per_row:
+      return jax.vmap(draw, in_axes=(0, 0, None))(rng, logits, step)
+    return draw(rng, logits, step)
 
   return _decode(logits_fn, prompt, state, choose, max_length=max_length, eos_id=eos_id,
                  pad_id=pad_id, min_length=min_length, repetition_penalty=repetition_penalty,

@@ -151,6 +151,13 @@ class Task:
   def extra_logical_axes(self) -> Any:
     return {}
 
+  def warm_started(self, params: Any, extra: Any) -> Any:
+    """The extra state once a warm start (config.init) has replaced the parameters: momentum
+    copies follow the loaded parameters (default: unchanged). Arrays keep their shardings and
+    must not share buffers with `params` (the step donates both)."""
+    del params
+    return extra
+
   def init_frozen(self, seed: int, sources: Mapping[str, str], kinds) -> Any:
     """Frozen inputs of every step (host arrays; None when the kinds need none). `sources`:
     the config.init fields of FROZEN_STARTS."""

@@ -66,6 +66,9 @@ class BlipLossConfig:
   alpha_ramp_steps: int = 0
   negatives: str = "device"  # hard negatives from each device's rows, or the global batch
   label_smoothing: float = 0.1
+  # Captioning fine-tuning (configs/blip.py:captioner): prepended to every caption after
+  # cleaning; its tokens are not LM targets. An objective of weight 0 is not computed at all.
+  prompt: str = ""
 
   def validate(self) -> "BlipLossConfig":
     check_choice("loss.negatives", self.negatives, NEGATIVE_SCOPES)
@@ -114,6 +117,16 @@ class BlipTask(Task):
             f"loss.queue_size={self.loss_config.queue_size} is not a multiple of "
             f"global_batch={global_batch}: every step enqueues the global batch's features")
     self.model = Blip(self.model_config)
+    self.prompt_tokens = 0  # the prompt's tokens in every caption (loss.prompt)
+    if self.loss_config.prompt:
+      data_cfg, _ = pipeline.data_config(config.get("data") or {})
+      ids, mask, _ = pipeline.load_tokenizer(data_cfg).encode(self.loss_config.prompt,
+                                                              self.text_length)
+      self.prompt_tokens = int(mask.sum()) - 2  # without [CLS] and [SEP]
+      if self.prompt_tokens < 1 or self.prompt_tokens > self.text_length - 3:
+        raise ValueError(f"loss.prompt={self.loss_config.prompt!r} is {self.prompt_tokens} "
+                         f"tokens: it must leave room in text_length={self.text_length}")
+      del ids
 
   @classmethod
   def for_model(cls, model_config: BlipConfig) -> "BlipTask":
@@ -150,7 +163,8 @@ class BlipTask(Task):
     tok = pipeline.load_tokenizer(data_cfg)
     self.check_tokenizer(tok, "data.vocab_file")
     return {k: pipeline.image_text_processor(data_cfg, self.model_config.image.image_size, tok,
-                                             self.text_length, train) for k in kinds}
+                                             self.text_length, train, self.loss_config.prompt)
+            for k in kinds}
 
   def check_tokenizer(self, tok: Any, field: str) -> None:
     """The vocabulary must leave BLIP's [DEC] and [ENC] ids free and agree on [PAD] and [SEP]."""
@@ -211,6 +225,15 @@ class BlipTask(Task):
   def decays(self, path: tuple[str, ...]) -> bool:
     return decays(path)
 
+  def warm_started(self, params: Any, extra: Any) -> Any:
+    """Momentum copies of the loaded parameters (fresh buffers, the old copies' shardings), as
+    the reference's fine-tuning starts its momentum encoders from the pretrained ones; the
+    queues stay as initialised."""
+    old = extra["momentum"]
+    copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree),
+                   out_shardings=jax.tree.map(lambda x: x.sharding, old))
+    return dict(extra, momentum=copy(momentum_parts(params)))
+
   # --- the step -----------------------------------------------------------------------------
 
   def alpha(self, step: Array) -> Array:
@@ -227,41 +250,51 @@ class BlipTask(Task):
     rows = ids.shape[0]
 
     image = model.image_embeds(params, pixels)  # [B, 1+P, D_v]
-    image_feat = model.image_feature(params, image)
-    text_feat = model.text_feature(params, model.text_hidden(params, ids, mask))
-
-    momentum = jax.lax.stop_gradient(dict(params, **extra["momentum"]))
-    image_feat_m = model.image_feature(momentum, model.image_embeds(momentum, pixels))
-    text_feat_m = model.text_feature(momentum, model.text_hidden(momentum, ids, mask))
-    image_feat_m, text_feat_m = jax.lax.stop_gradient((image_feat_m, text_feat_m))
-    alpha = self.alpha(ctx.step)
-    itc, sim_i2t, sim_t2i = blip_losses.itc_loss(
-        image_feat, text_feat, image_feat_m, text_feat_m, extra["image_queue"],
-        extra["text_queue"], params["temp"], alpha)
-
-    block = ctx.local_batch if cfg.negatives == "device" else rows
-    neg_image, neg_text = blip_losses.hard_negatives(sim_t2i[:, :rows], sim_i2t[:, :rows],
-                                                     rng, block)
-    enc_ids = with_first_token(ids, text_cfg.enc_token_id)
-    # The 3B pairs, interleaved per row (row b's three stay on b's device): (text, its image),
-    # (text, negative image), (negative text, image); labels 1, 0, 0.
-    three = lambda a, b, c: jnp.stack([a, b, c], axis=1).reshape(rows * 3, *a.shape[1:])  # noqa: E731
-    pair_ids = three(enc_ids, enc_ids, blip_losses.take_rows(enc_ids, neg_text, block))
-    pair_mask = three(mask, mask, blip_losses.take_rows(mask, neg_text, block))
-    pair_image = three(image, blip_losses.take_rows(image, neg_image, block), image)
-    fused = model.text_hidden(params, pair_ids, pair_mask, pair_image)
-    labels = jnp.tile(jnp.asarray([1, 0, 0], jnp.int32), rows)
-    itm, itm_accuracy = blip_losses.itm_loss(model.itm_logits(params, fused), labels)
-
-    dec_ids = with_first_token(ids, text_cfg.bos_token_id)
-    logits = model.decoder_logits(params, dec_ids, mask, image)
-    lm, tokens = blip_losses.lm_loss(logits, blip_losses.lm_targets(dec_ids, mask),
-                                     cfg.label_smoothing)
+    zero = jnp.zeros((), jnp.float32)
+    itc = itm = itm_accuracy = lm = zero
+    tokens = jnp.zeros((), jnp.int32)
+    alpha, extra_update = self.alpha(ctx.step), None
+    if cfg.itc or cfg.itm:
+      image_feat = model.image_feature(params, image)
+      text_feat = model.text_feature(params, model.text_hidden(params, ids, mask))
+      momentum = jax.lax.stop_gradient(dict(params, **extra["momentum"]))
+      image_feat_m = model.image_feature(momentum, model.image_embeds(momentum, pixels))
+      text_feat_m = model.text_feature(momentum, model.text_hidden(momentum, ids, mask))
+      image_feat_m, text_feat_m = jax.lax.stop_gradient((image_feat_m, text_feat_m))
+      itc, sim_i2t, sim_t2i = blip_losses.itc_loss(
+          image_feat, text_feat, image_feat_m, text_feat_m, extra["image_queue"],
+          extra["text_queue"], params["temp"], alpha)
+      extra_update = {"image_feat": image_feat_m, "text_feat": text_feat_m}
+    if cfg.itm:
+      block = ctx.local_batch if cfg.negatives == "device" else rows
+      if block < 2:
+        raise ValueError(f"loss.negatives='device' draws hard negatives among each device's rows,"
+                         f" and this mesh gives a device {block} row of the batch of {rows}: "
+                         "raise global_batch or set loss.negatives='global'")
+      neg_image, neg_text = blip_losses.hard_negatives(sim_t2i[:, :rows], sim_i2t[:, :rows],
+                                                       rng, block)
+      enc_ids = with_first_token(ids, text_cfg.enc_token_id)
+      # The 3B pairs, interleaved per row (row b's three stay on b's device): (text, its image),
+      # (text, negative image), (negative text, image); labels 1, 0, 0.
+      three = lambda a, b, c: jnp.stack([a, b, c], axis=1).reshape(rows * 3, *a.shape[1:])  # noqa: E731
+      pair_ids = three(enc_ids, enc_ids, blip_losses.take_rows(enc_ids, neg_text, block))
+      pair_mask = three(mask, mask, blip_losses.take_rows(mask, neg_text, block))
+      pair_image = three(image, blip_losses.take_rows(image, neg_image, block), image)
+      fused = model.text_hidden(params, pair_ids, pair_mask, pair_image)
+      labels = jnp.tile(jnp.asarray([1, 0, 0], jnp.int32), rows)
+      itm, itm_accuracy = blip_losses.itm_loss(model.itm_logits(params, fused), labels)
+    if cfg.lm:
+      dec_ids = with_first_token(ids, text_cfg.bos_token_id)
+      logits = model.decoder_logits(params, dec_ids, mask, image)
+      # [DEC] and the prompt's tokens are not targets (the reference's prompt_length).
+      targets = blip_losses.lm_targets(dec_ids, mask,
+                                       1 + self.prompt_tokens if self.prompt_tokens else 0)
+      lm, tokens = blip_losses.lm_loss(logits, targets, cfg.label_smoothing)
 
     loss = cfg.itc * itc + cfg.itm * itm + cfg.lm * lm
     metrics = {"itc": itc, "itm": itm, "lm": lm, "itm_accuracy": itm_accuracy,
                "temp": params["temp"], "alpha": alpha, "lm_tokens": tokens.astype(jnp.float32)}
-    return LossOutput(loss, metrics, {"image_feat": image_feat_m, "text_feat": text_feat_m})
+    return LossOutput(loss, metrics, extra_update)
 
   def after_update(self, params: Any, extra: Any, extra_update: Any) -> tuple[Any, Any]:
     params = dict(params, temp=jnp.clip(params["temp"], *TEMP_RANGE))
