@@ -21,6 +21,7 @@ EVALUATORS = {
     "finetune": "flava_jax.evals.finetune",          # a classifier head on h_CLS_I/T/M, trained
     "reconstruction": "flava_jax.evals.reconstruction",  # an image tokenizer's round trip
     "captioning": "flava_jax.evals.captioning",      # captions of held-out images (BLIP)
+    "answer_ranking": "flava_jax.evals.answer_ranking",  # VQA by ranking answers (BLIP)
 }
 
 
@@ -51,6 +52,7 @@ NEEDS = {
     "finetune": ("classifier", "classifier_width"),
     "reconstruction": ("reconstruct",),
     "captioning": ("caption", "caption_settings", "caption_prompt"),
+    "answer_ranking": ("answer_model",),
 }
 
 

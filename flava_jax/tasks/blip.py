@@ -421,10 +421,82 @@ class BlipPredictor(EncoderSizes):
     return blip_generate.captions(self.model, params, pixels, prompt, settings, rng).tokens
 
   def classifier(self, inputs: str, num_classes: int, hidden_size: int) -> Any:
-    raise NotImplementedError("fine-tuning heads on BLIP come with its evaluations (VQA, "
-                              "retrieval fine-tuning)")
+    raise NotImplementedError("BLIP has no classifier heads: its VQA ranks answers with a "
+                              "decoder (the answer_ranking evaluator)")
+
+  def answer_model(self) -> "BlipAnswerModel":
+    """BLIP's VQA model (evals/answer_ranking.py)."""
+    return BlipAnswerModel(self.model)
 
   def classifier_width(self, inputs: str) -> int:
     cfg = self.model.config
     return {"image_text": cfg.text.hidden_size, "image": cfg.image.hidden_size,
             "text": cfg.text.hidden_size}[inputs]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlipAnswerModel:
+  """BLIP's VQA model: the image-grounded text encoder reads the question ([ENC] first) over the
+  image, and an answer decoder of its own (the pretrained decoder copied whole, not shared with
+  the encoder) writes the answer cross-attending to the question's states.
+
+  Parameters: {"backbone": the MED's tree as stored, "answer_decoder": {"text_decoder",
+  "lm_head"}}; `from_pretrained` fills the answer decoder from the MED's decoder."""
+
+  model: Blip
+  BACKBONE = "backbone"
+
+  @property
+  def decoder(self) -> Blip:
+    return Blip(dataclasses.replace(self.model.config, share_decoder=False, with_encoder=False,
+                                    with_decoder=True))
+
+  @property
+  def bos_id(self) -> int:
+    return self.model.config.text.bos_token_id
+
+  @property
+  def enc_id(self) -> int:
+    return self.model.config.text.enc_token_id
+
+  @property
+  def pad_id(self) -> int:
+    return self.model.config.text.pad_token_id
+
+  def check(self, where: str) -> None:
+    cfg = self.model.config
+    if not (cfg.with_encoder and cfg.with_decoder):
+      raise ValueError(f"{where}: VQA needs BLIP's text encoder and decoder; this model has "
+                       f"with_encoder={cfg.with_encoder}, with_decoder={cfg.with_decoder}")
+    if cfg.image.hidden_size != cfg.text.hidden_size:
+      raise ValueError(
+          f"{where}: the answer decoder starts as the pretrained decoder, whose cross-attention "
+          f"reads image tokens of width model.image.hidden_size={cfg.image.hidden_size}, but it "
+          f"reads the question's states here (model.text.hidden_size={cfg.text.hidden_size})")
+
+  def init(self, rng: Array, batch: Any = None) -> dict[str, Any]:
+    """{"params": boxed parameters} (random; the caller loads the pretrained ones)."""
+    del batch
+    backbone_rng, decoder_rng = jax.random.split(rng)
+    decoder = self.decoder._init_boxed(decoder_rng)  # pylint: disable=protected-access
+    return {"params": {self.BACKBONE: self.model._init_boxed(backbone_rng),  # pylint: disable=protected-access
+                       "answer_decoder": {k: decoder[k] for k in ("text_decoder", "lm_head")}}}
+
+  def from_pretrained(self, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The answer decoder's parameters from a pretrained MED's (its decoder made whole)."""
+    full = self.model.expand(params)
+    return {"text_decoder": full["text_decoder"], "lm_head": full["lm_head"]}
+
+  def encode(self, params: Mapping[str, Any], batch: Mapping[str, Array]) -> Array:
+    """The question's image-grounded states [B, T, D] (batch: uint8 pixels, input_ids,
+    attention_mask of "[CLS] question [SEP]")."""
+    backbone = params[self.BACKBONE]
+    image = self.model.image_embeds(backbone, transforms.encoder_pixels(batch["pixels"]))
+    ids = with_first_token(batch["input_ids"], self.enc_id)
+    return self.model.text_hidden(backbone, ids, batch["attention_mask"], image)
+
+  def answer_logits(self, params: Mapping[str, Any], ids: Array, mask: Array, states: Array,
+                    states_mask: Array) -> Array:
+    """The answer decoder's logits [N, L, V] (float32) of answers "[DEC] answer [SEP]" given
+    question states [N, T, D] and their mask [N, T]."""
+    return self.decoder.decoder_logits(params["answer_decoder"], ids, mask, states, states_mask)

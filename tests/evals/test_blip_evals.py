@@ -2,6 +2,7 @@
 alone; a partial k re-orders exactly each query's top k)."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -109,3 +110,107 @@ def test_rerank_settings_are_checked(blip):
     _evaluator(ctx, rerank_k=4, rerank_score="itc")
   with pytest.raises(ValueError, match=r"task\.rerank_k=-2"):
     _evaluator(ctx, rerank_k=-2)
+
+
+# --- VQA: the answer decoder ranking candidates ---------------------------------------------
+
+
+def _vqa(ctx, **fields):
+  task = dict(evaluator="answer_ranking", steps=0, batch_size=8, train_batch_size=8,
+              test_limit=6, k_test=-1, score_smoothing=0.0)
+  task.update(fields)
+  return evals.build(task, ctx, "task")
+
+
+def _log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _brute_force_scores(evaluator, params, rows, smoothing):
+  """Every candidate's whole-answer score per question, one candidate at a time: [Q, C]."""
+  model = evaluator.model
+
+  @jax.jit
+  def logits_of(params, batch, ids, mask):  # one question, one candidate
+    states = model.encode(params, batch)
+    return model.answer_logits(params, ids, mask, states, batch["attention_mask"])
+
+  out = np.zeros((len(rows), len(evaluator.candidates)))
+  for q, row in enumerate(rows):
+    batch = {k: row[k][None] for k in ("pixels", "input_ids", "attention_mask")}
+    for c in range(len(evaluator.candidates)):
+      ids = evaluator.candidate_ids[c][None]
+      mask = evaluator.candidate_mask[c][None]
+      logits = np.asarray(logits_of(params, batch, ids, mask), np.float64)[0]
+      log_probs = _log_softmax(logits[:-1])
+      total = 0.0
+      for t in range(1, int(mask.sum())):  # the tokens after [DEC], [SEP] included
+        nll = -log_probs[t - 1, ids[0, t]]
+        total += (1 - smoothing) * nll - smoothing * log_probs[t - 1].mean()
+      out[q, c] = -total
+  return out
+
+
+def test_answer_weights_are_vote_shares_most_frequent_first():
+  answers, weights, dropped = __import__(
+      "flava_jax.evals.answer_ranking", fromlist=["x"]).answer_weights(
+          ["Red", "blue", "red", " red ", "two", "blue"], 2)
+  assert answers == ["red", "blue"] and weights == pytest.approx([0.5, 1 / 3]) and dropped == 1
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_ranking_every_candidate_equals_brute_force_scoring(blip, smoothing):
+  ctx, params = blip
+  evaluator = _vqa(ctx, score_smoothing=smoothing)
+  state, _ = evaluator.initial_state(params)
+  rows = [evaluator._row(evaluator.test_source[i]) for i in range(6)]
+  batch = {k: np.stack([r[k] for r in rows]) for k in ("pixels", "input_ids", "attention_mask")}
+  ranked = jax.jit(evaluator.rank)(state.params, batch)
+  brute = _brute_force_scores(evaluator, state.params, rows, smoothing)
+  assert np.asarray(ranked["choice"]).tolist() == brute.argmax(1).tolist()
+  order = np.asarray(ranked["top"])
+  got = np.asarray(ranked["scores"])
+  np.testing.assert_allclose(got, np.take_along_axis(brute, order, 1), rtol=1e-5, atol=1e-5)
+  # The answer decoder starts as the pretrained decoder, made whole.
+  full = evaluator.model.model.expand(params)
+  np.testing.assert_array_equal(
+      np.asarray(state.params["answer_decoder"]["lm_head"]["bias"]),
+      np.asarray(full["lm_head"]["bias"]))
+
+
+def test_ranking_the_top_k_by_first_token_then_whole_answers(blip):
+  ctx, params = blip
+  k = 3
+  evaluator = _vqa(ctx, k_test=k)
+  state, _ = evaluator.initial_state(params)
+  rows = [evaluator._row(evaluator.test_source[i]) for i in range(6)]
+  batch = {key: np.stack([r[key] for r in rows])
+           for key in ("pixels", "input_ids", "attention_mask")}
+  ranked = jax.jit(evaluator.rank)(state.params, batch)
+  brute = _brute_force_scores(evaluator, state.params, rows, 0.0)
+  model = evaluator.model
+
+  @jax.jit
+  def first_logits(params, batch):
+    states = model.encode(params, batch)
+    start = jnp.full((6, 1), model.bos_id, jnp.int32)
+    return model.answer_logits(params, start, jnp.ones_like(start), states,
+                               batch["attention_mask"])[:, 0]
+
+  first = np.asarray(first_logits(state.params, batch))
+  first_prob = np.exp(_log_softmax(first.astype(np.float64)))[:, evaluator.candidate_ids[:, 1]]
+  for q in range(6):
+    top = set(np.argsort(-first_prob[q], kind="stable")[:k].tolist())
+    assert set(np.asarray(ranked["top"][q]).tolist()) == top
+    assert int(ranked["choice"][q]) == max(top, key=lambda c: brute[q, c])
+
+
+def test_vqa_fine_tuning_lowers_the_answer_loss(blip):
+  ctx, params = blip
+  evaluator = _vqa(ctx, steps=24, learning_rate=3e-3, warmup_steps=2, k_test=4,
+                   score_smoothing=0.1)
+  metrics = evaluator(params)
+  assert metrics["train_loss_end"] < 0.85 * metrics["train_loss_start"], metrics
+  assert metrics["test_examples"] == 6.0 and metrics["candidates"] == 15.0
+  assert 0.0 <= metrics["vqa_accuracy"] <= 1.0 and metrics["answers_truncated"] == 0.0
