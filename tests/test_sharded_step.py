@@ -35,11 +35,14 @@ def tiny_experiment(sizes, devices=None, **loss):
 @pytest.fixture(scope="module")
 def setup():
   exp = tiny_experiment(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-  # Host copies: every step below donates the device arrays made from them.
-  params = jax.device_get(exp.task.init_params(jax.random.key(0)))
+  # Host copies: every step below donates the device arrays made from them. The whole initial
+  # state (parameters, fresh Adam state, step 0) is created once, on one device; each mesh's step
+  # starts from it placed in that mesh's shardings (no per-mesh, per-kind initialisation to
+  # compile; test_train_step_runs_sharded_and_lowers_the_loss creates a state sharded).
+  initial = jax.device_get(exp.create_state(jax.random.key(0)))
   dvae_params = jax.device_get(
       flava_jax.init_dvae_params(exp.task.dvae, jax.random.key(1), image_size=32))
-  return exp, params, dvae_params, exp.rules
+  return exp, initial, dvae_params, exp.rules
 
 
 def make_batch(kind, seed=0):
@@ -68,14 +71,13 @@ def make_batch(kind, seed=0):
 def test_the_whole_train_step_matches_one_device_on_every_mesh(setup, kind):
   """Loss, metrics, updated parameters and Adam state after one donated step equal the
   single-device step's; the outputs keep the state's shardings."""
-  exp1, params, dvae_params, _ = setup
+  exp1, initial, dvae_params, _ = setup
   batch = make_batch(kind)
   rng = jax.random.key(3)
   local_batch = 2  # the smallest per-shard batch among the meshes; ITM negatives depend on it
 
   def one_step(exp):
-    state = exp.create_state()
-    state = state.replace(params=jax.device_put(params, exp.state_shardings.params))
+    state = jax.device_put(initial, exp.state_shardings)
     step = train.make_train_step(exp.task, kind, exp.tx, exp.mesh, exp.rules,
                                  exp.state_shardings, local_batch, keep=exp.keep_groups(kind))
     frozen = jax.device_put(dvae_params, sharding.replicated(exp.mesh))

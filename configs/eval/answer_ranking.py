@@ -6,9 +6,11 @@ k_test whole answers). Paper (ViT-B, 129M images, fine-tuned): VQAv2 test-dev 78
     --config=configs/eval/answer_ranking.py           embedded VQA (15 candidate answers)
     --config=configs/eval/answer_ranking.py:vqav2     VQAv2 (our shards of train/val, the
                                                       reference's 3,128-answer list as a file)
-VQAv2 is not in TFDS: write its splits with `python -m flava_jax.data.build` into shards whose
-records hold image, question and answers, then set --config.task.train_data.paths=DIR,
---config.task.test_data.paths=DIR2 and --config.task.answer_list=answer_list.json. The
+VQAv2 is not in TFDS, and the builder writes no question records yet: write its splits as our
+shards with flava_jax.data.records.ShardWriter (one record per question: {"image": JPEG bytes,
+"question": str, "answers": [the ten annotators' answers]}), then set
+--config.task.train_data.paths=DIR, --config.task.test_data.paths=DIR2 and
+--config.task.answer_list=answer_list.json (the reference's candidates, a JSON list). The
 reference fine-tunes 10 epochs at lr 2e-5, batch 16 x 16 GPUs, 480 px, k_test 128.
 """
 
