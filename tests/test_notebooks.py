@@ -14,7 +14,8 @@ import pytest
 
 NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
 # Notebook -> the least number of figures (PNG outputs) it draws.
-FIGURES = {"quickstart.ipynb": 3, "dvae_and_masking.ipynb": 4, "data_mixture.ipynb": 3}
+FIGURES = {"quickstart.ipynb": 3, "dvae_and_masking.ipynb": 4, "data_mixture.ipynb": 3,
+           "blip.ipynb": 3}
 SMALL = {
     "FLAVA_NB_STEPS": "30",  # quickstart and data_mixture train the same program: one compile
     "FLAVA_NB_DVAE_STEPS": "20",
@@ -23,6 +24,9 @@ SMALL = {
     "FLAVA_NB_ZERO_SHOT_IMAGES": "64",
     "FLAVA_CHECKPOINT": "",  # train, whatever the caller's environment names
     "FLAVA_DVAE": "",
+    "BLIP_NB_STEPS": "10",
+    "BLIP_NB_RETRIEVAL_IMAGES": "10",
+    "BLIP_CHECKPOINT": "",
     "JAX_PLATFORMS": "cpu",
 }
 
@@ -91,6 +95,13 @@ def test_notebook_runs(name, kernel_env, monkeypatch, tmp_path):
                      text)
     assert full and 70 <= float(full.group(1)) <= 75 and int(full.group(2)) <= 75
     assert "image targets:" in text
+  elif name == "blip.ipynb":
+    share = re.search(r"found in their own scene's caption: ([\d.]+)", text)
+    assert share and 0.0 <= float(share.group(1)) <= 1.0, text[-2000:]
+    decisions = re.findall(r"^(web|synthetic) +(\w*) +match ([\d.]+) (kept|dropped)", text, re.M)
+    assert len(decisions) == 6 and {d[0] for d in decisions} == {"web", "synthetic"}
+    assert all((float(m) >= 0.5) == (k == "kept") for _, _, m, k in decisions)
+    assert "'rerank_t2i_r1'" in text
   else:
     shares = dict(re.findall(r"^(\w+): (\d+) of 40 batches", text, re.M))
     assert set(shares) == {"paired", "image", "text"} and sum(map(int, shares.values())) == 40
