@@ -234,3 +234,24 @@ def test_another_runs_output_folder_is_refused(setup, tmp_path):
   bad.threshold = 1.5
   with pytest.raises(ValueError, match=r"config\.threshold=1\.5"):
     capfilt.parse(bad)
+
+
+def test_two_processes_write_what_one_process_writes(setup, tmp_path):
+  """CapFilt as a 2-process job (2 x 4 CPU devices, gloo) gives the captions and decisions of the
+  1-process run: each image's caption depends on its own key, each pair's match on the pair."""
+  from tests.multihost.test_multihost import _finish, _launch  # pylint: disable=import-outside-toplevel
+  config_path, pretrained, work, reference, _ = setup
+  out = str(tmp_path / "out")
+  log = _finish(_launch(2, ["flava_jax.tools.capfilt", f"--config={config_path}",
+                            f"--pretrained={pretrained}", f"--workdir={work}", f"--out={out}"]))
+  assert "process 0 of 2" in log or "process 1 of 2" in log, log[-2000:]
+  ours, theirs = capfilt.read_decisions(out), capfilt.read_decisions(reference)
+  assert len(ours) == len(theirs) == HUMAN + 2 * WEB
+  for a, b in zip(ours, theirs):
+    assert (a["index"], a["origin"], a["caption"]) == (b["index"], b["origin"], b["caption"])
+    if a["origin"] != "human":
+      assert a["match"] == pytest.approx(b["match"], abs=1e-5)
+      if abs(b["match"] - 0.5) > 1e-5:
+        assert a["kept"] == b["kept"]
+  with open(os.path.join(out, "paired.summary.json")) as f:
+    assert json.load(f)["examples"] == sum(d["kept"] for d in ours)
