@@ -127,8 +127,13 @@ def _log_softmax(x):
   return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def _brute_force_scores(evaluator, params, rows, smoothing):
-  """Every candidate's whole-answer score per question, one candidate at a time: [Q, C]."""
+@pytest.fixture(scope="module")
+def vqa_brute_force(blip):
+  """(evaluator, its initial parameters, 6 test rows, every candidate's decoder logits [Q, C, L,
+  V] computed one question and one candidate at a time)."""
+  ctx, params = blip
+  evaluator = _vqa(ctx)
+  state, _ = evaluator.initial_state(params)
   model = evaluator.model
 
   @jax.jit
@@ -136,17 +141,27 @@ def _brute_force_scores(evaluator, params, rows, smoothing):
     states = model.encode(params, batch)
     return model.answer_logits(params, ids, mask, states, batch["attention_mask"])
 
-  out = np.zeros((len(rows), len(evaluator.candidates)))
+  rows = [evaluator._row(evaluator.test_source[i]) for i in range(6)]
+  logits = np.zeros((6, len(evaluator.candidates), evaluator.candidate_ids.shape[1],
+                     model.model.config.text.vocab_size))
   for q, row in enumerate(rows):
     batch = {k: row[k][None] for k in ("pixels", "input_ids", "attention_mask")}
     for c in range(len(evaluator.candidates)):
-      ids = evaluator.candidate_ids[c][None]
-      mask = evaluator.candidate_mask[c][None]
-      logits = np.asarray(logits_of(params, batch, ids, mask), np.float64)[0]
-      log_probs = _log_softmax(logits[:-1])
+      logits[q, c] = np.asarray(logits_of(state.params, batch, evaluator.candidate_ids[c][None],
+                                          evaluator.candidate_mask[c][None]), np.float64)[0]
+  return evaluator, state.params, rows, logits
+
+
+def _brute_force_scores(evaluator, logits, smoothing):
+  """Each candidate's whole-answer score per question from its own logits: [Q, C]."""
+  out = np.zeros(logits.shape[:2])
+  for q in range(logits.shape[0]):
+    for c in range(logits.shape[1]):
+      ids, mask = evaluator.candidate_ids[c], evaluator.candidate_mask[c]
+      log_probs = _log_softmax(logits[q, c, :-1])
       total = 0.0
       for t in range(1, int(mask.sum())):  # the tokens after [DEC], [SEP] included
-        nll = -log_probs[t - 1, ids[0, t]]
+        nll = -log_probs[t - 1, ids[t]]
         total += (1 - smoothing) * nll - smoothing * log_probs[t - 1].mean()
       out[q, c] = -total
   return out
@@ -160,46 +175,34 @@ def test_answer_weights_are_vote_shares_most_frequent_first():
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_ranking_every_candidate_equals_brute_force_scoring(blip, smoothing):
+def test_ranking_every_candidate_equals_brute_force_scoring(blip, vqa_brute_force, smoothing):
   ctx, params = blip
+  first, answer_params, rows, logits = vqa_brute_force
   evaluator = _vqa(ctx, score_smoothing=smoothing)
-  state, _ = evaluator.initial_state(params)
-  rows = [evaluator._row(evaluator.test_source[i]) for i in range(6)]
   batch = {k: np.stack([r[k] for r in rows]) for k in ("pixels", "input_ids", "attention_mask")}
-  ranked = jax.jit(evaluator.rank)(state.params, batch)
-  brute = _brute_force_scores(evaluator, state.params, rows, smoothing)
+  ranked = jax.jit(evaluator.rank)(answer_params, batch)
+  brute = _brute_force_scores(first, logits, smoothing)
   assert np.asarray(ranked["choice"]).tolist() == brute.argmax(1).tolist()
   order = np.asarray(ranked["top"])
   got = np.asarray(ranked["scores"])
   np.testing.assert_allclose(got, np.take_along_axis(brute, order, 1), rtol=1e-5, atol=1e-5)
   # The answer decoder starts as the pretrained decoder, made whole.
   full = evaluator.model.model.expand(params)
-  np.testing.assert_array_equal(
-      np.asarray(state.params["answer_decoder"]["lm_head"]["bias"]),
-      np.asarray(full["lm_head"]["bias"]))
+  np.testing.assert_array_equal(np.asarray(answer_params["answer_decoder"]["lm_head"]["bias"]),
+                                np.asarray(full["lm_head"]["bias"]))
 
 
-def test_ranking_the_top_k_by_first_token_then_whole_answers(blip):
-  ctx, params = blip
+def test_ranking_the_top_k_by_first_token_then_whole_answers(blip, vqa_brute_force):
+  ctx, _ = blip
   k = 3
+  first, answer_params, rows, logits = vqa_brute_force
   evaluator = _vqa(ctx, k_test=k)
-  state, _ = evaluator.initial_state(params)
-  rows = [evaluator._row(evaluator.test_source[i]) for i in range(6)]
   batch = {key: np.stack([r[key] for r in rows])
            for key in ("pixels", "input_ids", "attention_mask")}
-  ranked = jax.jit(evaluator.rank)(state.params, batch)
-  brute = _brute_force_scores(evaluator, state.params, rows, 0.0)
-  model = evaluator.model
-
-  @jax.jit
-  def first_logits(params, batch):
-    states = model.encode(params, batch)
-    start = jnp.full((6, 1), model.bos_id, jnp.int32)
-    return model.answer_logits(params, start, jnp.ones_like(start), states,
-                               batch["attention_mask"])[:, 0]
-
-  first = np.asarray(first_logits(state.params, batch))
-  first_prob = np.exp(_log_softmax(first.astype(np.float64)))[:, evaluator.candidate_ids[:, 1]]
+  ranked = jax.jit(evaluator.rank)(answer_params, batch)
+  brute = _brute_force_scores(first, logits, 0.0)
+  # The decoder's first step reads [DEC] only: every candidate's logits at position 0 are it.
+  first_prob = np.exp(_log_softmax(logits[:, 0, 0]))[:, evaluator.candidate_ids[:, 1]]
   for q in range(6):
     top = set(np.argsort(-first_prob[q], kind="stable")[:k].tolist())
     assert set(np.asarray(ranked["top"][q]).tolist()) == top
