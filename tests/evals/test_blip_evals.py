@@ -2,7 +2,6 @@
 alone; a partial k re-orders exactly each query's top k)."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
