@@ -4,7 +4,6 @@ that follows the threshold, the output reads back as a paired corpus, the filter
 count what they say, and a run killed in the middle and started again writes the same bytes as
 an uninterrupted one."""
 
-import importlib.util
 import json
 import math
 import os
@@ -19,6 +18,7 @@ from configs import blip as blip_configs
 from flava_jax import trainer, warm_start
 from flava_jax.data import records, sources
 from flava_jax.tools import capfilt
+from tests.multihost.test_multihost import _finish, _launch, _load
 from tests.processes import child_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,13 +96,6 @@ def setup(tmp_path_factory):
   out = str(root / "out")
   summary = capfilt.run(config, str(root / "pretrained"), str(root / "work"), out)
   return config_path, str(root / "pretrained"), str(root / "work"), out, summary
-
-
-def _load(path):
-  spec = importlib.util.spec_from_file_location("capfilt_small", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def _files(folder):
@@ -239,7 +232,6 @@ def test_another_runs_output_folder_is_refused(setup, tmp_path):
 def test_two_processes_write_what_one_process_writes(setup, tmp_path):
   """CapFilt as a 2-process job (2 x 4 CPU devices, gloo) gives the captions and decisions of the
   1-process run: each image's caption depends on its own key, each pair's match on the pair."""
-  from tests.multihost.test_multihost import _finish, _launch  # pylint: disable=import-outside-toplevel
   config_path, pretrained, work, reference, _ = setup
   out = str(tmp_path / "out")
   log = _finish(_launch(2, ["flava_jax.tools.capfilt", f"--config={config_path}",
