@@ -63,11 +63,17 @@ def get_config(arg=None):
 '''
 
 
+BAD = 5  # the web record whose image is not an image: skipped and counted
+
+
 def _write_part(part, count, folder):
   src = sources.open_source(sources.SourceConfig(name=part, split="train"), "test")
   with records.ShardWriter(os.path.join(folder, "paired")) as writer:
     for i in range(count):
-      writer.write({k: v for k, v in src.record(i).items() if k != "id"})
+      record = {k: v for k, v in src.record(i).items() if k != "id"}
+      if part == "web" and i == BAD:
+        record["image"] = b"not an image"
+      writer.write(record)
   return folder
 
 
@@ -134,14 +140,19 @@ def test_decisions_follow_the_threshold_and_the_output_reads_as_a_paired_corpus(
   by_origin = {o: [d for d in decisions if d["origin"] == o] for o in capfilt.ORIGINS}
   assert len(by_origin["human"]) == HUMAN and all(d["kept"] for d in by_origin["human"])
   assert len(by_origin["web"]) == WEB
-  assert len(by_origin["synthetic"]) == WEB  # one synthetic caption per web image
-  for d in by_origin["web"] + by_origin["synthetic"]:
+  skipped = [d for d in by_origin["web"] if "reason" in d]
+  assert [(d["index"], d["reason"], d["kept"]) for d in skipped] == [(BAD, "undecodable", False)]
+  assert summary["web"]["skipped/undecodable"] == 1
+  assert len(by_origin["synthetic"]) == WEB - 1  # one synthetic caption per readable web image
+  judged = [d for d in by_origin["web"] + by_origin["synthetic"] if "reason" not in d]
+  for d in judged:
     assert d["kept"] == (d["match"] >= 0.5), d
     assert 0.0 <= d["match"] <= 1.0
   kept = {o: sum(d["kept"] for d in rows) for o, rows in by_origin.items()}
   for origin in capfilt.ORIGINS:
     assert summary[origin].get("kept", 0) == kept[origin]
-    assert summary[origin].get("dropped", 0) == len(by_origin[origin]) - kept[origin]
+    assert summary[origin].get("dropped", 0) == len(by_origin[origin]) - kept[origin] - (
+        len(skipped) if origin == "web" else 0)
   assert summary["shards"] == 1 + math.ceil(WEB / SHARD)
   source = sources.open_source(sources.SourceConfig(source="array_record", paths=out),
                                "out", "paired")
@@ -158,8 +169,8 @@ def test_decisions_follow_the_threshold_and_the_output_reads_as_a_paired_corpus(
   with open(os.path.join(out, "paired.summary.json")) as f:
     assert json.load(f)["kind"] == "paired"
   measured = summary["web_measured"]
-  noisy = [d for d in by_origin["web"] if d["noise"] != "clean"]
-  assert measured["noisy"] == len(noisy) and measured["captions"] == WEB
+  noisy = [d for d in by_origin["web"] if "reason" not in d and d["noise"] != "clean"]
+  assert measured["noisy"] == len(noisy) and measured["captions"] == WEB - 1
   lines = capfilt.format_summary(summary)
   assert lines[0].startswith(f"capfilt: {summary['examples']} pairs in {summary['shards']} shards")
 
@@ -176,13 +187,15 @@ def test_filter_measures_count_precision_and_recall():
       dict(origin="synthetic", kept=True, caption="a small red circle", scene=scene, match=0.9),
       dict(origin="synthetic", kept=False, caption="a red circle", scene=scene, match=0.3),
       dict(origin="human", kept=True, caption="a red circle"),
+      dict(origin="web", kept=False, index=9, reason="undecodable"),
   ]
   m = capfilt.filter_measures(decisions)
   assert m["web_measured"] == dict(captions=4, noisy=2, dropped=2, precision=0.5, recall=0.5)
   # "a red circle" is true of the scene (the size left out): one of two drops was right.
   assert m["synthetic_measured"] == dict(captions=3, noisy=1, dropped=2, precision=0.5,
                                          recall=1.0)
-  assert m["human"] == {"kept": 1} and m["web"] == {"kept": 2, "dropped": 2}
+  assert m["human"] == {"kept": 1}
+  assert m["web"] == {"kept": 2, "dropped": 2, "skipped": 1, "skipped/undecodable": 1}
   assert m["web_by_noise"]["mismatched"] == {"dropped": 1}
 
 
@@ -238,10 +251,11 @@ def test_two_processes_write_what_one_process_writes(setup, tmp_path):
                             f"--pretrained={pretrained}", f"--workdir={work}", f"--out={out}"]))
   assert "process 0 of 2" in log or "process 1 of 2" in log, log[-2000:]
   ours, theirs = capfilt.read_decisions(out), capfilt.read_decisions(reference)
-  assert len(ours) == len(theirs) == HUMAN + 2 * WEB
+  assert len(ours) == len(theirs) == HUMAN + 2 * WEB - 1
   for a, b in zip(ours, theirs):
-    assert (a["index"], a["origin"], a["caption"]) == (b["index"], b["origin"], b["caption"])
-    if a["origin"] != "human":
+    assert (a["index"], a["origin"], a.get("caption")) == (b["index"], b["origin"],
+                                                          b.get("caption"))
+    if a["origin"] != "human" and "reason" not in a:
       assert a["match"] == pytest.approx(b["match"], abs=1e-5)
       if abs(b["match"] - 0.5) > 1e-5:
         assert a["kept"] == b["kept"]

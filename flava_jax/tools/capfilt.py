@@ -31,6 +31,7 @@ them (the trainer's and evaluate's way) and process 0 writes.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -243,14 +244,19 @@ class Bootstrapper:
     s, ctx, fctx = self.settings, self.cap_ctx, self.filter_ctx
     count = end - start
     examples = [self.web[start + j] for j in range(count)]
-    images, bad = {}, {}
-    for j, example in enumerate(examples):
+
+    def decode(example):  # the image's pixels, or why it cannot be used
       try:
         if "_skip" in example:
           raise Skip(example["_skip"])
-        images[j] = ctx.image_row(example.get("image"))["pixels"]
+        return ctx.image_row(example.get("image"))["pixels"]
       except Skip as e:
-        bad[j] = e.reason
+        return e.reason
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, s.read_threads)) as pool:
+      decoded = list(pool.map(decode, examples))
+    images = {j: d for j, d in enumerate(decoded) if not isinstance(d, str)}
+    bad = {j: d for j, d in enumerate(decoded) if isinstance(d, str)}
 
     def image_row(j):
       if j in bad:
@@ -356,14 +362,19 @@ def read_decisions(out: str) -> list[dict]:
 
 
 def filter_measures(decisions: Sequence[dict]) -> dict[str, Any]:
-  """Kept / dropped per origin, and where the truth is recorded the filter's precision and
-  recall of "dropped": against noise != "clean" (web captions) and against "the caption is not
-  true of its scene" (synthetic captions, judged by data.embedded.caption_fits)."""
+  """Kept / dropped (and skipped, by reason) per origin, and where the truth is recorded the
+  filter's precision and recall of "dropped": against noise != "clean" (web captions) and
+  against "the caption is not true of its scene" (synthetic captions, judged by
+  data.embedded.caption_fits)."""
   from flava_jax.data import embedded  # pylint: disable=import-outside-toplevel
   counts = {o: collections.Counter() for o in ORIGINS}
   truth = {"web": [], "synthetic": []}
   noise_kinds = collections.defaultdict(collections.Counter)
   for d in decisions:
+    if "reason" in d:  # an unreadable record: skipped, not judged by the filter
+      counts[d["origin"]]["skipped"] += 1
+      counts[d["origin"]][f"skipped/{d['reason']}"] += 1
+      continue
     counts[d["origin"]]["kept" if d["kept"] else "dropped"] += 1
     if d["origin"] == "web" and d.get("noise"):
       truth["web"].append((not d["kept"], d["noise"] != "clean"))
@@ -431,7 +442,8 @@ def format_summary(summary: Mapping[str, Any]) -> list[str]:
            f"{summary['threshold']})"]
   for origin in ORIGINS:
     c = summary.get(origin, {})
-    lines.append(f"  {origin}: kept {c.get('kept', 0)}, dropped {c.get('dropped', 0)}")
+    skipped = "".join(f", {k} {v}" for k, v in sorted(c.items()) if k.startswith("skipped/"))
+    lines.append(f"  {origin}: kept {c.get('kept', 0)}, dropped {c.get('dropped', 0)}{skipped}")
   for origin in ("web", "synthetic"):
     m = summary.get(f"{origin}_measured")
     if m:
