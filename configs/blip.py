@@ -26,8 +26,8 @@ Fine-tuning the paper's ViT-B (set init.model_from to a pretrained BLIP):
                                        batch 256, crop (0.5, 1); evaluated with ITM re-ranking
                                        of the top 256 (128 on Flickr30k)
     caption_coco                       LM with the prompt, lr 1e-5 cosine, 5 epochs, batch 256
-The reference fine-tunes at 384 px (position embeddings interpolated from 224); these run at the
-pretraining's 224 px, as warm starts do not interpolate position embeddings yet.
+They run at the reference's 384 px: the warm start resizes the pretrained position embeddings
+(bicubic, as the reference's interpolate_pos_embed).
 """
 
 import os
@@ -131,6 +131,8 @@ def _finetuning(arg: str) -> ml_collections.ConfigDict:
   retrieval = arg.startswith("retrieval")
   pairs = FLICKR_PAIRS if arg == "retrieval_flickr" else COCO_PAIRS
   config.global_batch = 256  # 32 per GPU on 8 GPUs
+  # 384 px as the reference: the warm start resizes the pretrained 14x14 position embeddings.
+  config.model.image.image_size = 384
   steps_per_epoch = pairs // config.global_batch
   epochs = 6 if retrieval else 5
   config.total_steps = epochs * steps_per_epoch

@@ -158,12 +158,15 @@ def read_dvae_params(path: str, field: str = "init.dvae_from") -> Any:
   return convert.dvae_from_transformers(path)[1]
 
 
-def replace_parts(target: Mapping, source: Mapping, parts: tuple[str, ...] | None, field: str
-                  ) -> tuple[dict, int]:
+def replace_parts(target: Mapping, source: Mapping, parts: tuple[str, ...] | None, field: str,
+                  notes: list[str] | None = None) -> tuple[dict, int]:
   """`target` with the leaves under `parts` (all when None) taken from `source`.
 
   Returns (new tree, number of leaves copied). Leaves keep the target's sharding. Missing
-  leaves, extra leaves and shape differences are errors naming `field` and the leaf.
+  leaves, extra leaves and shape differences are errors naming `field` and the leaf, except a
+  ViT's position embeddings (`pos_embed`, [1 + g*g, D]) of another square grid: those are resized
+  to this model's grid with PyTorch's bicubic interpolation ([CLS] kept), as the reference does
+  when it fine-tunes at a higher resolution than it pretrained; `notes` gets a line for each.
   """
   flat_target, flat_source = convert.flatten_tree(target), convert.flatten_tree(source)
   wanted = [p for p in flat_target if parts is None or p[0] in parts]
@@ -180,11 +183,29 @@ def replace_parts(target: Mapping, source: Mapping, parts: tuple[str, ...] | Non
   new = dict(flat_target)
   for p in wanted:
     old, value = flat_target[p], flat_source[p]
+    if p[-1] == "pos_embed" and tuple(np.shape(value)) != tuple(old.shape):
+      value = _resized_positions(value, old.shape, f"{field}: {'/'.join(p)}", notes)
     if tuple(np.shape(value)) != tuple(old.shape):
       raise ValueError(f"{field}: {'/'.join(p)} has shape {tuple(np.shape(value))} in the "
                        f"source and {tuple(old.shape)} in this model (config.model differs)")
     new[p] = jax.device_put(np.asarray(value, dtype=old.dtype), getattr(old, "sharding", None))
   return _unflat(new), len(wanted)
+
+
+def _resized_positions(value: Any, shape: tuple[int, ...], where: str,
+                       notes: list[str] | None) -> Any:
+  """Position embeddings [1 + a*a, D] resized to `shape` [1 + b*b, D] (bicubic), or `value`
+  unchanged when either grid is not square or the widths differ (the caller then refuses it)."""
+  from flava_jax.models.image import interpolate_positions  # pylint: disable=import-outside-toplevel
+  have, want = np.shape(value), tuple(shape)
+  if len(have) != 2 or len(want) != 2 or have[1] != want[1]:
+    return value
+  old, new = int(round((have[0] - 1) ** 0.5)), int(round((want[0] - 1) ** 0.5))
+  if old * old != have[0] - 1 or new * new != want[0] - 1:
+    return value
+  if notes is not None:
+    notes.append(f"{where} resized from a {old}x{old} to a {new}x{new} patch grid (bicubic)")
+  return np.asarray(interpolate_positions(np.asarray(value, np.float32), new, new))
 
 
 def _unflat(flat: Mapping[tuple[str, ...], Any]) -> dict:
@@ -208,13 +229,15 @@ def initial_params(params: Mapping, sources: Mapping[str, str],
     if not path:
       continue
     source = read_flava_params(path, f"init.{field}")
+    resized: list[str] = []
     if parts is None:
       parts = tuple(k for k in params if k in source)  # e.g. a FlavaModel source has no heads
-      params, n = replace_parts(params, source, parts, f"init.{field}")
+      params, n = replace_parts(params, source, parts, f"init.{field}", resized)
       kept = sorted(set(params) - set(parts))
       notes.append(f"{n} parameter arrays from {path}"
                    + (f" ({', '.join(kept)} not in the source: random)" if kept else ""))
     else:
-      params, n = replace_parts(params, source, parts, f"init.{field}")
+      params, n = replace_parts(params, source, parts, f"init.{field}", resized)
       notes.append(f"{'/'.join(parts)} ({n} arrays) from {path}")
+    notes += resized
   return params, notes

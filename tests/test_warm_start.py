@@ -149,3 +149,30 @@ def test_reading_a_workdirs_parameters_is_quiet_and_exact(tmp_path, caplog):
     assert jax.tree.structure(tree) == jax.tree.structure(saved[4])
     assert all(isinstance(got, np.ndarray) for got in jax.tree.leaves(tree))
     assert_trees_equal(tree, saved[4])  # dtypes included
+
+
+def test_position_embeddings_of_another_grid_are_resized_bicubically():
+  """A warm start into a model of another image size resizes the ViT's position embeddings as the
+  reference's interpolate_pos_embed does (torch bicubic, align_corners=False, [CLS] kept); any
+  other shape difference stays an error naming the leaf."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from flava_jax import warm_start  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  source = {"vision": {"pos_embed": rng.normal(size=(1 + 4 * 4, 8)).astype(np.float32),
+                       "cls_token": rng.normal(size=(8,)).astype(np.float32)}}
+  target = {"vision": {"pos_embed": np.zeros((1 + 6 * 6, 8), np.float32),
+                       "cls_token": np.zeros((8,), np.float32)}}
+  notes = []
+  new, count = warm_start.replace_parts(target, source, None, "init.model_from", notes)
+  assert count == 2 and notes == ["init.model_from: vision/pos_embed resized from a 4x4 to a 6x6 "
+                                  "patch grid (bicubic)"]
+  grid = torch.from_numpy(source["vision"]["pos_embed"][1:]).reshape(1, 4, 4, 8).permute(0, 3, 1, 2)
+  expected = torch.nn.functional.interpolate(grid, size=(6, 6), mode="bicubic",
+                                             align_corners=False)
+  expected = expected.permute(0, 2, 3, 1).reshape(36, 8).numpy()
+  got = np.asarray(new["vision"]["pos_embed"])
+  np.testing.assert_allclose(got[1:], expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(got[0], source["vision"]["pos_embed"][0])
+  wider = {"vision": dict(source["vision"], pos_embed=np.zeros((17, 16), np.float32))}
+  with pytest.raises(ValueError, match=r"init\.model_from: vision/pos_embed has shape \(17, 16\)"):
+    warm_start.replace_parts(target, wider, None, "init.model_from")

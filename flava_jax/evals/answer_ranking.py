@@ -6,10 +6,10 @@ an answer decoder of its own (initialised from the pretrained decoder) writes "[
 [SEP]" cross-attending to the question's states.
 
 Training (steps > 0): each question's answers with weights count / annotators (the reference's
-VQA data), at most `max_answers` per question (the most frequent; the others are counted in
-the metrics' answers_truncated); loss = sum over a question's answers of weight x the answer's summed
-token cross-entropy (label smoothing 0.1, as the reference's decoder), divided by the questions
-in the batch. AdamW, warm-up and cosine decay, sharded like the finetune evaluator.
+VQA data), at most `max_answers` per question (the most frequent; the others are counted in the
+metrics' answers_truncated); loss = sum over a question's answers of weight x the answer's
+summed token cross-entropy (label smoothing 0.1, as the reference's decoder), divided by the
+questions in the batch. AdamW, warm-up and cosine decay, sharded like the finetune evaluator.
 
 Ranking: the candidates (`answer_list`) are scored by the decoder's probability of their first
 token; the top k (k_test, 128 in the reference) are scored by their whole answer's summed token
