@@ -6,6 +6,7 @@
     out["frame_mask"]  [B, F]     True for frames of real samples
     out["features"]    [B, F, C]  the convolutional features after their LayerNorm (the
                                   stopped-gradient targets of masked-audio objectives)
+    out["layers"]      [L+1, B, F, D]  the transformer's input, then every block's output
 
 Parts (transformers' Wav2Vec2Model with do_stable_layer_norm=False, wav2vec2-base's layout):
   feature_encoder  7 Conv1d layers (512 channels, kernels 10,3,3,3,3,2,2, strides 5,2,2,2,2,2,2,
@@ -147,5 +148,7 @@ class AudioEncoder(nn.Module):
     pos = jax.nn.gelu(pos + b.astype(dtype), approximate=False)
     x = LayerNorm(cfg.layer_norm_eps, dtype, pdtype, name="norm")(x + pos)
     x = constrain(x, (BATCH, LENGTH, ACT_EMBED))
-    hidden = Encoder(cfg, compute, norm_first=False, name="encoder")(x, frame_mask)
-    return {"hidden": hidden, "frame_mask": frame_mask, "features": features}
+    hidden, layers = Encoder(cfg, compute, norm_first=False, name="encoder")(
+        x, frame_mask, every_layer=True)
+    return {"hidden": hidden, "frame_mask": frame_mask, "features": features,
+            "layers": jnp.concatenate([x[None], layers])}

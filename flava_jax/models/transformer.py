@@ -368,10 +368,11 @@ class TransformerBlock(nn.Module):
   cross_attention: bool = False
   norm_first: bool = True
   decode: bool = False
+  collect: bool = False  # also return the block's output (the scan stacks them per layer)
 
   @nn.compact
   def __call__(self, x: Array, mask: Array | None, encoder_hidden: Array | None = None,
-               encoder_mask: Array | None = None) -> tuple[Array, None]:
+               encoder_mask: Array | None = None) -> tuple[Array, Array | None]:
     cfg, compute = self.config, self.compute
     dtype, pdtype = dtype_of(compute.dtype), dtype_of(compute.param_dtype)
 
@@ -386,7 +387,8 @@ class TransformerBlock(nn.Module):
       cross = CrossAttention(cfg, compute, self.decode, name="cross_attention")
       x = residual(x, "norm_cross", lambda h: cross(h, encoder_hidden, encoder_mask))
     x = residual(x, "norm_mlp", MLP(cfg, compute, name="mlp"))
-    return constrain(x, (BATCH, LENGTH, ACT_EMBED)), None
+    x = constrain(x, (BATCH, LENGTH, ACT_EMBED))
+    return x, (x if self.collect else None)
 
 
 _REMAT_POLICIES = {
@@ -411,10 +413,12 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, mask: Array | None, encoder_hidden: Array | None = None,
-               encoder_mask: Array | None = None, *, decode: bool = False) -> Array:
+               encoder_mask: Array | None = None, *, decode: bool = False,
+               every_layer: bool = False) -> Array | tuple[Array, Array]:
     """x [B, T, D]; mask [B, T] (True: real token) or None; encoder_hidden [B, S, D_enc] and
     encoder_mask [B, S] for cross-attention (encoder_hidden None in decode steps after the
-    prefill: the cached projections are used)."""
+    prefill: the cached projections are used). every_layer: also return each block's output,
+    stacked [num_layers, B, T, D] (the last is the first result)."""
     if encoder_hidden is not None and not self.cross_attention:
       raise ValueError("encoder_hidden given to an Encoder built without cross_attention")
     block = TransformerBlock
@@ -426,9 +430,10 @@ class Encoder(nn.Module):
         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=self.config.num_layers,
         unroll=min(self.compute.scan_unroll, self.config.num_layers),
         metadata_params={nn.PARTITION_NAME: "layers"})
-    x, _ = stack(self.config, self.compute, self.causal, self.cross_attention, self.norm_first,
-                 decode, name="layers")(x, mask, encoder_hidden, encoder_mask)
-    return x
+    x, outputs = stack(self.config, self.compute, self.causal, self.cross_attention,
+                       self.norm_first, decode, every_layer,
+                       name="layers")(x, mask, encoder_hidden, encoder_mask)
+    return (x, outputs) if every_layer else x
 
 
 class Pooler(nn.Module):

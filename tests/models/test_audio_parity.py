@@ -51,7 +51,12 @@ def test_hidden_states_and_features_match_transformers(norm):
   out = jax.jit(lambda p, w, m: AudioEncoder(config, ComputeConfig()).apply({"params": p}, w, m))(
       params, wave, mask)
   with torch.no_grad():
-    r = ref(torch.from_numpy(wave), attention_mask=torch.from_numpy(mask).long())
+    r = ref(torch.from_numpy(wave), attention_mask=torch.from_numpy(mask).long(),
+            output_hidden_states=True)
+  assert len(r.hidden_states) == config.num_layers + 1
+  for i, layer in enumerate(r.hidden_states):  # the encoder's input, then every layer's output
+    np.testing.assert_allclose(np.asarray(out["layers"][i]), layer.numpy(), rtol=1e-5,
+                               atol=1e-5, err_msg=f"layer {i}")
   frames = np.asarray(out["frame_mask"])
   assert frames.sum(1).tolist() == [int(config.frames(n)) for n in mask.sum(1)]
   np.testing.assert_allclose(np.asarray(out["hidden"]), r.last_hidden_state.numpy(),
