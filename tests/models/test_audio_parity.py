@@ -86,3 +86,26 @@ def test_round_trip_is_bit_exact_and_weights_are_accounted_for(reference, tmp_pa
   io.write_directory(str(tmp_path / "extra"), reference.config, extra)
   with pytest.raises(ConversionError, match=r"no place in our model: encoder\.extra\.weight"):
     convert_audio.from_transformers(str(tmp_path / "extra"))
+
+
+def test_base_size_matches_transformers():
+  """wav2vec2-base's sizes (12 x 768, 7 convs of 512, positional conv 128 / 16 groups), random
+  weights, half a second of padded audio: every layer within 1e-4."""
+  from transformers import Wav2Vec2Config, Wav2Vec2Model  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(2)
+  ref = Wav2Vec2Model(Wav2Vec2Config()).eval()  # the defaults are wav2vec2-base's
+  config, params = convert_audio.from_transformers(ref)
+  assert (config.hidden_size, config.num_layers, config.conv_dim) == (768, 12, (512,) * 7)
+  rng = np.random.default_rng(3)
+  mask = np.ones((2, 8000), np.int32)
+  mask[1, 5000:] = 0
+  wave = (rng.normal(size=(2, 8000)) * mask).astype(np.float32)
+  out = jax.jit(lambda p, w, m: AudioEncoder(config, ComputeConfig()).apply({"params": p}, w, m))(
+      params, wave, mask)
+  with torch.no_grad():
+    r = ref(torch.from_numpy(wave), attention_mask=torch.from_numpy(mask).long(),
+            output_hidden_states=True)
+  assert np.asarray(out["frame_mask"]).sum(1).tolist() == [24, 15]  # 20 ms frames
+  for i, layer in enumerate(r.hidden_states):
+    np.testing.assert_allclose(np.asarray(out["layers"][i]), layer.numpy(), rtol=1e-4,
+                               atol=1e-4, err_msg=f"layer {i}")
