@@ -15,6 +15,12 @@ reason instead of dying or silently dropping data. The reasons:
     text_too_long      more bytes than the configured limit (a whole file in a caption field)
     unreadable_record  the storage layer failed to return the record
     corrupt_record     the record's bytes do not parse
+    missing_audio      the audio field is absent (data/audio.py)
+    empty_audio        zero bytes, or no samples
+    undecodable_audio  not audio libsndfile recognises (or non-finite samples)
+    truncated_audio    a recognised file that fails while decoding
+    silent_audio       no sample above the silence threshold
+    audio_too_long     longer than the configured limit before any crop
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ import numpy as np
 
 SKIP_REASONS = ("missing_image", "empty_image", "undecodable", "truncated_image", "too_large",
                 "missing_text", "empty_text", "non_utf8_text", "text_too_long",
-                "unreadable_record", "corrupt_record")
+                "unreadable_record", "corrupt_record", "missing_audio", "empty_audio",
+                "undecodable_audio", "truncated_audio", "silent_audio", "audio_too_long")
 # Text with more than this share of undecodable bytes is skipped rather than repaired.
 MAX_REPLACED_FRACTION = 0.1
 
