@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from flava_jax.data.examples import Skip
+from flava_jax.data.examples import Skip, as_encoded_bytes
 
 SAMPLE_RATE = 16_000
 
@@ -45,14 +45,7 @@ def decode_audio(value: Any, sample_rate: int = SAMPLE_RATE, max_seconds: float 
   """An audio field (encoded bytes) -> (float32 mono samples at `sample_rate`, repairs made),
   or Skip (see the module docstring)."""
   import soundfile  # pylint: disable=import-outside-toplevel
-  if value is None:
-    raise Skip("missing_audio")
-  if isinstance(value, (bytearray, memoryview)):
-    value = bytes(value)
-  if not isinstance(value, bytes):
-    raise Skip("missing_audio", f"a {type(value).__name__}, not encoded audio")
-  if not value:
-    raise Skip("empty_audio")
+  value = as_encoded_bytes(value, "audio")
   try:
     info = soundfile.info(io.BytesIO(value))
   except Exception as e:  # pylint: disable=broad-except  (libsndfile's errors, any format)

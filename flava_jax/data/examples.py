@@ -78,16 +78,22 @@ def as_text(value: Any, max_bytes: int) -> str:
   return text
 
 
-def as_image_bytes(value: Any) -> bytes:
-  """An image field -> non-empty encoded bytes, or Skip."""
+def as_encoded_bytes(value: Any, kind: str = "image") -> bytes:
+  """An encoded file field (`kind`: image or audio) -> non-empty bytes, or Skip
+  (missing_KIND, empty_KIND)."""
   if value is None:
-    raise Skip("missing_image")
+    raise Skip(f"missing_{kind}")
   if isinstance(value, np.ndarray) and value.dtype == object and value.ndim == 0:
     value = value.item()
   if isinstance(value, (bytearray, memoryview)):
     value = bytes(value)
   if not isinstance(value, bytes):
-    raise Skip("missing_image", f"a {type(value).__name__}, not encoded image bytes")
+    raise Skip(f"missing_{kind}", f"a {type(value).__name__}, not encoded {kind} bytes")
   if not value:
-    raise Skip("empty_image")
+    raise Skip(f"empty_{kind}")
   return value
+
+
+def as_image_bytes(value: Any) -> bytes:
+  """An image field -> non-empty encoded bytes, or Skip."""
+  return as_encoded_bytes(value, "image")
