@@ -32,7 +32,7 @@ def eval_config(task: dict) -> ml_collections.ConfigDict:
 
 
 # flava_jax.data.sources.CANONICAL_FIELDS (tests/test_configs.py checks they agree).
-CANONICAL_FIELDS = ("image", "caption", "text", "label", "text_pair", "answers")
+CANONICAL_FIELDS = ("image", "caption", "text", "label", "text_pair", "answers", "audio")
 
 
 def data_section(source: str = "embedded", name: str = "", split: str = "test", **fields: str

@@ -25,6 +25,13 @@ CapFilt parts (BLIP's bootstrapping, tools/capfilt.py), train only:
   corruption ("noise") and the scene ("scene", JSON) for measurement only; training reads image
   and caption.
 
+Audio part (the audio tasks), built on first use into a folder of its own (`ensure_spoken`):
+- spoken: scenes drawn as the paired part's, each caption also spoken by eSpeak NG (data/speech.py)
+  with a voice, rate and pitch drawn per record (`VOICES`, `SPOKEN_RATES`, `SPOKEN_PITCHES`), as
+  16 kHz mono FLAC; records {image, caption, audio, voice}. Test captions are unique and none is a
+  train caption (held out). Synthesis runs SPEECH_CHUNK captions per fresh process, so two builds
+  are byte-identical on one machine (libFLAC's and eSpeak NG's versions are pinned by the wheels).
+
 vocab.txt is a small WordPiece vocabulary trained on the train splits' texts of VOCAB_PARTS
 (never the test splits'). The trainer (tokenizers') breaks ties between equally frequent merges
 differently from run to run, so the vocabulary trained once is kept in the package
@@ -56,7 +63,12 @@ _SEED = 1
 IMAGE_SIZE = 128
 VOCAB_SIZE = 1024
 # A part's seed depends on its index here and its split's in SPLITS: only append to both.
-PARTS = ("paired", "image", "text", "retrieval", "text_pairs", "vqa", "ve", "human", "web")
+PARTS = ("paired", "image", "text", "retrieval", "text_pairs", "vqa", "ve", "human", "web",
+         "spoken")
+# Parts built on first use into a folder of their own (spoken_dir), not with the rest: only the
+# audio tasks read them, and their synthesis takes a while.
+LAZY_PARTS = ("spoken",)
+SPOKEN_VERSION = 1  # bump when the spoken part's generator changes (its folder is named after it)
 # The parts whose train texts teach vocab.txt (those of version 2: its vocabulary is unchanged).
 VOCAB_PARTS = ("paired", "image", "text", "retrieval", "text_pairs", "vqa", "ve")
 SPLITS = ("train", "test")  # every split name; a part has those of `splits(part)`
@@ -67,12 +79,14 @@ SIZES = {("paired", "train"): 6000, ("paired", "test"): 256,
          ("text_pairs", "train"): 4000, ("text_pairs", "test"): 400,
          ("vqa", "train"): 3000, ("vqa", "test"): 300,
          ("ve", "train"): 3000, ("ve", "test"): 300,
-         ("human", "train"): 1000, ("web", "train"): 6000}
+         ("human", "train"): 1000, ("web", "train"): 6000,
+         ("spoken", "train"): 3000, ("spoken", "test"): 256}
 # The fields of each part's records (all also have "id", a string naming part/split/index).
 SCHEMAS = {"paired": ("image", "caption"), "image": ("image", "label"), "text": ("text",),
            "retrieval": ("image", "captions"), "text_pairs": ("text", "text_pair", "label"),
            "vqa": ("image", "question", "answers"), "ve": ("image", "hypothesis", "label"),
-           "human": ("image", "caption", "scene"), "web": ("image", "caption", "noise", "scene")}
+           "human": ("image", "caption", "scene"), "web": ("image", "caption", "noise", "scene"),
+           "spoken": ("image", "caption", "audio", "voice")}
 TEXT_CHARS = 400  # characters per text example (paragraphs joined up to this)
 RETRIEVAL_CAPTIONS = 5  # captions per retrieval scene
 VQA_ANNOTATORS = 10  # answers per VQA question
@@ -106,6 +120,15 @@ _UNINFORMATIVE = ("image {}", "img {}", "photo {}", "picture", "click to enlarge
 _NEUTRAL = (("was drawn by a child", "were drawn by a child"),
             ("was drawn yesterday", "were drawn yesterday"),
             ("is made of paper", "are made of paper"))
+
+
+# The spoken part's speakers: eSpeak NG voices (data/speech.py), and the ranges its rate (words
+# per minute) and pitch (0-99) are drawn from per record.
+VOICES = ("en-us", "en", "en+f3", "en-us+f3", "en-029", "en-gb-scotland")
+SPOKEN_RATES = (140, 200)
+SPOKEN_PITCHES = (30, 70)
+SPEECH_CHUNK = 100  # captions synthesized per fresh eSpeak NG process (speech.py)
+AUDIO_RATE = 16_000  # the spoken part's audio: 16 kHz mono 16-bit FLAC
 
 
 KEPT_VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded_vocab.txt")
@@ -483,6 +506,83 @@ _EXAMPLES = {"paired": paired_example, "image": image_example, "text_pairs": tex
              "web": web_example}
 
 
+def spoken_scenes(split: str, size: int, unseen: frozenset = frozenset()) -> list[dict]:
+  """The spoken part's records before synthesis: a scene (image, caption) and a speaker
+  ({name, rate, pitch}) each; captions in `unseen` (the train split's, for test) and repeats
+  within a test split are drawn again, so that held-out captions are never trained on."""
+  rng = np.random.default_rng([_SEED, PARTS.index("spoken"), SPLITS.index(split)])
+  out, seen = [], set(unseen)
+  while len(out) < size:
+    example = paired_example(rng)
+    voice = {"name": VOICES[int(rng.integers(len(VOICES)))],
+             "rate": int(rng.integers(SPOKEN_RATES[0], SPOKEN_RATES[1] + 1)),
+             "pitch": int(rng.integers(SPOKEN_PITCHES[0], SPOKEN_PITCHES[1] + 1))}
+    if split == "test":
+      if example["caption"] in seen:
+        continue
+      seen.add(example["caption"])
+    out.append(dict(example, voice=voice))
+  return out
+
+
+def speak(items: list[tuple[str, dict]], workers: int = 0) -> list[bytes]:
+  """16 kHz mono FLAC of each (caption, voice dict), synthesized SPEECH_CHUNK at a time, each
+  chunk in a fresh eSpeak NG process (`workers` at once; 0: the CPUs): the bytes depend only on
+  the items, never on the number of workers."""
+  import concurrent.futures  # pylint: disable=import-outside-toplevel
+  import soundfile  # pylint: disable=import-outside-toplevel
+  import soxr  # pylint: disable=import-outside-toplevel
+
+  from flava_jax.data import speech  # pylint: disable=import-outside-toplevel
+  voiced = [(text, speech.Voice(v["name"], v["rate"], v["pitch"])) for text, v in items]
+  chunks = [voiced[i:i + SPEECH_CHUNK] for i in range(0, len(voiced), SPEECH_CHUNK)]
+  workers = workers or min(8, os.cpu_count() or 1)
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    results = list(pool.map(speech.synthesize_int16, chunks))
+  out = []
+  for waves, rate in results:
+    for wave in waves:
+      resampled = soxr.resample(wave.astype(np.float32) / 32768.0, rate, AUDIO_RATE)
+      buffer = io.BytesIO()
+      soundfile.write(buffer, np.clip(resampled, -1.0, 1.0), AUDIO_RATE, format="FLAC",
+                      subtype="PCM_16")
+      out.append(buffer.getvalue())
+  return out
+
+
+def spoken_records(sizes: dict | None = None) -> dict[str, list[dict]]:
+  """{split: records} of the spoken part (`sizes`: {split: records}, default SIZES')."""
+  sizes = sizes or {s: SIZES[("spoken", s)] for s in splits("spoken")}
+  train = spoken_scenes("train", sizes["train"])
+  test = spoken_scenes("test", sizes["test"], frozenset(e["caption"] for e in train))
+  out = {}
+  for split, examples in (("train", train), ("test", test)):
+    audio = speak([(e["caption"], e["voice"]) for e in examples])
+    out[split] = [dict(e, audio=a, voice=json.dumps(e["voice"], sort_keys=True),
+                       id=f"spoken/{split}/{i}")
+                  for i, (e, a) in enumerate(zip(examples, audio))]
+  return out
+
+
+def build_spoken(out_dir: str, sizes: dict | None = None) -> None:
+  """Writes the spoken part's splits into out_dir (two builds are byte-identical)."""
+  for split, examples in spoken_records(sizes).items():
+    with records.ShardWriter(os.path.join(out_dir, f"spoken-{split}")) as shards:
+      for example in examples:
+        shards.write(example)
+  with open(os.path.join(out_dir, "done.json"), "w") as f:
+    json.dump({"version": SPOKEN_VERSION, "voices": list(VOICES)}, f)
+
+
+def spoken_dir(cache_dir: str = "") -> str:
+  return os.path.join(cache_dir or default_cache_dir(), f"spoken-v{SPOKEN_VERSION}")
+
+
+def ensure_spoken(cache_dir: str = "") -> str:
+  """The spoken part's folder, built first if absent (atomically, as `ensure`)."""
+  return _ensure(spoken_dir(cache_dir), "done.json", build_spoken)
+
+
 def splits(part: str) -> tuple[str, ...]:
   """The splits of one part (every part has test; retrieval has no train)."""
   if part not in PARTS:
@@ -520,6 +620,8 @@ def _texts(example: dict) -> list[str]:
 def build(out_dir: str) -> None:
   """Writes every part and split, the class and answer names and the vocabulary into out_dir."""
   for part in PARTS:
+    if part in LAZY_PARTS:
+      continue
     for split in splits(part):
       examples = _part_records(part, split)
       with records.ShardWriter(os.path.join(out_dir, f"{part}-{split}")) as shards:
@@ -548,17 +650,21 @@ def train_vocab(out_file: str) -> str:
 
 def ensure(cache_dir: str = "") -> str:
   """The corpus directory, built first if absent (atomically: concurrent callers are safe)."""
-  final = corpus_dir(cache_dir)
-  if os.path.isfile(os.path.join(final, "vocab.txt")):
+  return _ensure(corpus_dir(cache_dir), "vocab.txt", build)
+
+
+def _ensure(final: str, marker: str, build_into) -> str:
+  """`final`, built by build_into(staging) and renamed into place unless `marker` is there."""
+  if os.path.isfile(os.path.join(final, marker)):
     return final
   os.makedirs(os.path.dirname(final), exist_ok=True)
   staging = tempfile.mkdtemp(prefix=os.path.basename(final) + ".", dir=os.path.dirname(final))
   try:
-    build(staging)
+    build_into(staging)
     try:
       os.rename(staging, final)
     except OSError:  # another process finished first; its copy is identical
-      if not os.path.isfile(os.path.join(final, "vocab.txt")):
+      if not os.path.isfile(os.path.join(final, marker)):
         raise
   finally:
     if os.path.isdir(staging):
@@ -570,7 +676,8 @@ def shard_pattern(part: str, split: str, cache_dir: str = "") -> str:
   available = splits(part)
   if split not in available:
     raise ValueError(f"the embedded corpus's {part} part has splits {available}, not {split!r}")
-  return os.path.join(ensure(cache_dir), f"{part}-{split}-*{records.SHARD_SUFFIX}")
+  folder = ensure_spoken(cache_dir) if part in LAZY_PARTS else ensure(cache_dir)
+  return os.path.join(folder, f"{part}-{split}-*{records.SHARD_SUFFIX}")
 
 
 def vocab_file(cache_dir: str = "") -> str:

@@ -26,9 +26,10 @@ from flava_jax.data.captions import clean_caption, truncate_words
 from flava_jax.data.examples import Skip, as_image_bytes, as_text
 from flava_jax.data.randaugment import RandAugment
 from flava_jax.data.tokenizer import Tokenizer
-# What a corpus holds: image-caption pairs, images (optionally labelled), or text. A task says
+# What a corpus holds: image-caption pairs, images (optionally labelled), text, audio with its
+# caption (speech and transcript), or an image with its caption and the caption's audio. A task says
 # which kinds it trains on and which train step each kind feeds (flava_jax/tasks/).
-KINDS = ("paired", "image", "text")
+KINDS = ("paired", "image", "text", "audio", "trimodal")
 
 
 def pick_one(value: Any, rng: np.random.Generator | None) -> Any:
@@ -69,8 +70,9 @@ class ExampleProcessor(_SkipsBadExamples):
   train: bool = True
 
   def __post_init__(self):
-    if self.kind not in KINDS:
-      raise ValueError(f"corpus kind {self.kind!r} is not one of {KINDS}")
+    if self.kind not in ("paired", "image", "text"):
+      raise ValueError(f"corpus kind {self.kind!r}: FLAVA-style processors read paired, image "
+                       "and text corpora")
     if self.kind != "image" and (self.tokenizer is None or self.mlm is None):
       raise ValueError(f"a {self.kind} corpus needs a tokenizer and MLM settings")
 

@@ -16,6 +16,9 @@ A record holds any of these fields (absent ones are simply missing):
     match: float, the filter's ITM match probability of the pair
     noise, scene: str, the embedded web part's recorded corruption and scene (JSON), kept for
                   measurement only
+  and, in audio corpora (build.py --kind=audio|trimodal, the embedded spoken part):
+    audio:   bytes, an encoded audio file (WAV, FLAC, OGG, ...; data/audio.py decodes it)
+    voice:   str, the spoken part's eSpeak NG voice (JSON: name, rate, pitch), for measurement
 
 Shards are `PREFIX-00000-of-00004.array_record`, written with group_size 1 so that every record
 can be read on its own (random access for grain's global shuffle).
@@ -34,7 +37,7 @@ import msgpack
 # Training corpora use the first five; evaluation splits add several captions per image, sentence
 # pairs, VQA questions with their annotators' answers and entailment hypotheses; CapFilt the rest.
 FIELDS = ("image", "caption", "label", "text", "id", "captions", "text_pair", "question",
-          "answers", "hypothesis", "origin", "match", "noise", "scene")
+          "answers", "hypothesis", "origin", "match", "noise", "scene", "audio", "voice")
 SHARD_SUFFIX = ".array_record"
 WRITER_OPTIONS = "group_size:1"  # every record readable on its own (random access)
 

@@ -33,13 +33,17 @@ from flava_jax.data.examples import Skip
 from flava_jax.parse import check_choice
 
 # text_pair: a sentence pair's second text; answers: a question's annotators' answers.
-CANONICAL_FIELDS = ("image", "caption", "text", "label", "text_pair", "answers")
-# What each corpus kind needs from its source (label is optional for image corpora).
-REQUIRED_FIELDS = {"paired": ("image", "caption"), "image": ("image",), "text": ("text",)}
+CANONICAL_FIELDS = ("image", "caption", "text", "label", "text_pair", "answers", "audio")
+# What each corpus kind needs from its source (label is optional for image corpora). audio:
+# speech (or other sound) with its caption or transcript; trimodal: an image, its caption and
+# the audio of it (the spoken embedded corpus).
+REQUIRED_FIELDS = {"paired": ("image", "caption"), "image": ("image",), "text": ("text",),
+                   "audio": ("audio", "caption"), "trimodal": ("image", "caption", "audio")}
 SOURCE_KINDS = ("embedded", "array_record", "tfds")
 # The canonical fields the builder's records of each kind hold (flava_jax/data/build.py): which
 # kind of shards a reader that needs some fields takes from a folder (kind_for_fields).
-BUILT_FIELDS = {"paired": ("image", "caption"), "image": ("image", "label"), "text": ("text",)}
+BUILT_FIELDS = {"paired": ("image", "caption"), "image": ("image", "label"), "text": ("text",),
+                "audio": ("audio", "caption"), "trimodal": ("image", "caption", "audio")}
 _PROBE_RECORDS = 32  # records read at start-up to check the field names
 
 
@@ -68,9 +72,12 @@ _SHARD_NAME = re.compile(r"^(?P<prefix>.+)-\d{5}-of-\d{5}" + re.escape(records.S
 
 
 def kind_for_fields(needed: Sequence[str]) -> str | None:
-  """The one builder kind whose records hold every canonical field in `needed`, else None."""
+  """The builder kind whose records hold every canonical field in `needed` and nothing another
+  such kind lacks (image + caption: paired, not trimodal), else None (no kind, or several that
+  fit as well: image alone is in paired and image shards)."""
   kinds = [k for k, fields in BUILT_FIELDS.items() if set(needed) <= set(fields)]
-  return kinds[0] if len(kinds) == 1 else None
+  least = [k for k in kinds if all(set(BUILT_FIELDS[k]) <= set(BUILT_FIELDS[o]) for o in kinds)]
+  return least[0] if len(least) == 1 else None
 
 
 def shard_kind(directory: str, prefix: str) -> str | None:

@@ -6,22 +6,24 @@ The shared library is loaded with ctypes and asked for synchronous synthesis (22
 eSpeak NG is not deterministic from call to call inside one process (the same caption comes out a
 few samples longer or shorter, with other bytes, even after resetting its random seed), but a fresh
 process making the same calls in the same order gives the same bytes every time. `synthesize`
-therefore runs each batch of texts in a fresh process ("spawn"): a batch's audio depends only on
-the batch (its texts in order and the voice), never on what ran before.
+therefore runs each batch of texts in a fresh process (espeak_worker.py, run as a script: it
+imports neither flava_jax nor the caller's program): a batch's audio depends only on the batch
+(its texts in order and the voice), never on what ran before.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import multiprocessing
+import json
+import os
+import struct
+import subprocess
+import sys
 from collections.abc import Sequence
 
 import numpy as np
 
-OUTPUT_SYNCHRONOUS = 2  # espeak_AUDIO_OUTPUT
-CHARS_UTF8, POS_CHARACTER = 1, 1
-RATE, VOLUME, PITCH = 1, 2, 3  # espeak_PARAMETER
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "espeak_worker.py")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,52 +36,32 @@ class Voice:
   pitch: int = 50
 
 
-def _synthesize_here(texts: Sequence[str], voice: Voice) -> tuple[list[np.ndarray], int]:
-  """In this process: int16 samples per text, and the sample rate."""
-  import espeakng_loader  # pylint: disable=import-outside-toplevel
-  lib = ctypes.CDLL(espeakng_loader.get_library_path())
-  rate = lib.espeak_Initialize(OUTPUT_SYNCHRONOUS, 0,
-                               espeakng_loader.get_data_path().encode(), 0)
-  if rate <= 0:
-    raise RuntimeError(f"eSpeak NG did not start (espeak_Initialize returned {rate})")
-  chunks: list[np.ndarray] = []
-  callback_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int,
-                                   ctypes.c_void_p)
-
-  def collect(wav, count, events):
-    del events
-    if count > 0:
-      chunks.append(np.ctypeslib.as_array(wav, shape=(count,)).copy())
-    return 0
-
-  callback = callback_type(collect)  # kept alive for the library's calls
-  lib.espeak_SetSynthCallback(callback)
-  if lib.espeak_SetVoiceByName(voice.name.encode()) != 0:
-    raise ValueError(f"eSpeak NG has no voice {voice.name!r}")
-  lib.espeak_SetParameter(RATE, int(voice.rate), 0)
-  lib.espeak_SetParameter(PITCH, int(voice.pitch), 0)
-  out = []
-  for text in texts:
-    chunks.clear()
-    data = text.encode("utf-8") + b"\0"
-    error = lib.espeak_Synth(ctypes.c_char_p(data), ctypes.c_size_t(len(data)), 0,
-                             POS_CHARACTER, 0, CHARS_UTF8, None, None)
-    if error != 0:
-      raise RuntimeError(f"eSpeak NG could not say {text!r} (error {error})")
-    lib.espeak_Synchronize()
-    out.append(np.concatenate(chunks) if chunks else np.zeros(0, np.int16))
-  lib.espeak_Terminate()
-  return out, rate
+def _parse(data: bytes, count: int) -> tuple[list[np.ndarray], int]:
+  rate, n = struct.unpack_from("<ii", data, 0)
+  if n != count:
+    raise RuntimeError(f"eSpeak NG worker returned {n} texts for {count}")
+  offset, waves = 8, []
+  for _ in range(n):
+    (length,) = struct.unpack_from("<i", data, offset)
+    offset += 4
+    waves.append(np.frombuffer(data, "<i2", length, offset).astype(np.int16))
+    offset += 2 * length
+  if offset != len(data):
+    raise RuntimeError("eSpeak NG worker's output is malformed")
+  return waves, rate
 
 
-def _worker(args):
-  texts, voice = args
-  return _synthesize_here(texts, voice)
+def synthesize_int16(items: Sequence[tuple[str, Voice]]) -> tuple[list[np.ndarray], int]:
+  """(int16 samples per (text, voice) item, sample rate), made in one fresh process."""
+  request = json.dumps({"items": [[t, v.name, int(v.rate), int(v.pitch)] for t, v in items]})
+  done = subprocess.run([sys.executable, WORKER], input=request.encode("utf-8"),
+                        capture_output=True, check=False)
+  if done.returncode != 0:
+    raise RuntimeError(f"eSpeak NG failed: {done.stderr.decode('utf-8', 'replace').strip()}")
+  return _parse(done.stdout, len(items))
 
 
 def synthesize(texts: Sequence[str], voice: Voice = Voice()) -> tuple[list[np.ndarray], int]:
   """(float32 samples in [-1, 1] per text, sample rate), made in a fresh process."""
-  context = multiprocessing.get_context("spawn")
-  with context.Pool(1) as pool:
-    waves, rate = pool.apply(_worker, ((list(texts), voice),))
+  waves, rate = synthesize_int16([(t, voice) for t in texts])
   return [w.astype(np.float32) / 32768.0 for w in waves], rate
