@@ -3,6 +3,8 @@
     python -m flava_jax.data.build --kind=paired --input=captions.jsonl --out=DIR --num_shards=8
     python -m flava_jax.data.build --kind=image --input=train/ --out=DIR      # class sub-folders
     python -m flava_jax.data.build --kind=text --input=books/,wiki.jsonl --out=DIR
+    python -m flava_jax.data.build --kind=audio --input=speech.csv --out=DIR --num_shards=8
+    python -m flava_jax.data.build --kind=trimodal --input=spoken.jsonl --out=DIR
 
 What --input may be (several --input flags or comma-separated paths; globs are expanded):
 
@@ -18,18 +20,30 @@ What --input may be (several --input flags or comma-separated paths; globs are e
             examples of about --text_chars characters (longer paragraphs and lines are split
             into such chunks, at sentence ends or between words); or JSONL with a --text_field,
             one example per document, a document longer than --text_chars split into chunks.
+    audio   as paired, with rows naming an audio file (--audio_field: WAV, FLAC, OGG, MP3, ...)
+            and its caption or transcript (--caption_field); WebDataset tars hold an audio
+            member (.wav/.flac/.ogg/.mp3) plus a .txt or .json caption.
+    trimodal
+            as audio, each row (or tar sample) also naming an image (--image_field): an image,
+            its caption and the caption's audio.
 
-Records: paired -> {image, caption, id}, image -> {image, label?, id}, text -> {text, id}; `id`
-says where the example came from. Every image is decoded once to check it, but the original file
-bytes are stored unchanged. Examples that cannot be used are skipped and counted by reason
-(flava_jax.data.examples.SKIP_REASONS); the summary printed at the end, and written to
-DIR/PREFIX.summary.json last (so its presence means the build finished), says what was written
-and what was skipped and why. Examples are written in a deterministic order (inputs as given,
-files in sorted order) round-robin over the shards. A command that cannot work (a missing
-input, an unknown format, an input that does not fit --kind, an --out that cannot be written,
-nothing written) is an error that names the problem, and leaves no shards behind. A build is
-written into a hidden folder inside --out and moved into place when it has finished, so with
---overwrite the old shards are replaced only by a finished build.
+Records: paired -> {image, caption, id}, image -> {image, label?, id}, text -> {text, id},
+audio -> {audio, caption, id}, trimodal -> {image, caption, audio, id}; `id` says where the
+example came from. Every image is decoded once to check it, but the original file bytes are
+stored unchanged. Every audio file is decoded once too (flava_jax.data.audio.decode_audio, at
+most --max_audio_seconds long): one that needs no repair is stored as the original bytes; one
+that was repaired (resampled to 16 kHz, downmixed to mono, a WAV whose data ends before its
+header says) is stored as the repaired wave, re-encoded as 16 kHz mono FLAC (PCM_16), so that
+readers get what was checked. Examples that cannot be used are skipped and counted by reason
+(flava_jax.data.examples.SKIP_REASONS), repaired ones counted by repair; the summary printed at
+the end, and written to DIR/PREFIX.summary.json last (so its presence means the build
+finished), says what was written, what was repaired and what was skipped and why. Examples are
+written in a deterministic order (inputs as given, files in sorted order) round-robin over the
+shards. A command that cannot work (a missing input, an unknown format, an input that does not
+fit --kind, an --out that cannot be written, nothing written) is an error that names the
+problem, and leaves no shards behind. A build is written into a hidden folder inside --out and
+moved into place when it has finished, so with --overwrite the old shards are replaced only by a
+finished build.
 """
 
 from __future__ import annotations
@@ -39,6 +53,7 @@ import csv
 import dataclasses
 import functools
 import glob
+import io
 import json
 import logging
 import os
@@ -51,14 +66,17 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, BinaryIO
 
 import jax
+import numpy as np
 
 from flava_jax import multihost
+from flava_jax.data.audio import SAMPLE_RATE, decode_audio
 from flava_jax.data.examples import Skip, as_image_bytes, as_text
 from flava_jax.data.preprocess import KINDS
 from flava_jax.data.records import SHARD_SUFFIX, ShardWriter
 from flava_jax.data.transforms import ImageTransformConfig, decode_rgb
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif", "bmp", "webp", "tif", "tiff")
+AUDIO_EXTENSIONS = ("wav", "flac", "ogg", "mp3")
 CAPTION_EXTENSIONS = ("jsonl", "ndjson", "csv", "tsv")
 TAR_EXTENSIONS = ("tar", "tar.gz", "tgz")
 TEXT_EXTENSIONS = ("txt",)
@@ -67,6 +85,10 @@ JSONL_EXTENSIONS = ("jsonl", "ndjson")
 DEFAULT_MAX_PIXELS = ImageTransformConfig.max_pixels
 DEFAULT_MAX_TEXT_BYTES = 65536
 DEFAULT_TEXT_CHARS = 2000
+DEFAULT_MAX_AUDIO_SECONDS = 600.0
+# The kinds whose examples hold audio, and those whose sources are captions files or tars.
+AUDIO_KINDS = ("audio", "trimodal")
+CAPTION_KINDS = ("paired",) + AUDIO_KINDS
 # Ids of skipped examples kept per reason, so that a summary can point at real cases.
 SKIP_EXAMPLES_KEPT = 5
 
@@ -89,6 +111,8 @@ class BuildOptions:
   caption_field: str = "caption"
   text_field: str = "text"
   text_chars: int = DEFAULT_TEXT_CHARS
+  audio_field: str = "audio"
+  max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS
 
 
 @dataclasses.dataclass
@@ -106,6 +130,11 @@ class Summary:
   # Files that are not data of this kind (a README in an image folder), counted by what they are.
   ignored: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   skip_examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+  # Examples written after a repair (audio: resampled, downmixed, truncated), counted by repair
+  # (an example may have several); repaired_total counts the examples.
+  repaired: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  repair_examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+  repaired_total: int = 0
   options: BuildOptions = dataclasses.field(default_factory=BuildOptions)
 
   def skip(self, reason: str, example_id: str) -> None:
@@ -113,6 +142,17 @@ class Summary:
     kept = self.skip_examples.setdefault(reason, [])
     if len(kept) < SKIP_EXAMPLES_KEPT:
       kept.append(example_id)
+
+  def repair(self, repairs: Sequence[str], example_id: str) -> None:
+    """Counts a written example that needed `repairs` (none: nothing is counted)."""
+    if not repairs:
+      return
+    self.repaired_total += 1
+    for name in repairs:
+      self.repaired[name] += 1
+      kept = self.repair_examples.setdefault(name, [])
+      if len(kept) < SKIP_EXAMPLES_KEPT:
+        kept.append(example_id)
 
   @property
   def summary_path(self) -> str:
@@ -133,7 +173,20 @@ class Summary:
     if 0 < self.written < shards:
       lines.append(f"  {shards - self.written} of the shards are empty (fewer examples than "
                    "shards)")
-    return "\n".join(lines + self.format_skipped())
+    return "\n".join(lines + self.format_repaired() + self.format_skipped())
+
+  def format_repaired(self) -> list[str]:
+    """`repaired 3 examples: resampled 2 (e.g. a.jsonl:4, a.jsonl:9), downmixed 1 (...)`, or
+    nothing when no example needed a repair."""
+    if not self.repaired_total:
+      return []
+    parts = []
+    for name, count in sorted(self.repaired.items(), key=lambda kv: (-kv[1], kv[0])):
+      shown = self.repair_examples.get(name, [])[:3]
+      more = ", ..." if count > len(shown) else ""
+      parts.append(f"{name} {count} (e.g. {', '.join(shown)}{more})")
+    total = self.repaired_total
+    return [f"repaired {total} example{'s' if total != 1 else ''}: {', '.join(parts)}"]
 
   def format_skipped(self) -> list[str]:
     total = sum(self.skipped.values())
@@ -150,6 +203,9 @@ class Summary:
   def to_dict(self) -> dict[str, Any]:
     return dict(kind=self.kind, written=self.written, skipped=dict(sorted(self.skipped.items())),
                 skip_examples=dict(sorted(self.skip_examples.items())),
+                repaired=dict(sorted(self.repaired.items())),
+                repair_examples=dict(sorted(self.repair_examples.items())),
+                repaired_total=self.repaired_total,
                 shards=[os.path.basename(p) for p in self.paths], classes=self.classes,
                 ignored=dict(sorted(self.ignored.items())), inputs=self.inputs,
                 options=dataclasses.asdict(self.options))
@@ -180,12 +236,14 @@ def _sorted_walk(root: str) -> Iterator[str]:
         yield os.path.join(dirpath, name)
 
 
-def _read_file(path: str) -> bytes:
+def _read_file(path: str, what: str = "image") -> bytes:
+  """The bytes of a file a row names; a missing one is Skip(missing_WHAT), WHAT image or
+  audio."""
   try:
     with open(path, "rb") as f:
       return f.read()
   except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-    raise Skip("missing_image", path) from None
+    raise Skip(f"missing_{what}", path) from None
   except OSError as e:
     raise Skip("unreadable_record", f"{path}: {e}") from None
 
@@ -247,7 +305,7 @@ def _image_folder_items(root: str, label: int | None, summary: Summary,
     yield os.path.relpath(path, id_root), fields
 
 
-def _captions_jsonl_items(path: str, opts: BuildOptions) -> Iterator[Item]:
+def _captions_jsonl_items(path: str, kind: str, opts: BuildOptions) -> Iterator[Item]:
   base, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
   for number, line in _jsonl_lines(path):
     item_id = f"{name}:{number}"
@@ -256,20 +314,36 @@ def _captions_jsonl_items(path: str, opts: BuildOptions) -> Iterator[Item]:
     except Skip as e:
       yield item_id, e
       continue
-    yield item_id, _paired_fields(obj.get(opts.caption_field), obj.get(opts.image_field), base)
+    yield item_id, _row_fields(kind, obj, opts, base)
 
 
-def _paired_fields(caption: Any, image: Any, base: str) -> Fields:
-  """Fields of a caption row; the image is read (lazily) from a path relative to `base`."""
-  if isinstance(image, str) and image.strip():
-    path = os.path.join(base, os.path.expanduser(image.strip()))
-    image = functools.partial(_read_file, path)
-  else:
-    image = None  # absent, empty or not a path: missing_image
-  return {"caption": caption, "image": image}
+def _row_columns(kind: str, opts: BuildOptions) -> dict[str, str]:
+  """{field: the column (JSON key) of a captions row that holds it} for a captions `kind`."""
+  columns = {"image": opts.image_field} if kind in ("paired", "trimodal") else {}
+  columns["caption"] = opts.caption_field
+  if kind in AUDIO_KINDS:
+    columns["audio"] = opts.audio_field
+  return columns
 
 
-def _captions_csv_items(path: str, opts: BuildOptions) -> Iterator[Item]:
+def _file_field(value: Any, base: str, what: str) -> Any:
+  """A row's file path (relative to `base`) -> a reader of the file, or None (absent, empty or
+  not a path: missing_WHAT)."""
+  if isinstance(value, str) and value.strip():
+    path = os.path.join(base, os.path.expanduser(value.strip()))
+    return functools.partial(_read_file, path, what)
+  return None
+
+
+def _row_fields(kind: str, row: dict[str, Any], opts: BuildOptions, base: str) -> Fields:
+  """Fields of a caption row; images and audio are read (lazily) from paths relative to
+  `base`."""
+  return {field: row.get(column) if field == "caption" else
+          _file_field(row.get(column), base, field)
+          for field, column in _row_columns(kind, opts).items()}
+
+
+def _captions_csv_items(path: str, kind: str, opts: BuildOptions) -> Iterator[Item]:
   base, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
   delimiter = "\t" if _extension(path) == "tsv" else ","
   with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
@@ -280,11 +354,13 @@ def _captions_csv_items(path: str, opts: BuildOptions) -> Iterator[Item]:
       raise BuildError(f"{path}: the header row does not parse: {e}") from None
     if columns is None:  # an empty file
       return
-    missing = [c for c in (opts.image_field, opts.caption_field) if c not in columns]
+    wanted = _row_columns(kind, opts)
+    missing = [c for c in wanted.values() if c not in columns]
     if missing:
       raise BuildError(
           f"{path} has no column {', '.join(map(repr, missing))} (its columns: "
-          f"{', '.join(map(repr, columns))}); name them with --image_field/--caption_field")
+          f"{', '.join(map(repr, columns))}); name them with "
+          + "/".join(f"--{field}_field" for field in wanted))
     while True:
       try:
         row = next(reader)
@@ -293,8 +369,7 @@ def _captions_csv_items(path: str, opts: BuildOptions) -> Iterator[Item]:
       except csv.Error as e:
         yield f"{name}:{reader.line_num}", Skip("corrupt_record", str(e))
         continue
-      yield (f"{name}:{reader.line_num}",
-             _paired_fields(row.get(opts.caption_field), row.get(opts.image_field), base))
+      yield f"{name}:{reader.line_num}", _row_fields(kind, row, opts, base)
 
 
 def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
@@ -308,6 +383,13 @@ def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
 
 def _member_caption(tar: tarfile.TarFile, member: tarfile.TarInfo, field: str) -> Any:
   return _parse_json_object(_read_member(tar, member)).get(field)
+
+
+def _member_field(tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo],
+                  extensions: Sequence[str]) -> Any:
+  """A reader of a sample's first member with one of `extensions`, or None (missing)."""
+  member = next((m for ext, m in members.items() if ext in extensions), None)
+  return None if member is None else functools.partial(_read_member, tar, member)
 
 
 def _tar_items(path: str, kind: str, opts: BuildOptions) -> Iterator[Item]:
@@ -330,10 +412,12 @@ def _tar_items(path: str, kind: str, opts: BuildOptions) -> Iterator[Item]:
     except (tarfile.TarError, OSError, EOFError) as e:  # truncated: keep what was listed
       broken = e
     for key, members in samples.items():
-      image = next((m for ext, m in members.items() if ext in IMAGE_EXTENSIONS), None)
-      fields: Fields = {"image": None if image is None
-                        else functools.partial(_read_member, tar, image)}
-      if kind == "paired":
+      fields: Fields = {}
+      if kind != "audio":
+        fields["image"] = _member_field(tar, members, IMAGE_EXTENSIONS)
+      if kind in AUDIO_KINDS:
+        fields["audio"] = _member_field(tar, members, AUDIO_EXTENSIONS)
+      if kind in CAPTION_KINDS:
         if "txt" in members:
           fields["caption"] = functools.partial(_read_member, tar, members["txt"])
         elif "json" in members:
@@ -491,40 +575,49 @@ def _wrong_kind(path: str, kind: str) -> BuildError:
     what = "a folder"
   elif extension in IMAGE_EXTENSIONS:
     what = "an image file"
+  elif extension in AUDIO_EXTENSIONS:
+    what = "an audio file (a captions file names those)"
   elif extension in TEXT_EXTENSIONS:
     what = "a text file (--kind=text)"
   elif extension in ("csv", "tsv"):
-    what = "a captions table (--kind=paired)"
+    what = "a captions table (--kind=paired, audio or trimodal)"
   elif extension in TAR_EXTENSIONS:
-    what = "a tar of WebDataset samples (--kind=paired or --kind=image)"
+    what = "a tar of WebDataset samples (--kind=paired, image, audio or trimodal)"
   elif extension in JSONL_EXTENSIONS:
-    what = "a JSONL file (--kind=paired or --kind=text)"
+    what = "a JSONL file (--kind=paired, text, audio or trimodal)"
   else:
     what = f"a file of unknown format ({'.' + extension if extension else 'no extension'})"
   accepted = {"paired": "a captions .jsonl/.csv/.tsv, WebDataset .tar shards or a folder of them",
               "image": "an image folder or WebDataset .tar shards",
-              "text": ".txt or .jsonl files or a folder of them"}[kind]
+              "text": ".txt or .jsonl files or a folder of them",
+              "audio": "a captions .jsonl/.csv/.tsv naming audio files, WebDataset .tar shards "
+                       "or a folder of them",
+              "trimodal": "a captions .jsonl/.csv/.tsv naming image and audio files, WebDataset "
+                          ".tar shards or a folder of them"}[kind]
   return BuildError(f"--kind={kind} cannot read {path}: it is {what}; --kind={kind} takes "
                     f"{accepted}")
 
 
-def _paired_sources(path: str, opts: BuildOptions) -> list[Source]:
+def _captions_sources(path: str, kind: str, opts: BuildOptions) -> list[Source]:
+  """Sources of a --kind=paired, audio or trimodal input: captions files, tars, a folder."""
   if os.path.isdir(path):
     files = [os.path.join(path, n) for n in sorted(os.listdir(path)) if not _is_hidden(n)]
     files = [f for f in files if os.path.isfile(f)
              and _extension(f) in CAPTION_EXTENSIONS + TAR_EXTENSIONS]
     if not files:
+      hint = ("an image folder without captions is --kind=image" if kind == "paired" else
+              "a folder of audio files needs a captions file naming them")
       raise BuildError(f"{path} holds no captions file (.jsonl/.csv/.tsv) or .tar shard for "
-                       "--kind=paired (an image folder without captions is --kind=image)")
-    return [s for f in files for s in _paired_sources(f, opts)]
+                       f"--kind={kind} ({hint})")
+    return [s for f in files for s in _captions_sources(f, kind, opts)]
   extension = _extension(path)
   if extension in JSONL_EXTENSIONS:
-    return [functools.partial(_captions_jsonl_items, path, opts)]
+    return [functools.partial(_captions_jsonl_items, path, kind, opts)]
   if extension in ("csv", "tsv"):
-    return [functools.partial(_captions_csv_items, path, opts)]
+    return [functools.partial(_captions_csv_items, path, kind, opts)]
   if extension in TAR_EXTENSIONS:
-    return [functools.partial(_tar_items, path, "paired", opts)]
-  raise _wrong_kind(path, "paired")
+    return [functools.partial(_tar_items, path, kind, opts)]
+  raise _wrong_kind(path, kind)
 
 
 def _class_names(path: str) -> list[str] | None:
@@ -618,11 +711,40 @@ def _checked_image(value: Any, max_pixels: int) -> bytes:
   return data
 
 
-def make_record(kind: str, fields: Fields, opts: BuildOptions) -> dict[str, Any]:
-  """Source fields -> the record to write (without id), or Skip. Text is checked first: cheap."""
+def _flac(wave: Any) -> bytes:
+  """A float32 mono wave at SAMPLE_RATE -> FLAC bytes (PCM_16; samples clipped to [-1, 1])."""
+  import soundfile  # pylint: disable=import-outside-toplevel
+  out = io.BytesIO()
+  soundfile.write(out, np.clip(wave, -1.0, 1.0), SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+  return out.getvalue()
+
+
+def _checked_audio(value: Any, max_seconds: float) -> tuple[bytes, list[str]]:
+  """(bytes to store, repairs made) of an audio file that decodes, or Skip. Without repairs the
+  original bytes; after one (resampled, downmixed, truncated) the repaired wave as 16 kHz mono
+  FLAC, so that readers decode what was checked."""
+  data = _resolve(value)
+  wave, repairs = decode_audio(data, max_seconds=max_seconds)
+  return (_flac(wave) if repairs else data), repairs
+
+
+def make_record(kind: str, fields: Fields, opts: BuildOptions,
+                repairs: list[str] | None = None) -> dict[str, Any]:
+  """Source fields -> the record to write (without id), or Skip. Text is checked first: cheap,
+  then images, then audio. Repairs made to the example are appended to `repairs`."""
   if kind == "paired":
     caption = as_text(_text_value(_resolve(fields.get("caption"))), opts.max_text_bytes)
     return {"image": _checked_image(fields.get("image"), opts.max_pixels), "caption": caption}
+  if kind in AUDIO_KINDS:
+    caption = as_text(_text_value(_resolve(fields.get("caption"))), opts.max_text_bytes)
+    record: dict[str, Any] = {}
+    if kind == "trimodal":
+      record["image"] = _checked_image(fields.get("image"), opts.max_pixels)
+    record["caption"] = caption
+    record["audio"], made = _checked_audio(fields.get("audio"), opts.max_audio_seconds)
+    if repairs is not None:
+      repairs.extend(made)
+    return record
   if kind == "image":
     record = {"image": _checked_image(fields.get("image"), opts.max_pixels)}
     if fields.get("label") is not None:
@@ -740,15 +862,17 @@ def _write_build(kind: str, sources: Sequence[Source], opts: BuildOptions, summa
           shard = index % num_shards
           if shard % process_count != process_index:
             continue
+          repairs: list[str] = []
           try:
             if isinstance(fields, Skip):
               raise fields
-            record = make_record(kind, fields, opts)
+            record = make_record(kind, fields, opts, repairs)
           except Skip as e:
             summary.skip(e.reason, item_id)
             continue
           record["id"] = item_id
           writer.write_to(shard, record)
+          summary.repair(repairs, item_id)
           if writer.count % 10000 == 0:
             logging.info("%s: %d examples written, %d skipped", summary.out_dir, writer.count,
                          sum(summary.skipped.values()))
@@ -769,6 +893,11 @@ def _finish_build(kind: str, opts: BuildOptions, summary: Summary, staging: str,
               f"--caption_field={opts.caption_field})")
     elif kind == "text" and "missing_text" in summary.skipped:
       hint = f"\n(is the field name right? --text_field={opts.text_field})"
+    elif kind in AUDIO_KINDS and summary.skipped.keys() & {"missing_audio", "missing_text",
+                                                           "missing_image"}:
+      image = f" --image_field={opts.image_field}" if kind == "trimodal" else ""
+      hint = (f"\n(are the field names right? --audio_field={opts.audio_field} "
+              f"--caption_field={opts.caption_field}{image})")
     raise BuildError(f"nothing written from {', '.join(inputs)}; "
                      + "\n".join(summary.format_skipped()) + hint)
   if summary.classes is not None:
@@ -790,6 +919,11 @@ def _merge_parts(summary: Summary, staging: str, process_count: int) -> None:
       summary.skipped.update(part["skipped"])
       for reason, ids in part["skip_examples"].items():
         kept = summary.skip_examples.setdefault(reason, [])
+        kept.extend(ids[:max(0, SKIP_EXAMPLES_KEPT - len(kept))])
+      summary.repaired.update(part["repaired"])
+      summary.repaired_total += part["repaired_total"]
+      for name, ids in part["repair_examples"].items():
+        kept = summary.repair_examples.setdefault(name, [])
         kept.extend(ids[:max(0, SKIP_EXAMPLES_KEPT - len(kept))])
     if os.path.exists(path):
       os.remove(path)
@@ -814,7 +948,8 @@ def build(kind: str, inputs: str | Sequence[str], out_dir: str, *, num_shards: i
           prefix: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
           max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES, image_field: str = "image",
           caption_field: str = "caption", text_field: str = "text",
-          text_chars: int = DEFAULT_TEXT_CHARS, overwrite: bool = False,
+          text_chars: int = DEFAULT_TEXT_CHARS, audio_field: str = "audio",
+          max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS, overwrite: bool = False,
           process_index: int | None = None, process_count: int | None = None) -> Summary:
   """Converts `inputs` into `num_shards` shards `out_dir/PREFIX-*` (PREFIX defaults to kind).
 
@@ -827,20 +962,22 @@ def build(kind: str, inputs: str | Sequence[str], out_dir: str, *, num_shards: i
     raise BuildError(f"kind={kind!r} is not one of {KINDS}")
   if num_shards < 1:
     raise BuildError(f"num_shards={num_shards} must be >= 1")
-  if max_pixels < 1 or max_text_bytes < 1 or text_chars < 1:
-    raise BuildError("max_pixels, max_text_bytes and text_chars must be positive")
+  if max_pixels < 1 or max_text_bytes < 1 or text_chars < 1 or not max_audio_seconds > 0:
+    raise BuildError("max_pixels, max_text_bytes, text_chars and max_audio_seconds must be "
+                     "positive")
   prefix = prefix or kind
   if os.sep in prefix or (os.altsep and os.altsep in prefix):
     raise BuildError(f"prefix={prefix!r} must be a file name, not a path (use --out for the "
                      "folder)")
   opts = BuildOptions(max_pixels=max_pixels, max_text_bytes=max_text_bytes,
                       image_field=image_field, caption_field=caption_field,
-                      text_field=text_field, text_chars=text_chars)
+                      text_field=text_field, text_chars=text_chars, audio_field=audio_field,
+                      max_audio_seconds=float(max_audio_seconds))
   paths = expand_inputs(inputs)
   summary = Summary(kind=kind, out_dir=out_dir, prefix=prefix,
                     inputs=[os.path.abspath(p) for p in paths], options=opts)
-  if kind == "paired":
-    sources = [s for p in paths for s in _paired_sources(p, opts)]
+  if kind in CAPTION_KINDS:
+    sources = [s for p in paths for s in _captions_sources(p, kind, opts)]
   elif kind == "image":
     sources = _image_sources(paths, opts, summary)
   else:
@@ -909,6 +1046,9 @@ def build(kind: str, inputs: str | Sequence[str], out_dir: str, *, num_shards: i
       done = json.load(f)
     summary.written, summary.skipped = done["written"], collections.Counter(done["skipped"])
     summary.skip_examples = done["skip_examples"]
+    summary.repaired = collections.Counter(done["repaired"])
+    summary.repair_examples, summary.repaired_total = (done["repair_examples"],
+                                                       done["repaired_total"])
   return summary
 
 
@@ -927,7 +1067,9 @@ def main(argv: Sequence[str]) -> None:
     summary = build(f.kind, f.input, f.out, num_shards=f.num_shards, prefix=f.prefix,
                     max_pixels=f.max_pixels, max_text_bytes=f.max_text_bytes,
                     image_field=f.image_field, caption_field=f.caption_field,
-                    text_field=f.text_field, text_chars=f.text_chars, overwrite=f.overwrite)
+                    text_field=f.text_field, text_chars=f.text_chars,
+                    audio_field=f.audio_field, max_audio_seconds=f.max_audio_seconds,
+                    overwrite=f.overwrite)
   except BuildError as e:
     raise SystemExit(f"error: {e}") from None
   multihost.say(summary.format())
@@ -947,6 +1089,10 @@ def _define_flags() -> None:
                        "longer captions are skipped (text_too_long); texts are split into "
                        "chunks of about --text_chars first")
   flags.DEFINE_string("image_field", "image", "image path field of captions JSONL/CSV/TSV")
+  flags.DEFINE_string("audio_field", "audio",
+                      "audio path field of --kind=audio/trimodal captions JSONL/CSV/TSV")
+  flags.DEFINE_float("max_audio_seconds", DEFAULT_MAX_AUDIO_SECONDS,
+                     "longer audio files are skipped (audio_too_long)")
   flags.DEFINE_string("caption_field", "caption",
                       "caption field of captions JSONL/CSV/TSV and WebDataset .json members")
   flags.DEFINE_string("text_field", "text", "text field of --kind=text JSONL")

@@ -31,7 +31,8 @@ from flava_jax import sharding, stopping
 from flava_jax.data import embedded, masking, sources, transforms
 from flava_jax.data.mixture import (CORPUS_KEY, SKIPPED_KEY, SkipCountingBatchIterDataset,
                                     WeightedMixtureIterDataset)
-from flava_jax.data.preprocess import KINDS, ExampleProcessor, ImageTextProcessor
+from flava_jax.data.preprocess import (KINDS, AudioTextProcessor, ExampleProcessor,
+                                       ImageTextProcessor)
 from flava_jax.data.tokenizer import Tokenizer
 from flava_jax.parse import check_choice, dataclass_from_dict
 
@@ -83,6 +84,12 @@ class DataConfig:
   read_threads: int = 8  # threads per process reading and transforming examples (0: none)
   read_buffer_size: int = 64  # examples those threads keep ready per corpus
   max_consecutive_skips: int = 10_000
+  # Read by audio processors (preprocess.AudioTextProcessor) only: SpecAugment-style time masks
+  # per training example (spans of up to audio_mask_width samples zeroed; 0: none), and the
+  # longest recording read before its crop (longer: skipped as audio_too_long).
+  audio_time_masks: int = 0
+  audio_mask_width: int = 1600
+  max_audio_seconds: float = 600.0
 
 
 def data_config(values: Mapping[str, Any], prefix: str = "data") -> tuple[DataConfig,
@@ -454,6 +461,18 @@ def image_text_processor(cfg: DataConfig, image_size: int, tok: Tokenizer, text_
       horizontal_flip=cfg.horizontal_flip, randaugment=tuple(cfg.randaugment),
       max_words=cfg.caption_max_words, clean_captions=cfg.clean_captions,
       max_pixels=cfg.max_pixels, max_text_bytes=cfg.max_text_bytes, train=train)
+
+
+def audio_text_processor(cfg: DataConfig, kind: str, samples: int, tok: Tokenizer,
+                         text_length: int, train: bool = True) -> AudioTextProcessor:
+  """An audio-caption processor (audio and trimodal corpora) from the data settings."""
+  if cfg.audio_time_masks < 0 or cfg.audio_mask_width < 1 or not cfg.max_audio_seconds > 0:
+    raise ValueError("data.audio_time_masks must be >= 0, data.audio_mask_width >= 1 and "
+                     "data.max_audio_seconds > 0")
+  return AudioTextProcessor(samples=samples, tokenizer=tok, text_length=text_length,
+                            time_masks=cfg.audio_time_masks, mask_width=cfg.audio_mask_width,
+                            max_audio_seconds=cfg.max_audio_seconds,
+                            max_text_bytes=cfg.max_text_bytes, train=train, kind=kind)
 
 
 def flava_processors(cfg: DataConfig, kinds, shapes: Shapes, train: bool = True

@@ -199,3 +199,51 @@ class ImageTextProcessor(_SkipsBadExamples):
     if not self.train and example.get("label") is not None:
       out["label"] = np.int32(example["label"])
     return out
+
+
+@dataclasses.dataclass
+class AudioTextProcessor(_SkipsBadExamples):
+  """Picklable per-example transform of audio with its caption (audio and trimodal corpora; a
+  trimodal example's image is not read).
+
+  The audio field is decoded to 16 kHz mono (data/audio.decode_audio: repairs and skips), then
+  cropped (a random window in training, the start in eval) or zero-padded to `samples`; in
+  training, `time_masks` spans of up to `mask_width` samples are zeroed (SpecAugment-style). The
+  caption is tokenised to `text_length` (the first caption in eval, a random one in training).
+
+  Output: audio float32 [samples], audio_mask int32 [samples] (1: a real sample), input_ids and
+  attention_mask int32 [text_length]. A bad example becomes {"_skip": reason}.
+  """
+
+  samples: int
+  tokenizer: Tokenizer
+  text_length: int
+  time_masks: int = 0
+  mask_width: int = 1600
+  max_audio_seconds: float = 600.0
+  max_text_bytes: int = 1 << 20
+  train: bool = True
+  kind: str = "audio"
+
+  def __post_init__(self):
+    if self.kind not in ("audio", "trimodal"):
+      raise ValueError(f"AudioTextProcessor reads audio and trimodal corpora, not {self.kind!r}")
+    if self.tokenizer is None:
+      raise ValueError("AudioTextProcessor needs a tokenizer")
+    if self.samples < 1:
+      raise ValueError(f"samples={self.samples} must be positive")
+
+  def _process(self, example: dict, rng: np.random.Generator) -> dict:
+    from flava_jax.data import audio  # pylint: disable=import-outside-toplevel  (soundfile)
+    rng = rng if self.train else None
+    caption = as_text(pick_one(example.get("caption"), rng), self.max_text_bytes)
+    wave, _ = audio.decode_audio(example.get("audio"), max_seconds=self.max_audio_seconds)
+    wave, mask = audio.crop_or_pad(wave, self.samples, rng)
+    if self.train and self.time_masks:
+      wave = audio.time_mask(wave, mask, rng, self.time_masks, self.mask_width)
+    ids, attention_mask, _ = self.tokenizer.encode(caption, self.text_length)
+    out = {"audio": wave, "audio_mask": mask, "input_ids": ids,
+           "attention_mask": attention_mask}
+    if not self.train and example.get("label") is not None:
+      out["label"] = np.int32(example["label"])
+    return out

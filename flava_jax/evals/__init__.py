@@ -22,6 +22,7 @@ EVALUATORS = {
     "reconstruction": "flava_jax.evals.reconstruction",  # an image tokenizer's round trip
     "captioning": "flava_jax.evals.captioning",      # captions of held-out images (BLIP)
     "answer_ranking": "flava_jax.evals.answer_ranking",  # VQA by ranking answers (BLIP)
+    "audio_retrieval": "flava_jax.evals.audio_retrieval",  # zero-shot audio<->text retrieval
 }
 
 
@@ -53,6 +54,7 @@ NEEDS = {
     "reconstruction": ("reconstruct",),
     "captioning": ("caption", "caption_settings", "caption_prompt"),
     "answer_ranking": ("answer_model",),
+    "audio_retrieval": ("audio_features", "text_features"),
 }
 
 

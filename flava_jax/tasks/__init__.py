@@ -18,6 +18,7 @@ REGISTRY = {
     "dvae": "flava_jax.tasks.dvae:DVAETask",
     "clip": "flava_jax.tasks.clip:ClipTask",
     "blip": "flava_jax.tasks.blip:BlipTask",
+    "audio_text": "flava_jax.tasks.audio_text:AudioTextTask",
 }
 DEFAULT = "flava"
 
