@@ -55,7 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.text_length = 32
   config.seed = 0
   config.global_batch = 4096 if arg == "base" else 32
-  config.total_steps = 20_000 if arg == "base" else 1500
+  config.total_steps = 20_000 if arg == "base" else 1000
   config.log_every_steps = base.log_every_steps
   config.grad_accum = 1
   config.grad_cache = False
@@ -69,7 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   data.audio_time_masks = 2  # SpecAugment-style: two spans of up to 0.1 s zeroed per example
   config.data = data
   config.evals = ml_collections.ConfigDict(dict(audio_retrieval=dict(
-      evaluator="audio_retrieval", every_steps=0,
+      evaluator="audio_retrieval", every_steps=0, limit=0, batch_size=256,
       data=dict(source="embedded", name="spoken", split="test", paths="", data_dir="",
                 fields=dict(FIELDS)))))
   config.init = ml_collections.ConfigDict(dict(model_from=""))

@@ -142,7 +142,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # pairs and zero-shot classification of the embedded held-out images.
   # Each split names every field of its source, so that the command line can point it elsewhere:
   # --config.evals.retrieval.data.source=array_record --config.evals.retrieval.data.paths=DIR.
-  eval_fields = {f: f for f in ("image", "caption", "text", "label", "text_pair", "answers")}
+  eval_fields = {f: f for f in ("image", "caption", "text", "label", "text_pair", "answers",
+                                "audio")}
 
   def eval_split(name):
     return dict(source="embedded", name=name, split="test", paths="", data_dir="",

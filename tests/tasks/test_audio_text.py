@@ -1,0 +1,88 @@
+"""The audio-text contrastive task (tasks/audio_text.py, configs/audio_text.py): one train step on
+meshes (8,1,1) and (4,2,1) equals one device (loss, metrics, parameters, Adam state), the step's
+arrays and FLOPs, start-up checks, and a short run through the binary that ends with audio<->text
+retrieval on the held-out spoken captions."""
+
+import jax
+import numpy as np
+import pytest
+
+from configs import audio_text as audio_configs
+from flava_jax import experiment, sharding, train
+from tests.test_resume_process import _finish
+from tests.trees import assert_trees_close, matched_leaves
+
+BATCH = 16
+SAMPLES = 6400  # 0.4 s: ten frames of the tiny encoder
+
+
+def tiny_experiment(sizes, devices=None):
+  config = audio_configs.get_config("tiny")
+  config.global_batch = BATCH
+  config.audio_samples = SAMPLES
+  config.sharding.mesh = sizes
+  config.optimizer.warmup_steps = 0
+  config.optimizer.eps = 1e-3  # see tests/test_sharded_step.py: Adam's first step near zero
+  return experiment.Experiment(config, devices)
+
+
+def test_the_train_step_matches_one_device_on_meshes():
+  exp1 = tiny_experiment(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  initial = jax.device_get(exp1.create_state(jax.random.key(0)))
+  batch = exp1.task.random_batch("audio", BATCH, seed=1)
+  assert batch["audio_mask"].sum(1).min() < SAMPLES  # padded rows
+
+  def one_step(exp):
+    state = jax.device_put(initial, exp.state_shardings)
+    step = train.make_train_step(exp.task, "audio", exp.tx, exp.mesh, exp.rules,
+                                 exp.state_shardings, BATCH // exp.data_parallel,
+                                 keep=exp.keep_groups("audio"))
+    new, metrics = step(state, None, jax.device_put(batch, sharding.batch_sharding(exp.mesh)),
+                        jax.random.key(3))
+    for path, leaf, want in matched_leaves(new, exp.state_shardings):
+      assert leaf.sharding.is_equivalent_to(want, leaf.ndim), path
+    return jax.device_get(new), jax.device_get(metrics)
+
+  ref_state, ref_metrics = one_step(exp1)
+  assert abs(float(ref_metrics["contrastive"]) - np.log(BATCH)) < 0.5  # near chance at init
+  for sizes in (dict(data=8, fsdp=1, tensor=1), dict(data=4, fsdp=2, tensor=1)):
+    state, metrics = one_step(tiny_experiment(sizes))
+    assert set(metrics) == set(ref_metrics)
+    for name in ref_metrics:
+      assert abs(float(metrics[name]) - float(ref_metrics[name])) <= 1e-5 * max(
+          1.0, abs(float(ref_metrics[name]))), (sizes, name)
+    assert_trees_close(state.params, ref_state.params, atol=1e-5, rtol=1e-5)
+    assert_trees_close(state.opt_state, ref_state.opt_state, atol=1e-5, rtol=1e-5)
+
+
+def test_the_step_reads_fixed_length_audio_and_counts_its_flops():
+  task = tiny_experiment(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]).task
+  spec = task.batch_spec("audio", 4)
+  assert spec["audio"].shape == spec["audio_mask"].shape == (4, SAMPLES)
+  assert spec["audio"].dtype == np.float32 and spec["input_ids"].shape == (4, 32)
+  assert task.step_kinds(["trimodal", "audio"]) == ("audio",)
+  assert task.audio_config.frames(SAMPLES) == 9
+  assert task.step_flops("audio", 8) == pytest.approx(2 * task.step_flops("audio", 4), rel=0.01)
+  assert task.audio_encoder_flops() > 0
+
+
+def test_start_up_errors_name_the_field():
+  config = audio_configs.get_config("tiny")
+  config.audio_samples = 300
+  with pytest.raises(ValueError, match="audio_samples=300"):
+    experiment.Experiment(config)
+  config = audio_configs.get_config("tiny")
+  config.audio.feat_extract_norm = "batch"
+  with pytest.raises(ValueError, match="feat_extract_norm"):
+    experiment.Experiment(config)
+  with pytest.raises(ValueError, match="tiny or base"):
+    audio_configs.get_config("huge")
+
+
+def test_a_short_run_through_the_binary_ends_with_audio_retrieval(tmp_path):
+  out = _finish(str(tmp_path / "run"), config="audio_text.py", overrides={
+      "global_batch": 8, "total_steps": 3, "log_every_steps": 1, "audio_samples": 16000,
+      "evals.audio_retrieval.limit": 32, "evals.audio_retrieval.batch_size": 16})
+  assert "audio-text towers (24 audio frames of 1.00 s) tiny:" in out
+  line = next(l for l in out.splitlines() if "eval audio_retrieval:" in l)
+  assert "a2t_r1" in line and "t2a_r1" in line and "recordings 32" in line, line
