@@ -72,6 +72,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       evaluator="audio_retrieval", every_steps=0, limit=0, batch_size=256,
       data=dict(source="embedded", name="spoken", split="test", paths="", data_dir="",
                 fields=dict(FIELDS)))))
-  config.init = ml_collections.ConfigDict(dict(model_from=""))
+  # Warm starts: audio_from takes a transformers Wav2Vec2Model directory (facebook/wav2vec2-base
+  # for :base, downloaded elsewhere) or an audio_text workdir; text_from a FLAVA run's text tower.
+  config.init = ml_collections.ConfigDict(dict(model_from="", audio_from="", text_from=""))
   config.sharding = base.sharding
   return config

@@ -10,13 +10,15 @@ dVAE training workdir, a converted model holding one, or a transformers director
 A source is one of three kinds of directory, told apart by what it holds:
   - a training workdir (`checkpoints/`): the parameters of its newest checkpoint;
   - a flava_jax model directory (`flava_jax_model.json`, written by `python -m flava_jax.convert`);
-  - a transformers save_pretrained directory (`config.json`), converted on the fly.
+  - a transformers save_pretrained directory (`config.json`), converted on the fly (FLAVA, BLIP,
+    and Wav2Vec2Model, whose weights become the `audio_encoder` group of the audio tasks).
 Every path is checked at start-up, before anything compiles; errors name the config field.
 Parts are copied by name and must match the run's shapes exactly.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -135,11 +137,26 @@ def read_flava_params(path: str, field: str) -> Any:
     return params
   if kind == "model":
     return checkpoint.load_model(path).params
+  if _model_type(path) == "wav2vec2":  # an audio encoder: the audio tasks' audio_encoder group
+    from flava_jax import convert_audio  # pylint: disable=import-outside-toplevel
+    try:
+      return {"audio_encoder": convert_audio.from_transformers(path)[1]}
+    except convert_audio.ConversionError as e:
+      raise ValueError(f"{field}={path!r}: {e}") from None
   from flava_jax import convert_blip  # pylint: disable=import-outside-toplevel
   blip_sources = convert_blip.command_sources(path)
   if blip_sources:  # a BLIP transformers directory (retrieval, captioning or both)
     return convert_blip.from_transformers(**blip_sources)[1]
   return convert.from_transformers(path)[1]
+
+
+def _model_type(path: str) -> str:
+  """A transformers directory's config.json model_type ("" when unreadable)."""
+  try:
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+      return str(json.load(f).get("model_type", ""))
+  except (OSError, ValueError, AttributeError):
+    return ""
 
 
 def read_dvae_params(path: str, field: str = "init.dvae_from") -> Any:

@@ -90,6 +90,10 @@ class AudioTextTask(Task):
   NAME = "audio_text"
   SECTIONS = ("model", "audio")
   SCALARS = {"audio_samples": int, "text_length": int}
+  # init.audio_from: a Wav2Vec2Model directory (e.g. facebook/wav2vec2-base, converted on the fly)
+  # or an audio task's workdir; init.text_from: a FLAVA or audio task's workdir or model.
+  WARM_STARTS = {"model_from": None, "audio_from": ("audio_encoder",),
+                 "text_from": ("text_encoder",)}
 
   def __init__(self, config: Mapping[str, Any]):
     self.model_config = FlavaConfig.from_dict(config["model"])

@@ -86,3 +86,29 @@ def test_a_short_run_through_the_binary_ends_with_audio_retrieval(tmp_path):
   assert "audio-text towers (24 audio frames of 1.00 s) tiny:" in out
   line = next(l for l in out.splitlines() if "eval audio_retrieval:" in l)
   assert "a2t_r1" in line and "t2a_r1" in line and "recordings 32" in line, line
+
+
+def test_the_audio_tower_warm_starts_from_a_transformers_wav2vec2_directory(tmp_path):
+  import torch  # pylint: disable=import-outside-toplevel
+  from transformers import Wav2Vec2Model  # pylint: disable=import-outside-toplevel
+
+  from flava_jax import convert_audio, warm_start  # pylint: disable=import-outside-toplevel
+  config = audio_configs.get_config("tiny")
+  config.audio_samples = SAMPLES
+  task = experiment.Experiment(config, jax.devices()[:1]).task
+  torch.manual_seed(0)
+  hf = Wav2Vec2Model(convert_audio.config_to_transformers(task.audio_config)).eval()
+  hf.save_pretrained(str(tmp_path / "w2v"))
+  params = jax.device_get(task.init_params(jax.random.key(0)))
+  loaded, notes = warm_start.initial_params(params, {"audio_from": str(tmp_path / "w2v")},
+                                            task.WARM_STARTS)
+  _, want = convert_audio.from_transformers(str(tmp_path / "w2v"))
+  assert_trees_close(jax.device_get(loaded["audio_encoder"]), want, atol=0, rtol=0)
+  assert_trees_close(jax.device_get(loaded["text_encoder"]), params["text_encoder"], atol=0,
+                     rtol=0)
+  assert notes and "audio_encoder" in notes[0]
+  config.audio.conv_dim = (8,) * 7  # another shape: refused, naming the field and the weight
+  other = experiment.Experiment(config, jax.devices()[:1]).task
+  with pytest.raises(ValueError, match="init.audio_from.*conv0_kernel"):
+    warm_start.initial_params(jax.device_get(other.init_params(jax.random.key(0))),
+                              {"audio_from": str(tmp_path / "w2v")}, other.WARM_STARTS)
