@@ -1,8 +1,10 @@
-"""Runs as a script in a fresh process (data/speech.py starts it): reads a JSON request on stdin,
-{"items": [[text, voice name, rate (words per minute), pitch (0-99)], ...]}, and writes to stdout the sample rate
-and each text's 16-bit samples: int32 rate, int32 count, then per text int32 length and the samples
-(little-endian). It imports only the standard library, numpy and espeakng_loader, so that it starts
-in a fraction of a second and never imports the caller's program."""
+"""Runs as a script in a fresh process (data/speech.py starts it).
+
+Reads a JSON request on stdin, {"items": [[text, voice name, rate (words per minute), pitch
+(0-99)], ...]}, and writes to stdout the sample rate and each text's 16-bit samples: int32 rate,
+int32 count, then per text int32 length and the samples (little-endian). It imports only the
+standard library, numpy and espeakng_loader, so that it starts in a fraction of a second and never
+imports the caller's program."""
 
 import ctypes
 import json

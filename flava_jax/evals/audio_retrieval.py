@@ -12,7 +12,6 @@ retrieval.py). `chance_r1` is 1 / the number of recordings.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 from typing import Any
 
@@ -20,7 +19,7 @@ import numpy as np
 
 from flava_jax.data import audio
 from flava_jax.evals.features import EvalContext, TaskConfig, open_split
-from flava_jax.evals.retrieval import _captions, retrieval_metrics
+from flava_jax.evals.retrieval import retrieval_metrics, similarities, split_captions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,15 +39,9 @@ class Evaluator:
   def __init__(self, cfg: Config, ctx: EvalContext, where: str):
     self.cfg, self.ctx = cfg, ctx
     self.source = open_split(cfg.data, ("audio", "caption"), f"{where}.data", ctx.cache_dir)
-    count = len(self.source) if not cfg.limit else min(cfg.limit, len(self.source))
-    with concurrent.futures.ThreadPoolExecutor(max(1, cfg.read_threads)) as pool:
-      captions = list(pool.map(
-          lambda i: _captions(self.source[i].get("caption"), ctx.max_text_bytes), range(count)))
-    self.count = count
-    self.texts = [c for cs in captions for c in cs]
-    self.text_audio = np.asarray([i for i, cs in enumerate(captions) for _ in cs], np.int64)
-    if not self.texts:
-      raise ValueError(f"{where}.data: no usable caption in {count} records")
+    self.count = len(self.source) if not cfg.limit else min(cfg.limit, len(self.source))
+    self.texts, self.text_audio = split_captions(self.source, self.count, ctx.max_text_bytes,
+                                                 cfg.read_threads, f"{where}.data")
 
   def audio_row(self, index: int) -> dict[str, np.ndarray]:
     wave, _ = audio.decode_audio(self.source[index].get("audio"),
@@ -66,13 +59,8 @@ class Evaluator:
         len(self.texts), lambda t: ctx.text_row(self.texts[t], length), ctx.text_features,
         params, cfg.batch_size, cfg.read_threads)
     skipped.update(text_skips)
-    position = np.full(self.count, -1)
-    position[recordings["index"]] = np.arange(len(recordings["index"]))
-    text_audio = position[self.text_audio[texts["index"]]]
-    kept = text_audio >= 0
-    if not kept.all():
-      skipped["caption_of_skipped_audio"] += int((~kept).sum())
-    similarity = recordings["embedding"] @ texts["embedding"][kept].T
+    similarity, text_audio, kept = similarities(recordings, texts, self.text_audio, self.count,
+                                                skipped, "caption_of_skipped_audio")
     found = retrieval_metrics(similarity, text_audio[kept], cfg.ks)
     metrics = {}
     for k in cfg.ks:

@@ -86,22 +86,43 @@ def _captions(value: Any, max_bytes: int) -> list[str]:
   return out
 
 
+def split_captions(source: Any, count: int, max_text_bytes: int, threads: int, where: str
+                   ) -> tuple[list[str], np.ndarray]:
+  """(every usable caption of records 0..count-1, the record each belongs to). Every process
+  reads every caption (small next to the images or recordings; the ranking needs all)."""
+  with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+    captions = list(pool.map(lambda i: _captions(source[i].get("caption"), max_text_bytes),
+                             range(count)))
+  texts = [c for cs in captions for c in cs]
+  if not texts:
+    raise ValueError(f"{where}: no usable caption in {count} records")
+  return texts, np.asarray([i for i, cs in enumerate(captions) for _ in cs], np.int64)
+
+
+def similarities(items: dict[str, np.ndarray], texts: dict[str, np.ndarray],
+                 text_item: np.ndarray, count: int, skipped: Any, reason: str
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(cosine similarity [kept items, kept texts], each kept text's item row, which texts were
+  kept) from map_split outputs. Texts whose record (image, recording) was skipped have no right
+  answer: they are left out and counted in `skipped` under `reason`."""
+  position = np.full(count, -1)
+  position[items["index"]] = np.arange(len(items["index"]))
+  text_item = position[text_item[texts["index"]]]
+  kept = text_item >= 0
+  if not kept.all():
+    skipped[reason] += int((~kept).sum())
+  return items["embedding"] @ texts["embedding"][kept].T, text_item, kept
+
+
 class Evaluator:
   """Embeds a split's images and captions and scores retrieval both ways."""
 
   def __init__(self, cfg: Config, ctx: EvalContext, where: str):
     self.cfg, self.ctx = cfg, ctx
     self.source = open_split(cfg.data, ("image", "caption"), f"{where}.data", ctx.cache_dir)
-    count = len(self.source) if not cfg.limit else min(cfg.limit, len(self.source))
-    # Every process reads every caption (small next to the images, and the ranking needs all).
-    with concurrent.futures.ThreadPoolExecutor(max(1, cfg.read_threads)) as pool:
-      captions = list(pool.map(
-          lambda i: _captions(self.source[i].get("caption"), ctx.max_text_bytes), range(count)))
-    self.count = count
-    self.texts = [c for cs in captions for c in cs]
-    self.text_image = np.asarray([i for i, cs in enumerate(captions) for _ in cs], np.int64)
-    if not self.texts:
-      raise ValueError(f"{where}.data: no usable caption in {count} records")
+    self.count = len(self.source) if not cfg.limit else min(cfg.limit, len(self.source))
+    self.texts, self.text_image = split_captions(self.source, self.count, ctx.max_text_bytes,
+                                                 cfg.read_threads, f"{where}.data")
     check_choice(f"{where}.rerank_score", cfg.rerank_score, RERANK_SCORES)
     if cfg.rerank_k < -1:
       raise ValueError(f"{where}.rerank_k={cfg.rerank_k}: give k > 0, 0 (none) or -1 (all)")
@@ -121,14 +142,8 @@ class Evaluator:
         len(self.texts), lambda t: ctx.text_row(self.texts[t], length), ctx.text_features,
         params, cfg.batch_size, cfg.read_threads)
     skipped.update(text_skips)
-    # Captions of skipped images have no right answer: leave them out (and count them).
-    position = np.full(self.count, -1)
-    position[images["index"]] = np.arange(len(images["index"]))
-    text_image = position[self.text_image[texts["index"]]]
-    kept = text_image >= 0
-    if not kept.all():
-      skipped["caption_of_skipped_image"] += int((~kept).sum())
-    similarity = images["embedding"] @ texts["embedding"][kept].T
+    similarity, text_image, kept = similarities(images, texts, self.text_image, self.count,
+                                                skipped, "caption_of_skipped_image")
     metrics = retrieval_metrics(similarity, text_image[kept], cfg.ks)
     metrics.update(images=float(len(images["index"])), texts=float(kept.sum()),
                    chance_t2i_r1=1.0 / max(len(images["index"]), 1))

@@ -29,15 +29,15 @@ import numpy as np
 
 from flava_jax import flops
 from flava_jax.data import pipeline
-from flava_jax.losses import contrastive
 from flava_jax.models.audio import AudioConfig, AudioEncoder
 from flava_jax.models.config import FlavaConfig
-from flava_jax.models.flava import LOGIT_SCALE_MAX, l2_normalize
+from flava_jax.models.flava import l2_normalize
 from flava_jax.models.text import TextEncoder
 from flava_jax.models.transformer import Dense, dtype_of, param_with_axes
 from flava_jax.parse import dataclass_from_dict
-from flava_jax.tasks.base import GradCacheSplit, LossOutput, StepContext, Task
-from flava_jax.tasks.flava import decays
+from flava_jax.tasks.base import Task
+from flava_jax.tasks.clip import ContrastiveTowers
+from flava_jax.tasks.flava import EncoderSizes, decays
 
 Array = jax.Array
 
@@ -84,9 +84,10 @@ class AudioTextTowers(nn.Module):
             self.logit_scale)
 
 
-class AudioTextTask(Task):
+class AudioTextTask(ContrastiveTowers, Task):
   """Audio-caption contrastive pretraining of two towers."""
 
+  TOWERS = ("audio", "text")
   NAME = "audio_text"
   SECTIONS = ("model", "audio")
   SCALARS = {"audio_samples": int, "text_length": int}
@@ -166,26 +167,6 @@ class AudioTextTask(Task):
                                       batch["input_ids"], batch["attention_mask"])
     return {"audio": audio, "text": text, "rows": jnp.ones(audio.shape[:1], jnp.float32)}
 
-  def _contrast(self, params: Any, embeddings: Mapping[str, Array], ctx: StepContext
-                ) -> tuple[Array, dict[str, Array]]:
-    loss = contrastive.global_contrastive_loss(
-        embeddings["audio"], embeddings["text"], params["logit_scale"].astype(jnp.float32),
-        embeddings["rows"], mesh=ctx.mesh)
-    return loss, {"contrastive": loss, "logit_scale": params["logit_scale"]}
-
-  def loss(self, kind: str, params: Any, extra: Any, frozen: Any, batch: Mapping[str, Array],
-           rng: Array, ctx: StepContext) -> LossOutput:
-    loss, metrics = self._contrast(params, self._embed(params, batch), ctx)
-    return LossOutput(loss, metrics)
-
-  def after_update(self, params: Any, extra: Any, extra_update: Any) -> tuple[Any, Any]:
-    return dict(params, logit_scale=jnp.clip(params["logit_scale"], 0.0, LOGIT_SCALE_MAX)), extra
-
-  def gradcache(self, kind: str) -> GradCacheSplit:
-    embed = lambda params, frozen, batch, rng, ctx: (self._embed(params, batch), {}, {})
-    return GradCacheSplit(embed=embed, contrast=self._contrast,
-                          weights={"global_contrastive": 1.0})
-
   def audio_encoder_flops(self) -> float:
     """Forward FLOPs of one row's audio encoder (convolutions, projection, transformer)."""
     cfg = self.audio_config
@@ -218,21 +199,13 @@ class AudioTextTask(Task):
 
 
 @dataclasses.dataclass(frozen=True)
-class AudioTextPredictor:
+class AudioTextPredictor(EncoderSizes):
   """Audio and text embeddings for the audio retrieval evaluator."""
 
   model: AudioTextTowers
   audio_samples: int
   text_length: int
   logical_axes: Any  # () -> the parameters' logical axes
-
-  @property
-  def text_vocab_size(self) -> int:
-    return self.model.config.text.vocab_size
-
-  @property
-  def max_text_length(self) -> int:
-    return self.model.config.text.max_position_embeddings
 
   def audio_features(self, params: Any, batch: Mapping[str, Array]) -> dict[str, Array]:
     embedding, pooled = self.model.apply({"params": params}, batch["audio"],

@@ -68,7 +68,40 @@ class TwoTower(nn.Module):
     return self.image_tower(pixels)[0], self.text_tower(ids, mask)[0], self.logit_scale
 
 
-class ClipTask(Task):
+class ContrastiveTowers:
+  """The step of a two-tower contrastive task: the global contrastive loss between the towers'
+  unit-norm embeddings (`_embed` returns {TOWERS[0]: [B, P], TOWERS[1]: [B, P],
+  "rows": [B]}), the learned temperature clamped after each update, and the GradCache split.
+  Mixed into a Task (ClipTask; the audio-text task)."""
+
+  TOWERS = ("image", "text")
+
+  def _embed(self, params: Any, batch: Mapping[str, Array]) -> dict[str, Array]:
+    raise NotImplementedError
+
+  def _contrast(self, params: Any, embeddings: Mapping[str, Array], ctx: StepContext
+                ) -> tuple[Array, dict[str, Array]]:
+    first, second = self.TOWERS
+    loss = contrastive.global_contrastive_loss(
+        embeddings[first], embeddings[second], params["logit_scale"].astype(jnp.float32),
+        embeddings["rows"], mesh=ctx.mesh)
+    return loss, {"contrastive": loss, "logit_scale": params["logit_scale"]}
+
+  def loss(self, kind: str, params: Any, extra: Any, frozen: Any, batch: Mapping[str, Array],
+           rng: Array, ctx: StepContext) -> LossOutput:
+    loss, metrics = self._contrast(params, self._embed(params, batch), ctx)
+    return LossOutput(loss, metrics)
+
+  def after_update(self, params: Any, extra: Any, extra_update: Any) -> tuple[Any, Any]:
+    return dict(params, logit_scale=jnp.clip(params["logit_scale"], 0.0, LOGIT_SCALE_MAX)), extra
+
+  def gradcache(self, kind: str) -> GradCacheSplit:
+    embed = lambda params, frozen, batch, rng, ctx: (self._embed(params, batch), {}, {})
+    return GradCacheSplit(embed=embed, contrast=self._contrast,
+                          weights={"global_contrastive": 1.0})
+
+
+class ClipTask(ContrastiveTowers, Task):
   """Image-text contrastive pretraining of two towers."""
 
   NAME = "clip"
@@ -128,26 +161,6 @@ class ClipTask(Task):
     image, text, _ = self.model.apply({"params": params}, pixels, batch["input_ids"],
                                       batch["attention_mask"])
     return {"image": image, "text": text, "rows": jnp.ones(image.shape[:1], jnp.float32)}
-
-  def _contrast(self, params: Any, embeddings: Mapping[str, Array], ctx: StepContext
-                ) -> tuple[Array, dict[str, Array]]:
-    loss = contrastive.global_contrastive_loss(
-        embeddings["image"], embeddings["text"], params["logit_scale"].astype(jnp.float32),
-        embeddings["rows"], mesh=ctx.mesh)
-    return loss, {"contrastive": loss, "logit_scale": params["logit_scale"]}
-
-  def loss(self, kind: str, params: Any, extra: Any, frozen: Any, batch: Mapping[str, Array],
-           rng: Array, ctx: StepContext) -> LossOutput:
-    loss, metrics = self._contrast(params, self._embed(params, batch), ctx)
-    return LossOutput(loss, metrics)
-
-  def after_update(self, params: Any, extra: Any, extra_update: Any) -> tuple[Any, Any]:
-    return dict(params, logit_scale=jnp.clip(params["logit_scale"], 0.0, LOGIT_SCALE_MAX)), extra
-
-  def gradcache(self, kind: str) -> GradCacheSplit:
-    embed = lambda params, frozen, batch, rng, ctx: (self._embed(params, batch), {}, {})
-    return GradCacheSplit(embed=embed, contrast=self._contrast,
-                          weights={"global_contrastive": 1.0})
 
   def step_flops(self, kind: str, global_batch: int) -> float:
     cfg = self.model_config
