@@ -2,12 +2,13 @@
 
 Layout of a model directory (what `python -m flava_jax.convert` writes and training can start from):
 
-    DIR/flava_jax_model.json   {"task": "flava" | "blip", "model": the family's config fields,
-                                "dvae": DVAEConfig fields or null}
+    DIR/flava_jax_model.json   {"task": "flava" | "blip" | "audio", "model": the family's
+                                config fields, "dvae": DVAEConfig fields or null}
     DIR/params/                Orbax StandardCheckpointer: {"model": params[, "dvae": params]}
 
-"task" names the model family (FlavaConfig -> FlavaModel, BlipConfig -> Blip); directories
-written before it existed are FLAVA's.
+"task" names the model family (FlavaConfig -> FlavaModel, BlipConfig -> Blip, AudioConfig ->
+AudioEncoder: a wav2vec 2.0-style audio encoder on its own, converted from a Wav2Vec2Model);
+directories written before it existed are FLAVA's.
 """
 
 from __future__ import annotations
@@ -21,20 +22,22 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from flava_jax.models.audio import AudioConfig, AudioEncoder
 from flava_jax.models.blip import Blip, BlipConfig
-from flava_jax.models.config import DVAEConfig, FlavaConfig
+from flava_jax.models.config import ComputeConfig, DVAEConfig, FlavaConfig
 from flava_jax.models.dvae import DVAE
 from flava_jax.models.flava import FlavaModel
 
 MODEL_JSON = "flava_jax_model.json"
 PARAMS_DIR = "params"
 # The model families a directory may hold: task name -> (config class, model class).
-FAMILIES = {"flava": (FlavaConfig, FlavaModel), "blip": (BlipConfig, Blip)}
+FAMILIES = {"flava": (FlavaConfig, FlavaModel), "blip": (BlipConfig, Blip),
+            "audio": (AudioConfig, lambda config: AudioEncoder(config, ComputeConfig()))}
 
 
 @dataclasses.dataclass
 class LoadedModel:
-  model: FlavaModel | Blip
+  model: FlavaModel | Blip | AudioEncoder
   params: Any
   dvae: DVAE | None = None
   dvae_params: Any = None
@@ -49,7 +52,7 @@ def task_of(config: Any) -> str:
   raise TypeError(f"no model family has a config of type {type(config).__name__}")
 
 
-def save_model(directory: str, config: FlavaConfig | BlipConfig, params: Any,
+def save_model(directory: str, config: FlavaConfig | BlipConfig | AudioConfig, params: Any,
                dvae_config: DVAEConfig | None = None, dvae_params: Any = None) -> None:
   """Writes configs and parameters; refuses to overwrite an existing model directory."""
   directory = os.path.abspath(directory)

@@ -15,7 +15,10 @@ Command line (writes/reads the Orbax checkpoints of flava_jax.checkpoint):
 BLIP (flava_jax.convert_blip) goes through the same flags: --from_transformers takes one BLIP
 directory (BlipForImageTextRetrieval or BlipForConditionalGeneration), RETRIEVAL_DIR,CAPTIONING_DIR
 (one model of both), or a directory holding retrieval/ and captioning/; --to_transformers of a BLIP
-model directory or workdir writes OUT/retrieval and OUT/captioning.
+model directory or workdir writes OUT/retrieval and OUT/captioning. Audio (flava_jax.convert_audio)
+too: --from_transformers of a Wav2Vec2Model directory writes an audio model directory (task
+"audio"), and --to_transformers of one, or of an audio_text workdir (its audio tower), writes a
+Wav2Vec2Model directory.
 
 An existing non-empty --out is refused unless --overwrite is given (and then only a folder that
 holds a model is replaced, by one written beside it and swapped in once finished). Bad input is
@@ -612,6 +615,11 @@ def load_workdir(workdir: str, field: str = "--to_transformers"
     raise ValueError(f"{run_config} is not JSON: {e}") from None
   model_config = run.get("model") if isinstance(run, dict) else None
   task = run.get("task", "flava") if isinstance(run, dict) else "flava"
+  if task == "audio_text" and isinstance(run.get("audio"), dict):  # its audio tower
+    from flava_jax.models import audio, config as configs  # pylint: disable=import-outside-toplevel
+    config = audio.AudioConfig.from_dict(run["audio"], f"{field}={workdir}: audio")
+    params, step, notes = warm_start.newest_readable_params(workdir, field)
+    return audio.AudioEncoder(config, configs.ComputeConfig()), params["audio_encoder"], step, notes
   if task not in ("flava", "blip") or not isinstance(model_config, dict) or (
       "image" not in model_config):
     raise ValueError(f"{field}={workdir} is not a FLAVA training workdir nor a BLIP one (its "
@@ -625,6 +633,11 @@ def load_workdir(workdir: str, field: str = "--to_transformers"
     model = FlavaModel(FlavaConfig.from_dict(model_config))
   params, step, notes = warm_start.newest_readable_params(workdir, field)
   return model, params, step, notes
+
+
+def _is_audio(model: Any) -> bool:
+  from flava_jax.models.audio import AudioEncoder  # pylint: disable=import-outside-toplevel
+  return isinstance(model, AudioEncoder)
 
 
 def run_command(from_hf: str = "", to_hf: str = "", out: str = "", overwrite: bool = False
@@ -642,7 +655,8 @@ def run_command(from_hf: str = "", to_hf: str = "", out: str = "", overwrite: bo
     raise CommandError("--out is required")
   flag, src = ("--from_transformers", from_hf) if from_hf else ("--to_transformers", to_hf)
   blip_sources = None
-  if from_hf:
+  audio = from_hf and warm_start.model_type(src) == "wav2vec2"
+  if from_hf and not audio:
     try:
       blip_sources = convert_blip.command_sources(src)
     except ValueError as e:
@@ -653,6 +667,12 @@ def run_command(from_hf: str = "", to_hf: str = "", out: str = "", overwrite: bo
     if blip_sources:
       model, params = convert_blip.from_transformers(**blip_sources)
       dvae = dvae_params = None
+    elif audio:
+      from flava_jax import convert_audio  # pylint: disable=import-outside-toplevel
+      from flava_jax.models.audio import AudioEncoder  # pylint: disable=import-outside-toplevel
+      from flava_jax.models.config import ComputeConfig  # pylint: disable=import-outside-toplevel
+      config, params = convert_audio.from_transformers(src)
+      model, dvae, dvae_params = AudioEncoder(config, ComputeConfig()), None, None
     elif from_hf:
       model, params = from_transformers(src)
       dvae = dvae_params = None
@@ -685,6 +705,9 @@ def run_command(from_hf: str = "", to_hf: str = "", out: str = "", overwrite: bo
                               dvae_params)
       elif isinstance(model, FlavaModel):
         to_transformers(model, params, staging, dvae, dvae_params)
+      elif _is_audio(model):
+        from flava_jax import convert_audio  # pylint: disable=import-outside-toplevel
+        convert_audio.to_transformers(model.config, params, staging)
       else:
         convert_blip.to_transformers(model, params, staging)
   except OSError as e:
@@ -695,6 +718,10 @@ def run_command(from_hf: str = "", to_hf: str = "", out: str = "", overwrite: bo
     done = (f"wrote {out}: BLIP with {num_parameters(params):,} parameters ("
             f"{convert_blip.describe(model.config)}) from "
             + " and ".join(f"{kind} {path}" for kind, path in blip_sources.items()))
+  elif _is_audio(model):
+    done = (f"wrote {out}: audio encoder with {num_parameters(params):,} parameters"
+            if from_hf else f"wrote {out}: loadable with transformers' Wav2Vec2Model"
+            ".from_pretrained")
   elif not isinstance(model, FlavaModel):
     done = f"wrote {out}: " + ", ".join(
         f"{os.path.join(out, kind)} loadable with transformers' {name}.from_pretrained"

@@ -62,6 +62,10 @@ def load_checkpoint(path: str, field: str = "--checkpoint") -> Checkpoint:
     from flava_jax import checkpoint  # pylint: disable=import-outside-toplevel
     loaded = checkpoint.load_model(path)
     config, params, family = loaded.model.config, loaded.params, loaded.task
+    if family == "audio":
+      raise ValueError(f"{field}={path!r} holds an audio encoder alone, which has no "
+                       "evaluators; start an audio task from it (init.audio_from) and evaluate "
+                       "that task's workdir")
   else:
     from flava_jax import convert  # pylint: disable=import-outside-toplevel
     model, params = convert.from_transformers(path)

@@ -136,8 +136,9 @@ def read_flava_params(path: str, field: str) -> Any:
       raise ValueError(f"{field}={path!r} is a dVAE workdir; use it as init.dvae_from")
     return params
   if kind == "model":
-    return checkpoint.load_model(path).params
-  if _model_type(path) == "wav2vec2":  # an audio encoder: the audio tasks' audio_encoder group
+    loaded = checkpoint.load_model(path)
+    return {"audio_encoder": loaded.params} if loaded.task == "audio" else loaded.params
+  if model_type(path) == "wav2vec2":  # an audio encoder: the audio tasks' audio_encoder group
     from flava_jax import convert_audio  # pylint: disable=import-outside-toplevel
     try:
       return {"audio_encoder": convert_audio.from_transformers(path)[1]}
@@ -150,7 +151,7 @@ def read_flava_params(path: str, field: str) -> Any:
   return convert.from_transformers(path)[1]
 
 
-def _model_type(path: str) -> str:
+def model_type(path: str) -> str:
   """A transformers directory's config.json model_type ("" when unreadable)."""
   try:
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:

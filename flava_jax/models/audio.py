@@ -26,6 +26,7 @@ attended to, as transformers does given an attention mask.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -52,6 +53,21 @@ class AudioConfig(EncoderConfig):
   num_conv_pos_embeddings: int = 128
   num_conv_pos_embedding_groups: int = 16
   sample_rate: int = 16_000
+
+  @classmethod
+  def from_dict(cls, values: Any, prefix: str = "audio") -> "AudioConfig":
+    """Validated config of a mapping (lists become tuples); bad fields name `prefix`."""
+    from flava_jax.parse import dataclass_from_dict  # pylint: disable=import-outside-toplevel
+    values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
+    for name in ("conv_dim", "conv_kernel", "conv_stride"):
+      if isinstance(values.get(name), (list, tuple)):
+        values[name] = tuple(values[name])
+    config = dataclass_from_dict(cls, values, prefix)
+    config.validate(prefix)
+    return config
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
 
   def validate(self, prefix: str) -> None:
     super().validate(prefix)

@@ -34,7 +34,6 @@ from flava_jax.models.config import FlavaConfig
 from flava_jax.models.flava import l2_normalize
 from flava_jax.models.text import TextEncoder
 from flava_jax.models.transformer import Dense, dtype_of, param_with_axes
-from flava_jax.parse import dataclass_from_dict
 from flava_jax.tasks.base import Task
 from flava_jax.tasks.clip import ContrastiveTowers
 from flava_jax.tasks.flava import EncoderSizes, decays
@@ -98,13 +97,7 @@ class AudioTextTask(ContrastiveTowers, Task):
 
   def __init__(self, config: Mapping[str, Any]):
     self.model_config = FlavaConfig.from_dict(config["model"])
-    audio = config["audio"]
-    audio = audio.to_dict() if hasattr(audio, "to_dict") else dict(audio)
-    for name in ("conv_dim", "conv_kernel", "conv_stride"):
-      if name in audio:
-        audio[name] = tuple(audio[name])
-    self.audio_config = dataclass_from_dict(AudioConfig, audio, "audio")
-    self.audio_config.validate("audio")
+    self.audio_config = AudioConfig.from_dict(config["audio"], "audio")
     self.samples = int(config["audio_samples"])
     self.text_length = int(config["text_length"])
     if self.audio_config.frames(self.samples) < 1:
