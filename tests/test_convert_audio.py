@@ -1,6 +1,7 @@
 """The convert command line with audio models: a transformers Wav2Vec2Model directory -> an audio
 model directory -> a Wav2Vec2Model directory again (bit-exact), the model directory as a warm
-start of an audio task's tower, an audio_text workdir's audio tower exported, clear errors."""
+start of an audio task's tower, a trained audio_text workdir (ending in audio retrieval on the
+held-out spoken captions) exporting its audio tower, clear errors."""
 
 import jax
 import numpy as np
@@ -46,8 +47,12 @@ def test_wav2vec2_to_a_model_directory_and_back_is_bit_exact(tmp_path):
 def test_an_audio_text_workdir_exports_its_audio_tower(tmp_path):
   config = audio_configs.get_config("tiny")
   config.update(dict(global_batch=8, total_steps=1, audio_samples=6400))
-  config.evals = {}
-  trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  config.evals.audio_retrieval.update(dict(limit=24, batch_size=8))
+  metrics = trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  # the audio retrieval evaluator at the end, on the held-out spoken captions
+  assert metrics["eval/audio_retrieval/recordings"] == 24
+  assert metrics["eval/audio_retrieval/chance_r1"] == pytest.approx(1 / 24)
+  assert 0 <= metrics["eval/audio_retrieval/a2t_r1"] <= metrics["eval/audio_retrieval/a2t_r5"]
   said = convert.run_command(to_hf=str(tmp_path / "run"), out=str(tmp_path / "hf"))
   assert "exported step 1" in said and "Wav2Vec2Model.from_pretrained" in said
   _, params = convert_audio.from_transformers(str(tmp_path / "hf"))

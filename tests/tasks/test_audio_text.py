@@ -1,7 +1,7 @@
 """The audio-text contrastive task (tasks/audio_text.py, configs/audio_text.py): one train step on
 meshes (8,1,1) and (4,2,1) equals one device (loss, metrics, parameters, Adam state), the step's
-arrays and FLOPs, start-up checks, and a short run through the binary that ends with audio<->text
-retrieval on the held-out spoken captions."""
+arrays and FLOPs, start-up checks, the audio tower's warm start from a Wav2Vec2Model (a run that
+ends with audio retrieval: tests/test_convert_audio.py)."""
 
 import jax
 import numpy as np
@@ -9,7 +9,6 @@ import pytest
 
 from configs import audio_text as audio_configs
 from flava_jax import experiment, sharding, train
-from tests.test_resume_process import _finish
 from tests.trees import assert_trees_close, matched_leaves
 
 BATCH = 16
@@ -77,15 +76,6 @@ def test_start_up_errors_name_the_field():
     experiment.Experiment(config)
   with pytest.raises(ValueError, match="tiny or base"):
     audio_configs.get_config("huge")
-
-
-def test_a_short_run_through_the_binary_ends_with_audio_retrieval(tmp_path):
-  out = _finish(str(tmp_path / "run"), config="audio_text.py", overrides={
-      "global_batch": 8, "total_steps": 3, "log_every_steps": 1, "audio_samples": 16000,
-      "evals.audio_retrieval.limit": 32, "evals.audio_retrieval.batch_size": 16})
-  assert "audio-text towers (24 audio frames of 1.00 s) tiny:" in out
-  line = next(l for l in out.splitlines() if "eval audio_retrieval:" in l)
-  assert "a2t_r1" in line and "t2a_r1" in line and "recordings 32" in line, line
 
 
 def test_the_audio_tower_warm_starts_from_a_transformers_wav2vec2_directory(tmp_path):
