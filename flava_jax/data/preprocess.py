@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from flava_jax.data import masking, transforms
+from flava_jax.data import audio, masking, transforms
 from flava_jax.data.captions import clean_caption, truncate_words
 from flava_jax.data.examples import Skip, as_image_bytes, as_text
 from flava_jax.data.randaugment import RandAugment
@@ -234,7 +234,6 @@ class AudioTextProcessor(_SkipsBadExamples):
       raise ValueError(f"samples={self.samples} must be positive")
 
   def _process(self, example: dict, rng: np.random.Generator) -> dict:
-    from flava_jax.data import audio  # pylint: disable=import-outside-toplevel  (soundfile)
     rng = rng if self.train else None
     caption = as_text(pick_one(example.get("caption"), rng), self.max_text_bytes)
     wave, _ = audio.decode_audio(example.get("audio"), max_seconds=self.max_audio_seconds)

@@ -36,7 +36,7 @@ from flava_jax.models.text import TextEncoder
 from flava_jax.models.transformer import Dense, dtype_of, param_with_axes
 from flava_jax.tasks.base import Task
 from flava_jax.tasks.clip import ContrastiveTowers
-from flava_jax.tasks.flava import EncoderSizes, decays
+from flava_jax.tasks.flava import EncoderSizes
 
 Array = jax.Array
 
@@ -145,15 +145,6 @@ class AudioTextTask(ContrastiveTowers, Task):
                            jnp.ones((1, self.samples), jnp.int32),
                            jnp.zeros((1, self.text_length), jnp.int32),
                            jnp.ones((1, self.text_length), jnp.int32))["params"]
-
-  def init_params(self, rng: Array) -> Any:
-    return nn.meta.unbox(jax.jit(self._init)(rng))
-
-  def logical_axes(self) -> Any:
-    return nn.get_partition_spec(jax.eval_shape(self._init, jax.random.key(0)))
-
-  def decays(self, path: tuple[str, ...]) -> bool:
-    return decays(path)
 
   def _embed(self, params: Any, batch: Mapping[str, Array]) -> dict[str, Array]:
     audio, text, _ = self.model.apply({"params": params}, batch["audio"], batch["audio_mask"],

@@ -71,13 +71,27 @@ class TwoTower(nn.Module):
 class ContrastiveTowers:
   """The step of a two-tower contrastive task: the global contrastive loss between the towers'
   unit-norm embeddings (`_embed` returns {TOWERS[0]: [B, P], TOWERS[1]: [B, P],
-  "rows": [B]}), the learned temperature clamped after each update, and the GradCache split.
-  Mixed into a Task (ClipTask; the audio-text task)."""
+  "rows": [B]}), the learned temperature clamped after each update, the GradCache split, and
+  the parameters (`_init`: boxed with their logical axes; FLAVA's weight-decay rule). Mixed
+  into a Task (ClipTask; the audio-text task)."""
 
   TOWERS = ("image", "text")
 
+  def _init(self, rng: Array) -> Any:
+    """The towers' parameters (boxed with their logical axes) from dummy inputs."""
+    raise NotImplementedError
+
   def _embed(self, params: Any, batch: Mapping[str, Array]) -> dict[str, Array]:
     raise NotImplementedError
+
+  def init_params(self, rng: Array) -> Any:
+    return nn.meta.unbox(jax.jit(self._init)(rng))
+
+  def logical_axes(self) -> Any:
+    return nn.get_partition_spec(jax.eval_shape(self._init, jax.random.key(0)))
+
+  def decays(self, path: tuple[str, ...]) -> bool:
+    return decays(path)
 
   def _contrast(self, params: Any, embeddings: Mapping[str, Array], ctx: StepContext
                 ) -> tuple[Array, dict[str, Array]]:
@@ -146,15 +160,6 @@ class ClipTask(ContrastiveTowers, Task):
     return self.model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32),
                            jnp.zeros((1, length), jnp.int32),
                            jnp.ones((1, length), jnp.int32))["params"]
-
-  def init_params(self, rng: Array) -> Any:
-    return nn.meta.unbox(jax.jit(self._init)(rng))
-
-  def logical_axes(self) -> Any:
-    return nn.get_partition_spec(jax.eval_shape(self._init, jax.random.key(0)))
-
-  def decays(self, path: tuple[str, ...]) -> bool:
-    return decays(path)
 
   def _embed(self, params: Any, batch: Mapping[str, Array]) -> dict[str, Array]:
     pixels = transforms.encoder_pixels(batch["pixels"])
