@@ -68,7 +68,7 @@ PARTS = ("paired", "image", "text", "retrieval", "text_pairs", "vqa", "ve", "hum
 # Parts built on first use into a folder of their own (spoken_dir), not with the rest: only the
 # audio tasks read them, and their synthesis takes a while.
 LAZY_PARTS = ("spoken",)
-SPOKEN_VERSION = 1  # bump when the spoken part's generator changes (its folder is named after it)
+SPOKEN_VERSION = 2  # bump when the spoken part's generator changes (its folder is named after it)
 # The parts whose train texts teach vocab.txt (those of version 2: its vocabulary is unchanged).
 VOCAB_PARTS = ("paired", "image", "text", "retrieval", "text_pairs", "vqa", "ve")
 SPLITS = ("train", "test")  # every split name; a part has those of `splits(part)`

@@ -1,7 +1,7 @@
 """Runs as a script in a fresh process (data/speech.py starts it).
 
 Reads a JSON request on stdin, {"items": [[text, voice name, rate (words per minute), pitch
-(0-99)], ...]}, and writes to stdout the sample rate and each text's 16-bit samples: int32 rate,
+(0-99)], ...], "seed": the noise generator's seed}, and writes to stdout the sample rate and each text's 16-bit samples: int32 rate,
 int32 count, then per text int32 length and the samples (little-endian). It imports only the
 standard library, numpy and espeakng_loader, so that it starts in a fraction of a second and never
 imports the caller's program."""
@@ -25,6 +25,9 @@ def main() -> None:
   rate = lib.espeak_Initialize(OUTPUT_SYNCHRONOUS, 0, espeakng_loader.get_data_path().encode(), 0)
   if rate <= 0:
     sys.exit(f"eSpeak NG did not start (espeak_Initialize returned {rate})")
+  # espeak_Initialize seeds the noise generator (aspiration, fricatives) with the clock's second:
+  # a fixed seed makes the samples depend only on the request
+  lib.espeak_ng_SetRandSeed(ctypes.c_long(int(request.get("seed", 0))))
   chunks = []
   callback_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int,
                                    ctypes.c_void_p)

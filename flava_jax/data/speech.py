@@ -3,9 +3,11 @@
     waves, rate = synthesize(["a red circle", "two blue squares"], Voice("en-us", 170, 50))
 
 The shared library is loaded with ctypes and asked for synchronous synthesis (22,050 Hz, 16-bit).
-eSpeak NG is not deterministic from call to call inside one process (the same caption comes out a
-few samples longer or shorter, with other bytes, even after resetting its random seed), but a fresh
-process making the same calls in the same order gives the same bytes every time. `synthesize`
+Two things make eSpeak NG's samples vary. It seeds its noise generator with the clock's second
+when it starts (the worker sets a fixed seed instead), and it carries state from one call to the
+next inside a process (the same caption comes out a few samples longer or shorter after another,
+whatever the seed). A fresh process with the fixed seed, making the same calls in the same order,
+gives the same bytes every time. `synthesize`
 therefore runs each batch of texts in a fresh process (espeak_worker.py, run as a script: it
 imports neither flava_jax nor the caller's program): a batch's audio depends only on the batch
 (its texts in order and the voice), never on what ran before.
@@ -51,9 +53,12 @@ def _parse(data: bytes, count: int) -> tuple[list[np.ndarray], int]:
   return waves, rate
 
 
-def synthesize_int16(items: Sequence[tuple[str, Voice]]) -> tuple[list[np.ndarray], int]:
-  """(int16 samples per (text, voice) item, sample rate), made in one fresh process."""
-  request = json.dumps({"items": [[t, v.name, int(v.rate), int(v.pitch)] for t, v in items]})
+def synthesize_int16(items: Sequence[tuple[str, Voice]],
+                     seed: int = 0) -> tuple[list[np.ndarray], int]:
+  """(int16 samples per (text, voice) item, sample rate), made in one fresh process whose noise
+  generator starts from `seed`."""
+  request = json.dumps({"items": [[t, v.name, int(v.rate), int(v.pitch)] for t, v in items],
+                        "seed": int(seed)})
   done = subprocess.run([sys.executable, WORKER], input=request.encode("utf-8"),
                         capture_output=True, check=False)
   if done.returncode != 0:
@@ -61,7 +66,8 @@ def synthesize_int16(items: Sequence[tuple[str, Voice]]) -> tuple[list[np.ndarra
   return _parse(done.stdout, len(items))
 
 
-def synthesize(texts: Sequence[str], voice: Voice = Voice()) -> tuple[list[np.ndarray], int]:
+def synthesize(texts: Sequence[str], voice: Voice = Voice(),
+               seed: int = 0) -> tuple[list[np.ndarray], int]:
   """(float32 samples in [-1, 1] per text, sample rate), made in a fresh process."""
-  waves, rate = synthesize_int16([(t, voice) for t in texts])
+  waves, rate = synthesize_int16([(t, voice) for t in texts], seed)
   return [w.astype(np.float32) / 32768.0 for w in waves], rate
