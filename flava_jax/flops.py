@@ -8,6 +8,8 @@ counts useful work).
 
 from __future__ import annotations
 
+from typing import Any
+
 from flava_jax.models.config import DVAEConfig, EncoderConfig, FlavaConfig, dvae_view_size
 
 
@@ -19,6 +21,21 @@ def encoder_flops(cfg: EncoderConfig, tokens: int) -> float:
                + 2 * t * d * d        # attention output
                + 2 * 2 * t * d * f)   # MLP
   return float(cfg.num_layers * per_layer)
+
+
+def audio_encoder_flops(cfg: Any, samples: int) -> float:
+  """Forward FLOPs of one row of `samples` samples through the audio encoder (models/audio.py:
+  convolutions, projection, positional convolution, transformer)."""
+  total, channels = 0.0, 1
+  for dim, kernel, stride in zip(cfg.conv_dim, cfg.conv_kernel, cfg.conv_stride):
+    samples = (samples - kernel) // stride + 1
+    total += 2 * samples * kernel * channels * dim
+    channels = dim
+  frames, width = samples, cfg.hidden_size
+  total += 2 * frames * channels * width  # projection
+  total += 2 * frames * cfg.num_conv_pos_embeddings * width * width // (
+      cfg.num_conv_pos_embedding_groups)
+  return total + encoder_flops(cfg, frames)
 
 
 def image_encoder_flops(cfg: FlavaConfig) -> float:

@@ -32,7 +32,7 @@ from flava_jax.data import embedded, masking, sources, transforms
 from flava_jax.data.mixture import (CORPUS_KEY, SKIPPED_KEY, SkipCountingBatchIterDataset,
                                     WeightedMixtureIterDataset)
 from flava_jax.data.preprocess import (KINDS, AudioTextProcessor, ExampleProcessor,
-                                       ImageTextProcessor)
+                                       ImageTextProcessor, TrimodalProcessor)
 from flava_jax.data.tokenizer import Tokenizer
 from flava_jax.parse import check_choice, dataclass_from_dict
 
@@ -473,6 +473,27 @@ def audio_text_processor(cfg: DataConfig, kind: str, samples: int, tok: Tokenize
                             time_masks=cfg.audio_time_masks, mask_width=cfg.audio_mask_width,
                             max_audio_seconds=cfg.max_audio_seconds,
                             max_text_bytes=cfg.max_text_bytes, train=train, kind=kind)
+
+
+def trimodal_processor(cfg: DataConfig, shapes: Shapes, tok: Tokenizer, samples: int, frames,
+                       train: bool = True, patch_rate: float = 0.15, frame_rate: float = 0.15,
+                       modality_rate: float = 0.3) -> TrimodalProcessor:
+  """An image-caption-audio processor (the tri-modal pretrainer) from the data settings: the
+  image views and MLM from the same fields as FLAVA's processors, the audio window from
+  max_audio_seconds; the patch, frame and modality rates are the task's."""
+  image = transforms.ImageTransformConfig(
+      image_size=shapes.image_size, dvae_size=shapes.dvae_size, crop_scale=tuple(cfg.crop_scale),
+      crop_ratio=tuple(cfg.crop_ratio), horizontal_flip=cfg.horizontal_flip,
+      fast_decode=cfg.fast_decode, max_pixels=cfg.max_pixels)
+  mlm = masking.TokenMaskConfig(vocab_size=tok.vocab_size, mask_id=tok.mask_id,
+                                special_ids=tok.special_ids, rate=cfg.mlm_rate,
+                                mask_fraction=cfg.mlm_mask_fraction,
+                                random_fraction=cfg.mlm_random_fraction)
+  return TrimodalProcessor(image=image, grid=shapes.grid, tokenizer=tok,
+                           text_length=shapes.paired_text_length, mlm=mlm, samples=samples,
+                           frames=frames, patch_rate=patch_rate, frame_rate=frame_rate,
+                           modality_rate=modality_rate, max_audio_seconds=cfg.max_audio_seconds,
+                           max_text_bytes=cfg.max_text_bytes, train=train)
 
 
 def flava_processors(cfg: DataConfig, kinds, shapes: Shapes, train: bool = True

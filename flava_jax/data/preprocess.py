@@ -246,3 +246,96 @@ class AudioTextProcessor(_SkipsBadExamples):
     if not self.train and example.get("label") is not None:
       out["label"] = np.int32(example["label"])
     return out
+
+
+def choose(rng: np.random.Generator, count: int, rate: float) -> np.ndarray:
+  """[count] bool with round(rate * count) positions chosen uniformly (at least one when count
+  > 0 and rate > 0)."""
+  out = np.zeros(count, bool)
+  if count and rate > 0:
+    out[rng.choice(count, max(1, int(round(rate * count))), replace=False)] = True
+  return out
+
+
+def modality_presence(rng: np.random.Generator, rate: float, modalities: int = 3) -> np.ndarray:
+  """[modalities] bool, True: present. Each is masked whole with probability `rate`, drawn
+  again while all would be masked (so each is masked with probability
+  (rate - rate^m) / (1 - rate^m), 0.2806 for 0.3 and three modalities)."""
+  while True:
+    present = rng.random(modalities) >= rate
+    if present.any():
+      return present
+
+
+@dataclasses.dataclass
+class TrimodalProcessor(_SkipsBadExamples):
+  """Picklable per-example transform of an image, its caption and the caption's audio (trimodal
+  corpora), for the tri-modal pretrainer (tasks/omni.py).
+
+  Image: a random resized crop (`image`: ImageTransformConfig) with the encoder's view and the
+  dVAE's (one code per patch); text: [CLS] caption [SEP] to `text_length`; audio: 16 kHz mono,
+  a random window (eval: the start) cropped or zero-padded to `samples`. Training adds the
+  masks the step reads: MLM (`mlm`: BERT's 80/10/10), `patch_rate` of the patches and
+  `frame_rate` of the real audio frames (`frames`: the audio encoder's frame count of a sample
+  count), each modality masked whole with `modality_rate` (never all three), and a sample-level
+  class drawn uniformly from models/omni.MATCH_CLASSES' five.
+
+  Output (train): pixels, dvae_pixels uint8; patch_mask bool [P]; input_ids, input_ids_masked,
+  attention_mask, mlm_labels int32 [L]; audio float32 [samples], audio_mask int32 [samples];
+  frame_mask bool [F]; present bool [3] (text, image, audio); match_class int32. Eval: pixels,
+  dvae_pixels, input_ids, attention_mask, audio, audio_mask (and label where the example has
+  one). A bad example becomes {"_skip": reason}.
+  """
+
+  image: transforms.ImageTransformConfig
+  grid: int
+  tokenizer: Tokenizer
+  text_length: int
+  mlm: masking.TokenMaskConfig
+  samples: int
+  frames: Any  # samples -> frames (models/audio.AudioConfig.frames)
+  patch_rate: float = 0.15
+  frame_rate: float = 0.15
+  modality_rate: float = 0.3
+  match_classes: int = 5
+  max_audio_seconds: float = 600.0
+  max_text_bytes: int = 1 << 20
+  train: bool = True
+  kind: str = "trimodal"
+
+  def __post_init__(self):
+    if self.kind != "trimodal":
+      raise ValueError(f"TrimodalProcessor reads trimodal corpora, not {self.kind!r}")
+    for name in ("patch_rate", "frame_rate"):
+      if not 0 < getattr(self, name) < 1:
+        raise ValueError(f"{name}={getattr(self, name)} must be in (0, 1)")
+    if not 0 <= self.modality_rate < 1:
+      raise ValueError(f"modality_rate={self.modality_rate} must be in [0, 1)")
+
+  def _process(self, example: dict, rng: np.random.Generator) -> dict:
+    rng = rng if self.train else None
+    caption = as_text(pick_one(example.get("caption"), rng), self.max_text_bytes)
+    data = as_image_bytes(pick_one(example.get("image"), rng))
+    wave, _ = audio.decode_audio(example.get("audio"), max_seconds=self.max_audio_seconds)
+    if self.train:
+      pixels, dvae_pixels = transforms.train_views_from_bytes(data, rng, self.image)
+    else:
+      pixels, dvae_pixels = transforms.eval_views(
+          transforms.decode_rgb(data, self.image.max_pixels), self.image)
+    wave, audio_mask = audio.crop_or_pad(wave, self.samples, rng)
+    ids, attention_mask, _ = self.tokenizer.encode(caption, self.text_length)
+    out = {"pixels": pixels, "dvae_pixels": dvae_pixels, "input_ids": ids,
+           "attention_mask": attention_mask, "audio": wave, "audio_mask": audio_mask}
+    if self.train:
+      masked, labels = masking.mask_tokens(ids, rng, self.mlm)
+      total_frames = int(self.frames(self.samples))
+      real_frames = int(self.frames(int(audio_mask.sum())))
+      frame_mask = np.zeros(total_frames, bool)
+      frame_mask[:real_frames] = choose(rng, real_frames, self.frame_rate)
+      out.update(input_ids_masked=masked, mlm_labels=labels,
+                 patch_mask=choose(rng, self.grid * self.grid, self.patch_rate),
+                 frame_mask=frame_mask, present=modality_presence(rng, self.modality_rate),
+                 match_class=np.int32(rng.integers(self.match_classes)))
+    elif example.get("label") is not None:
+      out["label"] = np.int32(example["label"])
+    return out

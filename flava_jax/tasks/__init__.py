@@ -19,6 +19,7 @@ REGISTRY = {
     "clip": "flava_jax.tasks.clip:ClipTask",
     "blip": "flava_jax.tasks.blip:BlipTask",
     "audio_text": "flava_jax.tasks.audio_text:AudioTextTask",
+    "omni": "flava_jax.tasks.omni:OmniTask",
 }
 DEFAULT = "flava"
 

@@ -153,17 +153,7 @@ class AudioTextTask(ContrastiveTowers, Task):
 
   def audio_encoder_flops(self) -> float:
     """Forward FLOPs of one row's audio encoder (convolutions, projection, transformer)."""
-    cfg = self.audio_config
-    total, samples, channels = 0.0, self.samples, 1
-    for dim, kernel, stride in zip(cfg.conv_dim, cfg.conv_kernel, cfg.conv_stride):
-      samples = (samples - kernel) // stride + 1
-      total += 2 * samples * kernel * channels * dim
-      channels = dim
-    frames, width = samples, cfg.hidden_size
-    total += 2 * frames * channels * width  # projection
-    total += 2 * frames * cfg.num_conv_pos_embeddings * width * width // (
-        cfg.num_conv_pos_embedding_groups)
-    return total + flops.encoder_flops(cfg, frames)
+    return flops.audio_encoder_flops(self.audio_config, self.samples)
 
   def step_flops(self, kind: str, global_batch: int) -> float:
     cfg = self.model_config
