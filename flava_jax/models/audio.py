@@ -90,11 +90,22 @@ class AudioConfig(EncoderConfig):
     return jnp.maximum(samples, 0) if isinstance(samples, jax.Array) else max(samples, 0)
 
 
-def _conv(x: Array, kernel: Array, stride: int, padding, groups: int = 1) -> Array:
-  """1-D convolution, channels last: x [B, T, C_in], kernel [K, C_in / groups, C_out]."""
+def _conv(x: Array, kernel: Array, stride: int, padding) -> Array:
+  """1-D convolution, channels last: x [B, T, C_in], kernel [K, C_in, C_out]."""
   return jax.lax.conv_general_dilated(x, kernel, (stride,), padding,
-                                      dimension_numbers=("NWC", "WIO", "NWC"),
-                                      feature_group_count=groups)
+                                      dimension_numbers=("NWC", "WIO", "NWC"))
+
+
+def _grouped_conv(x: Array, kernel: Array, padding, groups: int) -> Array:
+  """A stride-1 grouped 1-D convolution as `groups` plain ones, concatenated: x [B, T, C],
+  kernel [K, C / groups, C_out]. One convolution with feature_group_count gives the same values,
+  but XLA's partitioner (jax 0.10, CPU) got its kernel gradient wrong when the batch is split
+  over some mesh axes and replicated over another (a (2, 2, 2) mesh; tests/tasks/
+  test_audio_text.py checks one)."""
+  width, out = x.shape[-1] // groups, kernel.shape[-1] // groups
+  parts = [_conv(x[..., g * width:(g + 1) * width], kernel[..., g * out:(g + 1) * out], 1,
+                 padding) for g in range(groups)]
+  return jnp.concatenate(parts, axis=-1)
 
 
 class AudioEncoder(nn.Module):
@@ -158,7 +169,8 @@ class AudioEncoder(nn.Module):
     v32 = v.astype(jnp.float32)
     weight = v32 * (g.astype(jnp.float32) / jnp.sqrt(jnp.sum(jnp.square(v32), axis=(1, 2))))[
         :, None, None]
-    pos = _conv(x.astype(dtype), weight.astype(dtype), 1, [(kernel // 2, kernel // 2)], groups)
+    pos = _grouped_conv(x.astype(dtype), weight.astype(dtype), [(kernel // 2, kernel // 2)],
+                        groups)
     if kernel % 2 == 0:
       pos = pos[:, :-1]
     pos = jax.nn.gelu(pos + b.astype(dtype), approximate=False)

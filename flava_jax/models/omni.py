@@ -95,21 +95,22 @@ class CrossModalEncoder(nn.Module):
 
 class CausalDecoder(nn.Module):
   """Token + position embeddings, LayerNorm, pre-LN causal blocks cross-attending to an encoder
-  sequence, final LayerNorm, logits over `out_vocab` (float32).
+  sequence, final LayerNorm, logits over the `vocab` (float32).
 
-  in_vocab may exceed out_vocab (the image decoder's [BOS] code is id out_vocab)."""
+  start_token: id `vocab` reads a learned start embedding (the image decoder's [BOS] code,
+  kept out of the table so that its rows still divide over the mesh)."""
 
   config: EncoderConfig
   compute: ComputeConfig
-  in_vocab: int
-  out_vocab: int
+  vocab: int
   positions: int
+  start_token: bool = False
 
   @nn.compact
   def __call__(self, ids: Array, mask: Array | None, encoder_hidden: Array | None,
                encoder_mask: Array | None, *, decode: bool = False,
                start: Array | int = 0) -> Array:
-    """ids [B, T] at positions start .. start+T-1 -> logits [B, T, out_vocab]; encoder_hidden
+    """ids [B, T] at positions start .. start+T-1 -> logits [B, T, vocab]; encoder_hidden
     None in decode steps after the prefill (the cache holds its projections)."""
     cfg, compute = self.config, self.compute
     dtype, pdtype = dtype_of(compute.dtype), dtype_of(compute.param_dtype)
@@ -118,11 +119,16 @@ class CausalDecoder(nn.Module):
       raise ValueError(f"{start + length} decoder positions for a decoder of {self.positions}")
     init = nn.initializers.normal(compute.initializer_range)
     words = self.param("token_embed", param_with_axes(init, ("vocab", "embed")),
-                       (self.in_vocab, cfg.hidden_size), pdtype)
+                       (self.vocab, cfg.hidden_size), pdtype)
     positions = self.param("position_embed", param_with_axes(init, ("position", "embed")),
                            (self.positions, cfg.hidden_size), pdtype)
     rows = jax.lax.dynamic_slice_in_dim(positions, jnp.asarray(start, jnp.int32), length, axis=0)
-    x = (jnp.take(words, ids, axis=0) + rows[None]).astype(dtype)
+    x = jnp.take(words, jnp.clip(ids, 0, self.vocab - 1), axis=0)
+    if self.start_token:
+      start_embed = self.param("start_embed", param_with_axes(init, ("embed",)),
+                               (cfg.hidden_size,), pdtype)
+      x = jnp.where((ids == self.vocab)[..., None], start_embed, x)
+    x = (x + rows[None]).astype(dtype)
     x = LayerNorm(cfg.layer_norm_eps, dtype, pdtype, name="norm")(x)
     x = constrain(x, (BATCH, LENGTH, ACT_EMBED))
     if encoder_hidden is not None and encoder_mask is None:
@@ -131,7 +137,7 @@ class CausalDecoder(nn.Module):
                      name="decoder")(x, None if mask is None else mask.astype(bool),
                                      encoder_hidden, encoder_mask, decode=decode)
     hidden = LayerNorm(cfg.layer_norm_eps, dtype, pdtype, name="final_norm")(hidden)
-    logits = Dense(self.out_vocab, ("embed", "vocab"), init_std=compute.initializer_range,
+    logits = Dense(self.vocab, ("embed", "vocab"), init_std=compute.initializer_range,
                    dtype=dtype, param_dtype=pdtype, name="head")(hidden)
     return constrain(logits.astype(jnp.float32), (BATCH, LENGTH, ACT_VOCAB))
 
@@ -181,9 +187,9 @@ class OmniModel(nn.Module):
     self.mam_contrastive = dense(self.audio.conv_dim[-1])
     self.match_head = MatchHead(width, cfg)
     self.text_decoder = CausalDecoder(self.text_decoder_config, cfg.compute, cfg.text.vocab_size,
-                                      cfg.text.vocab_size, cfg.text.max_position_embeddings)
-    self.image_decoder = CausalDecoder(self.image_decoder_config, cfg.compute,
-                                       self.code_vocab + 1, self.code_vocab, self.code_length)
+                                      cfg.text.max_position_embeddings)
+    self.image_decoder = CausalDecoder(self.image_decoder_config, cfg.compute, self.code_vocab,
+                                       self.code_length, start_token=True)
 
   # --- encoders -----------------------------------------------------------------------------
 

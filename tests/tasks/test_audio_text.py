@@ -1,5 +1,5 @@
 """The audio-text contrastive task (tasks/audio_text.py, configs/audio_text.py): one train step on
-meshes (8,1,1) and (4,2,1) equals one device (loss, metrics, parameters, Adam state), the step's
+meshes (8,1,1), (4,2,1) and (2,2,2) equals one device (loss, metrics, parameters, Adam state), the step's
 arrays and FLOPs, start-up checks, the audio tower's warm start from a Wav2Vec2Model (a run that
 ends with audio retrieval: tests/test_convert_audio.py)."""
 
@@ -44,7 +44,8 @@ def test_the_train_step_matches_one_device_on_meshes():
 
   ref_state, ref_metrics = one_step(exp1)
   assert abs(float(ref_metrics["contrastive"]) - np.log(BATCH)) < 0.5  # near chance at init
-  for sizes in (dict(data=8, fsdp=1, tensor=1), dict(data=4, fsdp=2, tensor=1)):
+  for sizes in (dict(data=8, fsdp=1, tensor=1), dict(data=4, fsdp=2, tensor=1),
+                dict(data=2, fsdp=2, tensor=2)):  # the last caught a grouped-conv gradient bug
     state, metrics = one_step(tiny_experiment(sizes))
     assert set(metrics) == set(ref_metrics)
     for name in ref_metrics:

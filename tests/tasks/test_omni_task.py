@@ -1,0 +1,119 @@
+"""The tri-modal task (tasks/omni.py, configs/omni.py): one train step on meshes (8,1,1), (4,2,1)
+and (2,2,2) equals one device (loss, every objective, parameters, Adam state); the step glues
+each objective to the right positions (a modality left out of every row contributes no token-
+level loss, and removing it changes what the others see); the step's arrays and FLOPs; start-up
+errors."""
+
+import jax
+import numpy as np
+import pytest
+
+from configs import omni as omni_configs
+from flava_jax import experiment, sharding, train
+from flava_jax.tasks.base import StepContext
+from tests.trees import assert_trees_close, matched_leaves
+
+BATCH = 24
+LOCAL_BATCH = 3  # the smallest shard among the meshes: the match task's replacements use it
+SAMPLES = 6400  # 0.4 s: nine frames of the tiny encoder
+
+
+def small_config(sizes):
+  config = omni_configs.get_config("tiny")
+  config.global_batch = BATCH
+  config.audio_samples = SAMPLES
+  config.text_length = 16
+  config.model.image.image_size = 32  # 4 x 4 patches; the dVAE's view is 32 px: 4 x 4 codes
+  for section in (config.model.image, config.model.text, config.model.multimodal, config.audio):
+    section.num_layers = 1
+  config.sharding.mesh = sizes
+  config.optimizer.warmup_steps = 0
+  config.optimizer.eps = 1e-3  # see tests/test_sharded_step.py: Adam's first step near zero
+  return config
+
+
+def tiny_experiment(sizes, devices=None):
+  return experiment.Experiment(small_config(sizes), devices)
+
+
+def test_the_train_step_matches_one_device_on_meshes():
+  exp1 = tiny_experiment(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  initial = jax.device_get(exp1.create_state(jax.random.key(0)))
+  frozen = exp1.task.init_frozen(0, {}, ("trimodal",))
+  batch = exp1.task.random_batch("trimodal", BATCH, seed=1)
+  assert not batch["present"].all() and batch["audio_mask"].sum(1).min() < SAMPLES
+
+  def one_step(exp):
+    state = jax.device_put(initial, exp.state_shardings)
+    step = train.make_train_step(exp.task, "trimodal", exp.tx, exp.mesh, exp.rules,
+                                 exp.state_shardings, LOCAL_BATCH,
+                                 keep=exp.keep_groups("trimodal"))
+    new, metrics = step(state, frozen,
+                        jax.device_put(batch, sharding.batch_sharding(exp.mesh)),
+                        jax.random.key(3))
+    for path, leaf, want in matched_leaves(new, exp.state_shardings):
+      assert leaf.sharding.is_equivalent_to(want, leaf.ndim), path
+    return jax.device_get(new), jax.device_get(metrics)
+
+  ref_state, ref_metrics = one_step(exp1)
+  for name in ("mlm", "mvm_class", "dtr", "dir", "match", "mam_contrastive", "mvm_regression",
+               "mam_regression"):
+    assert np.isfinite(float(ref_metrics[name])) and float(ref_metrics[name]) > 0, name
+  assert abs(float(ref_metrics["match"]) - np.log(5)) < 0.5  # near chance at init
+  for sizes in (dict(data=8, fsdp=1, tensor=1), dict(data=4, fsdp=2, tensor=1),
+                dict(data=2, fsdp=2, tensor=2)):
+    state, metrics = one_step(tiny_experiment(sizes))
+    assert set(metrics) == set(ref_metrics)
+    for name in ref_metrics:
+      assert abs(float(metrics[name]) - float(ref_metrics[name])) <= 1e-5 * max(
+          1.0, abs(float(ref_metrics[name]))), (sizes, name)
+    assert_trees_close(state.params, ref_state.params, atol=1e-5, rtol=1e-5)
+    assert_trees_close(state.opt_state, ref_state.opt_state, atol=1e-5, rtol=1e-5)
+
+
+def test_objectives_read_the_modalities_present():
+  task = tiny_experiment(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]).task
+  params = task.init_params(jax.random.key(0))
+  frozen = task.init_frozen(0, {}, ("trimodal",))
+  batch = task.random_batch("trimodal", 6, seed=2)
+  ctx = StepContext(mesh=None, local_batch=6)
+  metrics = jax.jit(lambda b: task.loss("trimodal", params, {}, frozen, b, jax.random.key(0),
+                                        ctx).metrics)
+  every = metrics(dict(batch, present=np.ones((6, 3), bool)))
+  for i, objectives in enumerate((("mlm",), ("mvm_regression", "mvm_class"),
+                                  ("mam_regression", "mam_contrastive"))):
+    present = np.ones((6, 3), bool)
+    present[:, i] = False
+    without = metrics(dict(batch, present=present))
+    for name in objectives:  # no row has the modality: its token-level losses count nothing
+      assert float(without[name]) == 0.0 and float(every[name]) > 0, name
+    # the decoders see the others only, so their losses change; matching uses clean inputs
+    assert float(without["dtr"]) != pytest.approx(float(every["dtr"]), rel=1e-6)
+    assert float(without["match"]) == pytest.approx(float(every["match"]), rel=1e-6)
+
+
+def test_the_step_reads_its_arrays_and_counts_its_flops():
+  task = tiny_experiment(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]).task
+  spec = task.batch_spec("trimodal", 4)
+  assert spec["pixels"].shape == (4, 32, 32, 3) and spec["dvae_pixels"].shape == (4, 32, 32, 3)
+  assert spec["patch_mask"].shape == (4, 16) and spec["frame_mask"].shape == (4, 9)
+  assert task.sequences.total == 1 + 16 + 17 + 9
+  assert task.step_flops("trimodal", 8) == pytest.approx(2 * task.step_flops("trimodal", 4))
+  assert "26 cross-modal" not in task.describe(None) and "43 cross-modal" in task.describe(None)
+
+
+def test_start_up_errors_name_the_field():
+  config = small_config(dict(data=1, fsdp=1, tensor=1))
+  config.audio_samples = 300
+  with pytest.raises(ValueError, match="audio_samples=300"):
+    experiment.Experiment(config)
+  config = small_config(dict(data=1, fsdp=1, tensor=1))
+  config.text_decoder.num_heads = 5
+  with pytest.raises(ValueError, match="text_decoder.hidden_size=64 is not divisible"):
+    experiment.Experiment(config)
+  config = small_config(dict(data=1, fsdp=1, tensor=1))
+  config.loss.mam_temperature = -1.0
+  with pytest.raises(ValueError, match="loss.mam_temperature"):
+    experiment.Experiment(config)
+  with pytest.raises(ValueError, match="tiny or base"):
+    omni_configs.get_config("huge")
