@@ -20,6 +20,7 @@ import ml_collections
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import audio_text, flava  # noqa: E402  pylint: disable=g-import-not-at-top
+from configs.eval import omni_retrieval, speech_to_text  # noqa: E402  pylint: disable=C0413
 
 FIELDS = audio_text.FIELDS
 
@@ -75,7 +76,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   data.corpora = {"spoken": dict(kind="trimodal", weight=1.0, source="embedded", name="spoken",
                                  split="train", paths="", data_dir="", fields=dict(FIELDS))}
   config.data = data
-  config.evals = ml_collections.ConfigDict()
+  # At the end, on 100 held-out records: retrieval among captions, images and recordings, and
+  # speech to text (WER).
+  config.evals = ml_collections.ConfigDict(dict(omni_retrieval=omni_retrieval.task(100),
+                                                speech_to_text=speech_to_text.task(100)))
   config.init = ml_collections.ConfigDict(dict(model_from="", image_from="", text_from="",
                                                audio_from="", dvae_from=""))
   config.sharding = flava_config.sharding

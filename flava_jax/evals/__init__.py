@@ -23,6 +23,8 @@ EVALUATORS = {
     "captioning": "flava_jax.evals.captioning",      # captions of held-out images (BLIP)
     "answer_ranking": "flava_jax.evals.answer_ranking",  # VQA by ranking answers (BLIP)
     "audio_retrieval": "flava_jax.evals.audio_retrieval",  # zero-shot audio<->text retrieval
+    "omni_retrieval": "flava_jax.evals.omni_retrieval",  # text/image/audio pairs (omni)
+    "speech_to_text": "flava_jax.evals.speech_to_text",  # transcriptions' WER (omni)
 }
 
 
@@ -55,6 +57,8 @@ NEEDS = {
     "captioning": ("caption", "caption_settings", "caption_prompt"),
     "answer_ranking": ("answer_model",),
     "audio_retrieval": ("audio_features", "text_features"),
+    "omni_retrieval": ("unimodal", "match_from_states"),
+    "speech_to_text": ("transcribe",),
 }
 
 

@@ -39,6 +39,7 @@ from flava_jax.losses.blip import take_rows
 from flava_jax.models.audio import AudioConfig
 from flava_jax.models.config import DVAEConfig, EncoderConfig, FlavaConfig, dvae_view_size
 from flava_jax.models.dvae import DVAE, init_dvae_params
+from flava_jax.models import omni_generate
 from flava_jax.models.omni import MATCH_CLASSES, MODALITIES, OmniModel, Sequences
 from flava_jax.parse import dataclass_from_dict
 from flava_jax.tasks.base import LossOutput, StepContext, Task
@@ -366,14 +367,63 @@ class OmniPredictor(EncoderSizes):
   def logical_axes(self) -> Any:
     return self.task.logical_axes()
 
-  def match_logits(self, params: Any, batch: Mapping[str, Array], present: Array) -> Array:
-    """[B, 5] logits of clean inputs (pixels uint8) with the modalities in present [3] given."""
+  @property
+  def audio_samples(self) -> int:
+    return self.task.samples
+
+  @property
+  def text_length(self) -> int:
+    return self.task.text_length
+
+  def unimodal(self, params: Any, batch: Mapping[str, Array]) -> dict[str, Array]:
+    """The three encoders' outputs of clean inputs (pixels uint8): text [B, L, D_t], attention
+    [B, L], image [B, 1+P, D_i], audio [B, F, D_a], frames [B, F] (real frames)."""
     task = self.task
     batch = model_pixels(batch)
     enc = task._encode(params, batch["input_ids"], batch["attention_mask"], batch["pixels"],
                        batch["audio"], batch["audio_mask"])
-    rows = batch["input_ids"].shape[0]
-    keys = task.key_mask(enc["attention"], enc["frames"],
+    return {k: enc[k] for k in ("text", "attention", "image", "audio", "frames")}
+
+  def match_from_states(self, params: Any, states: Mapping[str, Array],
+                        present: tuple[bool, bool, bool]) -> Array:
+    """[B, 5] match logits of unimodal states (`unimodal`'s, rows mixed from several
+    examples) with the modalities in `present` (text, image, audio) given to the cross-modal
+    stack."""
+    task = self.task
+    rows = states["text"].shape[0]
+    keys = task.key_mask(states["attention"], states["frames"],
                          jnp.broadcast_to(jnp.asarray(present, bool), (rows, 3)))
-    hidden = task._apply(params, enc["text"], enc["image"], enc["audio"], keys, method="fuse")
+    hidden = task._apply(params, states["text"], states["image"], states["audio"], keys,
+                         method="fuse")
     return task._apply(params, hidden, method="match_logits")
+
+  def _hidden(self, params: Any, batch: Mapping[str, Array], present: tuple[bool, bool, bool]
+              ) -> tuple[Array, Array]:
+    """(cross-modal outputs, key mask) of clean inputs with the modalities in `present`."""
+    states = self.unimodal(params, batch)
+    task, rows = self.task, batch["input_ids"].shape[0]
+    keys = task.key_mask(states["attention"], states["frames"],
+                         jnp.broadcast_to(jnp.asarray(present, bool), (rows, 3)))
+    hidden = task._apply(params, states["text"], states["image"], states["audio"], keys,
+                         method="fuse")
+    return hidden, keys
+
+  def transcribe(self, params: Any, batch: Mapping[str, Array],
+                 present: tuple[bool, bool, bool], max_length: int, start_id: int,
+                 eos_id: int) -> Array:
+    """Greedy text [B, max_length] from the modalities in `present` (speech to text: audio
+    alone, or audio and image): the text decoder, [CLS] first, reading the cross-modal outputs
+    of those modalities only."""
+    hidden, keys = self._hidden(params, batch, present)
+    pad = self.task.model_config.text.pad_token_id
+    return omni_generate.decode_text(self.model, params, hidden, keys, start_id=start_id,
+                                     eos_id=eos_id, pad_id=pad, max_length=max_length).sequences
+
+  def generate_codes(self, params: Any, batch: Mapping[str, Array],
+                     present: tuple[bool, bool, bool], rng: Array, top_k: int,
+                     temperature: float = 1.0) -> Array:
+    """An image's dVAE codes [B, P] from the modalities in `present` (text to image: text
+    alone, or text and audio), sampled top-k from the image decoder."""
+    hidden, keys = self._hidden(params, batch, present)
+    return omni_generate.sample_codes(self.model, params, hidden, keys, rng, top_k=top_k,
+                                      temperature=temperature)
