@@ -3,7 +3,7 @@
 Token level
   MLM              cross-entropy at the masked text tokens (losses/masked.py)
   MVM regression   mean over masked patches of the mean squared error between the regressed and
-                   the (stopped-gradient) input patch feature
+                   the (stopped-gradient) input patch feature (models/omni.py standardises it)
   MVM class        cross-entropy of the masked patch's dVAE code
   MAM regression   the same as MVM regression over masked audio frames and their conv features
   MAM contrastive  for each masked frame t of an utterance: cross-entropy of softmax over the

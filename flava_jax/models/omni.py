@@ -206,7 +206,9 @@ class OmniModel(nn.Module):
 
   def patch_features(self, pixels: Array) -> Array:
     """The image encoder's input feature of each patch [B, P, D_i]: the patch embedding (the
-    stride-p projection and its bias, before [CLS] and positions): MVM regression's target."""
+    stride-p projection and its bias, before [CLS] and positions), standardised over its
+    features (mean 0, variance 1: the embedding itself grows as it trains, and a regression to
+    it would chase that growth): MVM regression's target."""
     params = nn.meta.unbox(self.image_encoder.variables["params"]["embeddings"])
     kernel, bias = params["patch_kernel"], params["patch_bias"]
     p = self.config.image.patch_size
@@ -214,7 +216,9 @@ class OmniModel(nn.Module):
     grid = size // p
     patches = pixels.reshape(batch, grid, p, grid, p, pixels.shape[-1])
     out = jnp.einsum("bhpwqc,pqcd->bhwd", patches, kernel.astype(patches.dtype)) + bias
-    return out.reshape(batch, grid * grid, -1)
+    out = out.reshape(batch, grid * grid, -1).astype(jnp.float32)
+    centred = out - jnp.mean(out, axis=-1, keepdims=True)
+    return centred * jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + 1e-6)
 
   def encode_audio(self, audio: Array, audio_mask: Array, mask_time: Array | None = None
                    ) -> dict[str, Array]:

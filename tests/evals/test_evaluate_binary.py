@@ -20,7 +20,7 @@ def _run(*args):
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
              JAX_DEFAULT_MATMUL_PRECISION="highest")
   return subprocess.run([sys.executable, "-m", "flava_jax.evaluate", *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, check=False)
+                        capture_output=True, text=True, check=False, timeout=900)
 
 
 def test_binary_on_a_training_workdir(trained_workdir, tmp_path):
