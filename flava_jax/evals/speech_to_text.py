@@ -18,8 +18,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import numpy as np
-from absl import logging
 
 from flava_jax.data import audio
 from flava_jax.data.examples import Skip, as_text
@@ -126,11 +126,13 @@ class Evaluator:
       hypotheses = [decode_caption(tok, t) for t in out["tokens"]]
       metrics[f"wer_{mode}"] = word_error_rate(references, hypotheses)
       for n, (ref, hyp) in enumerate(zip(references[:cfg.examples], hypotheses)):
-        logging.info("speech_to_text %s #%d: said %r -> wrote %r", mode, n, ref, hyp)
+        if jax.process_index() == 0:
+          print(f"speech_to_text {mode} #{n}: said {ref!r} -> wrote {hyp!r}", flush=True)
     if references:
       metrics["wer_empty"] = word_error_rate(references, [""] * len(references))
       if self.candidates:
         normalised = [normalise(c, tok) for c in self.candidates]
         metrics["wer_best_constant"], constant = best_constant(references, normalised)
-        logging.info("speech_to_text: best constant transcription %r", constant)
+        if jax.process_index() == 0:
+          print(f"speech_to_text: the best constant transcription is {constant!r}", flush=True)
     return metrics
