@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from flava_jax.data import audio
 from flava_jax.evals.features import EvalContext, TaskConfig, open_split
 from flava_jax.evals.retrieval import retrieval_metrics, similarities, split_captions
 
@@ -44,10 +43,7 @@ class Evaluator:
                                                  cfg.read_threads, f"{where}.data")
 
   def audio_row(self, index: int) -> dict[str, np.ndarray]:
-    wave, _ = audio.decode_audio(self.source[index].get("audio"),
-                                 max_seconds=self.cfg.max_audio_seconds)
-    wave, mask = audio.crop_or_pad(wave, self.ctx.predict.audio_samples)
-    return {"audio": wave, "audio_mask": mask}
+    return self.ctx.audio_row(self.source[index].get("audio"), self.cfg.max_audio_seconds)
 
   def __call__(self, params: Any) -> dict[str, float]:
     ctx, cfg = self.ctx, self.cfg

@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from flava_jax import multihost, sharding
-from flava_jax.data import pipeline, sources, transforms
+from flava_jax.data import audio, pipeline, sources, transforms
 from flava_jax.data.examples import Skip, as_image_bytes, as_text
 from flava_jax.data.preprocess import pick_one
 from flava_jax.data.tokenizer import Tokenizer
@@ -134,6 +134,13 @@ class EvalContext:
     """An image field (encoded bytes; the first of a list) -> {"pixels": uint8 [S, S, 3]}."""
     image = transforms.decode_rgb(as_image_bytes(pick_one(value, None)), self.max_pixels)
     return {"pixels": transforms.eval_pixels(image, self.predict.image_size)}
+
+  def audio_row(self, value: Any, max_seconds: float = 600.0) -> dict[str, np.ndarray]:
+    """An audio field (encoded bytes) -> {"audio": float32 [N], "audio_mask": int32 [N]}: 16 kHz
+    mono, its start cut or zero-padded to the model's audio length (predict.audio_samples)."""
+    wave, _ = audio.decode_audio(value, max_seconds=max_seconds)
+    wave, mask = audio.crop_or_pad(wave, self.predict.audio_samples)
+    return {"audio": wave, "audio_mask": mask}
 
   def text_row(self, value: Any, length: int = 0, pair: Any = None) -> dict[str, np.ndarray]:
     """A text (and optionally a second text: "[CLS] a [SEP] b [SEP]") -> ids, mask, types."""

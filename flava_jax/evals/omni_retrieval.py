@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 
-from flava_jax.data import audio
 from flava_jax.evals.features import EvalContext, TaskConfig, open_split
 from flava_jax.evals.retrieval import retrieval_metrics
 from flava_jax.models.omni import MATCH_CLASSES
@@ -82,11 +81,10 @@ class Evaluator:
 
   def row(self, index: int) -> dict[str, np.ndarray]:
     record, ctx = self.source[index], self.ctx
-    wave, _ = audio.decode_audio(record.get("audio"), max_seconds=self.cfg.max_audio_seconds)
-    wave, mask = audio.crop_or_pad(wave, ctx.predict.audio_samples)
     text = ctx.text_row(record.get("caption"), self.cfg.text_length or ctx.text_length)
     return dict(ctx.image_row(record.get("image")), input_ids=text["input_ids"],
-                attention_mask=text["attention_mask"], audio=wave, audio_mask=mask)
+                attention_mask=text["attention_mask"],
+                **ctx.audio_row(record.get("audio"), self.cfg.max_audio_seconds))
 
   def scorer(self, present: tuple[bool, bool, bool]):
     if present not in self._scorers:  # one function per pattern: map_split jits it once

@@ -21,7 +21,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from flava_jax.data import audio
 from flava_jax.data.examples import Skip, as_text
 from flava_jax.evals.captioning import decode_caption
 from flava_jax.evals.features import EvalContext, TaskConfig, open_split
@@ -97,11 +96,9 @@ class Evaluator:
 
   def row(self, index: int) -> dict[str, np.ndarray]:
     record, ctx = self.source[index], self.ctx
-    wave, _ = audio.decode_audio(record.get("audio"), max_seconds=self.cfg.max_audio_seconds)
-    wave, mask = audio.crop_or_pad(wave, ctx.predict.audio_samples)
     ids, attention, _ = ctx.tokenizer.encode("", self.length)  # the caption is never read
     return dict(ctx.image_row(record.get("image")), input_ids=ids, attention_mask=attention,
-                audio=wave, audio_mask=mask)
+                **ctx.audio_row(record.get("audio"), self.cfg.max_audio_seconds))
 
   def writer(self, mode: str):
     if mode not in self._writers:  # one function per mode: map_split jits it once

@@ -22,7 +22,6 @@ key/value cache (`decode=True`, models/transformer.py) for models/decoding.py.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax
