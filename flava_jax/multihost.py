@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import sys
 from collections.abc import Mapping
 
 import jax
@@ -75,10 +76,15 @@ def is_primary() -> bool:
   return jax.process_index() == 0
 
 
-def say(*args, **kwargs) -> None:
-  """print() on process 0 only (flushed): a job's progress is told once."""
+def say(*args, sep: str = " ", end: str = "\n", file=None) -> None:
+  """print() on process 0 only (flushed): a job's progress is told once. The line goes out in
+  one write: print() writes its text and its end separately when Python runs unbuffered
+  (PYTHONUNBUFFERED), and another process's line relayed to the same terminal could land
+  between them."""
   if is_primary():
-    print(*args, **kwargs, flush=True)
+    out = file or sys.stdout
+    out.write(sep.join(str(a) for a in args) + end)
+    out.flush()
 
 
 def gather_ints(value: int) -> np.ndarray:
