@@ -88,3 +88,14 @@ def trees_equal(a: Any, b: Any) -> bool:
   paths (an AssertionError otherwise: a missing leaf is a broken test, not 'different')."""
   return all(x.shape == y.shape and x.dtype == y.dtype and np.array_equal(x, y)
              for _, x, y in _matched_arrays(a, b, check_dtype=False))
+
+
+def assert_metrics_close(actual: Any, expected: Any, where: Any = None, rel: float = 1e-5,
+                         same_names: bool = True) -> None:
+  """Every metric of `expected` within rel * max(1, |expected|) of `actual`'s (a sharded step's
+  figures against one device's); same_names: and no other metric."""
+  if same_names:
+    assert set(actual) == set(expected), where
+  for name in expected:
+    want = float(expected[name])
+    assert abs(float(actual[name]) - want) <= rel * max(1.0, abs(want)), (where, name)

@@ -83,16 +83,23 @@ class Evaluator:
     self.max_length = cfg.max_length or self.length - 1
     if self.max_length < 1:
       raise ValueError(f"{where}.max_length={cfg.max_length} leaves nothing to write")
-    self.candidates = []
-    if cfg.baseline_data:
-      baseline = open_split(cfg.baseline_data, ("caption",), f"{where}.baseline_data",
-                            ctx.cache_dir)
-      for i in range(len(baseline)):
+    self.baseline = (open_split(cfg.baseline_data, ("caption",), f"{where}.baseline_data",
+                                ctx.cache_dir) if cfg.baseline_data else None)
+    self._constants = None
+    self._writers = {}
+
+  def constants(self) -> list[str]:
+    """The baseline split's captions, normalised: read on first use (not at start-up) and kept
+    for later evaluations."""
+    if self._constants is None:
+      self._constants = []
+      for i in range(len(self.baseline) if self.baseline is not None else 0):
         try:
-          self.candidates.append(as_text(baseline[i].get("caption"), ctx.max_text_bytes))
+          text = as_text(self.baseline[i].get("caption"), self.ctx.max_text_bytes)
         except Skip:
           continue
-    self._writers = {}
+        self._constants.append(normalise(text, self.ctx.tokenizer))
+    return self._constants
 
   def row(self, index: int) -> dict[str, np.ndarray]:
     record, ctx = self.source[index], self.ctx
@@ -127,9 +134,8 @@ class Evaluator:
           print(f"speech_to_text {mode} #{n}: said {ref!r} -> wrote {hyp!r}", flush=True)
     if references:
       metrics["wer_empty"] = word_error_rate(references, [""] * len(references))
-      if self.candidates:
-        normalised = [normalise(c, tok) for c in self.candidates]
-        metrics["wer_best_constant"], constant = best_constant(references, normalised)
+      if self.constants():
+        metrics["wer_best_constant"], constant = best_constant(references, self.constants())
         if jax.process_index() == 0:
           print(f"speech_to_text: the best constant transcription is {constant!r}", flush=True)
     return metrics

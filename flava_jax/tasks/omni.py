@@ -238,6 +238,17 @@ class OmniTask(Task):
                             attention.astype(bool) & present[:, 0:1], image,
                             frames.astype(bool) & present[:, 2:3]], axis=1)
 
+  def fuse(self, params: Any, states: Mapping[str, Array], present: Array
+           ) -> tuple[Array, Array]:
+    """(cross-modal outputs, their key mask) of unimodal states (`_encode`'s text, attention,
+    image, audio, frames) with the modalities in present [B, 3] (or [3]: every row)."""
+    rows = states["text"].shape[0]
+    present = jnp.broadcast_to(jnp.asarray(present, bool), (rows, len(MODALITIES)))
+    keys = self.key_mask(states["attention"], states["frames"], present)
+    hidden = self._apply(params, states["text"], states["image"], states["audio"], keys,
+                         method="fuse")
+    return hidden, keys
+
   def loss(self, kind: str, params: Any, extra: Any, frozen: Any, batch: Mapping[str, Array],
            rng: Array, ctx: StepContext) -> LossOutput:
     del extra
@@ -257,8 +268,7 @@ class OmniTask(Task):
     enc = self._encode(params, batch["input_ids_masked"], batch["attention_mask"],
                        batch["pixels"], batch["audio"], batch["audio_mask"], batch["patch_mask"],
                        batch["frame_mask"])
-    keys = self.key_mask(enc["attention"], enc["frames"], present)
-    hidden = self._apply(params, enc["text"], enc["image"], enc["audio"], keys, method="fuse")
+    hidden, keys = self.fuse(params, enc, present)
     need_codes = cfg.mvm_class or cfg.dir
     codes = self.codes(frozen, batch["dvae_pixels"]) if need_codes else None
     if cfg.mlm:
@@ -310,12 +320,10 @@ class OmniTask(Task):
     sources = omni_losses.match_sources(batch["match_class"], block, rng)
     enc = self._encode(params, batch["input_ids"], batch["attention_mask"], batch["pixels"],
                        batch["audio"], batch["audio_mask"])
-    take = lambda x, name: take_rows(x, sources[name], block)
-    text, attention = take(enc["text"], "text"), take(enc["attention"], "text")
-    image = take(enc["image"], "image")
-    audio, frames = take(enc["audio"], "audio"), take(enc["frames"], "audio")
-    keys = self.key_mask(attention, frames, jnp.ones((rows, len(MODALITIES)), bool))
-    hidden = self._apply(params, text, image, audio, keys, method="fuse")
+    owner = {"text": "text", "attention": "text", "image": "image", "audio": "audio",
+             "frames": "audio"}  # the modality each state belongs to
+    mixed = {k: take_rows(enc[k], sources[m], block) for k, m in owner.items()}
+    hidden, _ = self.fuse(params, mixed, (True, True, True))
     logits = self._apply(params, hidden, method="match_logits")
     return omni_losses.match_loss(logits, batch["match_class"])
 
@@ -355,8 +363,8 @@ class OmniTask(Task):
 
 @dataclasses.dataclass(frozen=True)
 class OmniPredictor(EncoderSizes):
-  """What evaluators call on an omni model: the match classifier over any subset of the three
-  modalities."""
+  """What evaluators call on an omni model: the encoders' states, the match classifier and the
+  decoders over any subset of the three modalities."""
 
   task: OmniTask
 
@@ -389,24 +397,13 @@ class OmniPredictor(EncoderSizes):
     """[B, 5] match logits of unimodal states (`unimodal`'s, rows mixed from several
     examples) with the modalities in `present` (text, image, audio) given to the cross-modal
     stack."""
-    task = self.task
-    rows = states["text"].shape[0]
-    keys = task.key_mask(states["attention"], states["frames"],
-                         jnp.broadcast_to(jnp.asarray(present, bool), (rows, 3)))
-    hidden = task._apply(params, states["text"], states["image"], states["audio"], keys,
-                         method="fuse")
-    return task._apply(params, hidden, method="match_logits")
+    hidden, _ = self.task.fuse(params, states, present)
+    return self.task._apply(params, hidden, method="match_logits")
 
   def _hidden(self, params: Any, batch: Mapping[str, Array], present: tuple[bool, bool, bool]
               ) -> tuple[Array, Array]:
     """(cross-modal outputs, key mask) of clean inputs with the modalities in `present`."""
-    states = self.unimodal(params, batch)
-    task, rows = self.task, batch["input_ids"].shape[0]
-    keys = task.key_mask(states["attention"], states["frames"],
-                         jnp.broadcast_to(jnp.asarray(present, bool), (rows, 3)))
-    hidden = task._apply(params, states["text"], states["image"], states["audio"], keys,
-                         method="fuse")
-    return hidden, keys
+    return self.task.fuse(params, self.unimodal(params, batch), present)
 
   def transcribe(self, params: Any, batch: Mapping[str, Array],
                  present: tuple[bool, bool, bool], max_length: int, start_id: int,

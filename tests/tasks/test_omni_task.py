@@ -11,7 +11,8 @@ import pytest
 from configs import omni as omni_configs
 from flava_jax import experiment, sharding, train
 from flava_jax.tasks.base import StepContext
-from tests.trees import assert_trees_close, matched_leaves
+from tests.trees import (assert_metrics_close, assert_trees_close, assert_trees_equal,
+                         matched_leaves)
 
 BATCH = 24
 LOCAL_BATCH = 3  # the smallest shard among the meshes: the match task's replacements use it
@@ -63,10 +64,7 @@ def test_the_train_step_matches_one_device_on_meshes():
   for sizes in (dict(data=8, fsdp=1, tensor=1), dict(data=4, fsdp=2, tensor=1),
                 dict(data=2, fsdp=2, tensor=2)):
     state, metrics = one_step(tiny_experiment(sizes))
-    assert set(metrics) == set(ref_metrics)
-    for name in ref_metrics:
-      assert abs(float(metrics[name]) - float(ref_metrics[name])) <= 1e-5 * max(
-          1.0, abs(float(ref_metrics[name]))), (sizes, name)
+    assert_metrics_close(metrics, ref_metrics, sizes)
     assert_trees_close(state.params, ref_state.params, atol=1e-5, rtol=1e-5)
     assert_trees_close(state.opt_state, ref_state.opt_state, atol=1e-5, rtol=1e-5)
 
@@ -125,7 +123,6 @@ def test_a_stopped_run_resumes_exactly(tmp_path):
   step's replacements, all follow the checkpointed state)."""
   from flava_jax import trainer  # pylint: disable=import-outside-toplevel
   from flava_jax.data import embedded  # pylint: disable=import-outside-toplevel
-  from tests.trees import assert_trees_equal  # pylint: disable=import-outside-toplevel
 
   corpus = tmp_path / "spoken"
   corpus.mkdir()
