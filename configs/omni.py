@@ -20,7 +20,8 @@ import ml_collections
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import audio_text, flava  # noqa: E402  pylint: disable=g-import-not-at-top
-from configs.eval import omni_retrieval, speech_to_text  # noqa: E402  pylint: disable=C0413
+from configs.eval import (linear_probe, omni_retrieval, speech_to_text,  # noqa: E402  pylint: disable=C0413
+                          text_to_image)
 
 FIELDS = audio_text.FIELDS
 
@@ -76,10 +77,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   data.corpora = {"spoken": dict(kind="trimodal", weight=1.0, source="embedded", name="spoken",
                                  split="train", paths="", data_dir="", fields=dict(FIELDS))}
   config.data = data
-  # At the end, on 100 held-out records: retrieval among captions, images and recordings, and
-  # speech to text (WER).
-  config.evals = ml_collections.ConfigDict(dict(omni_retrieval=omni_retrieval.task(100),
-                                                speech_to_text=speech_to_text.task(100)))
+  # At the end, on 100 held-out records: retrieval among captions, images and recordings, speech
+  # to text (WER) and text to image (codes, pixels); and a linear probe on the cross-modal [CLS]
+  # with each subset of the modalities (1,000 training records).
+  config.evals = ml_collections.ConfigDict(dict(
+      omni_retrieval=omni_retrieval.task(100), speech_to_text=speech_to_text.task(100),
+      text_to_image=text_to_image.task(100), probe=linear_probe.task("omni", 1000)))
   config.init = ml_collections.ConfigDict(dict(model_from="", image_from="", text_from="",
                                                audio_from="", dvae_from=""))
   config.sharding = flava_config.sharding

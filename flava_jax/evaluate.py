@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -36,6 +36,8 @@ class Checkpoint:
   vocab_file: str  # "" = the embedded corpus's vocabulary
   text_length: int
   kind: str  # workdir | model | transformers
+  # The task's frozen inputs as the run made them (a workdir's seed and init sources), or None.
+  load_frozen: Callable[[], Any] | None = None
 
   @property
   def predict(self) -> Any:
@@ -54,9 +56,12 @@ def load_checkpoint(path: str, field: str = "--checkpoint") -> Checkpoint:
     if task.predict() is None:
       raise ValueError(f"{field}={path!r} is a {task.NAME} training workdir, which has no "
                        "evaluators of this kind")
+    def load_frozen():
+      kinds = tuple(c.get("kind", "") for c in run.get("data", {}).get("corpora", {}).values())
+      return task.init_frozen(int(run.get("seed", 0)), run.get("init", {}), kinds)
     return Checkpoint(task, warm_start.read_workdir_params(path, field),
                       run.get("data", {}).get("vocab_file", ""),
-                      task.predict().text_length, kind)
+                      task.predict().text_length, kind, load_frozen)
   family = "flava"
   if kind == "model":
     from flava_jax import checkpoint  # pylint: disable=import-outside-toplevel
@@ -77,16 +82,21 @@ def load_checkpoint(path: str, field: str = "--checkpoint") -> Checkpoint:
 
 
 def make_context(task: tasks.Task, mesh: jax.sharding.Mesh, rules: sharding.Rules,
-                 vocab_file: str, cache_dir: str = "", text_length: int = 0) -> EvalContext:
+                 vocab_file: str, cache_dir: str = "", text_length: int = 0,
+                 load_frozen: Callable[[], Any] | None = None) -> EvalContext:
   """The evaluation context of a task's model (its predict functions); the vocabulary must fit
-  the model's text embedding. text_length: default tokens per text (0: the model's own)."""
+  the model's text embedding. text_length: default tokens per text (0: the model's own).
+  load_frozen: () -> the task's frozen inputs on the host (placed replicated on first use)."""
   predict = task.predict()
   if predict is None:
     raise ValueError(f"the {task.NAME} task has no evaluators")
   text_length = text_length or predict.text_length
+  frozen = None
+  if load_frozen is not None:
+    frozen = lambda: jax.device_put(load_frozen(), sharding.replicated(mesh))  # noqa: E731
   if not predict.text_vocab_size:  # a model that reads no text (an image tokenizer)
     return EvalContext(predict=predict, mesh=mesh, rules=rules, tokenizer=None,
-                       text_length=0, cache_dir=cache_dir)
+                       text_length=0, cache_dir=cache_dir, load_frozen=frozen)
   tokenizer = Tokenizer(vocab_file or embedded.vocab_file(cache_dir))
   if tokenizer.vocab_size > predict.text_vocab_size:
     raise ValueError(f"vocab_file has {tokenizer.vocab_size} tokens but the model's text "
@@ -95,7 +105,7 @@ def make_context(task: tasks.Task, mesh: jax.sharding.Mesh, rules: sharding.Rule
     raise ValueError(f"text_length={text_length} exceeds the model's "
                      f"{predict.max_text_length} positions")
   return EvalContext(predict=predict, mesh=mesh, rules=rules, tokenizer=tokenizer,
-                     text_length=text_length, cache_dir=cache_dir)
+                     text_length=text_length, cache_dir=cache_dir, load_frozen=frozen)
 
 
 def check_config(config: Any) -> None:
@@ -129,7 +139,7 @@ def run(config: Any, checkpoint_path: str) -> dict[str, float]:
   mesh = sharding.make_mesh(config.sharding.mesh)
   rules = sharding.rules_from_config(config.sharding.rules)
   ctx = make_context(ckpt.task, mesh, rules, vocab_file, config.cache_dir,
-                     config.text_length or ckpt.text_length)
+                     config.text_length or ckpt.text_length, ckpt.load_frozen)
   evaluator = evals.build(config.task, ctx, "task")
   return evaluator(ckpt.params)
 

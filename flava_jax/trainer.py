@@ -558,8 +558,10 @@ def make_evaluations(exp: experiment.Experiment) -> Evaluations:
   """config.evals built on the task's predict functions, their splits opened and checked."""
   if not exp.run.evals:
     return Evaluations({})
-  ctx = evaluate.make_context(exp.task, exp.mesh, exp.rules, exp.run.data.vocab_file,
-                              exp.run.data.cache_dir)
+  ctx = evaluate.make_context(
+      exp.task, exp.mesh, exp.rules, exp.run.data.vocab_file, exp.run.data.cache_dir,
+      load_frozen=lambda: exp.task.init_frozen(exp.run.seed, exp.run.init,
+                                               tuple(c.kind for c in exp.run.corpora.values())))
   return Evaluations({name: evals.build_parsed(cfg, ctx, f"evals.{name}")
                       for name, cfg in exp.run.evals.items()})
 

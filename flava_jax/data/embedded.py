@@ -28,7 +28,9 @@ CapFilt parts (BLIP's bootstrapping, tools/capfilt.py), train only:
 Audio part (the audio tasks), built on first use into a folder of its own (`ensure_spoken`):
 - spoken: scenes drawn as the paired part's, each caption also spoken by eSpeak NG (data/speech.py)
   with a voice, rate and pitch drawn per record (`VOICES`, `SPOKEN_RATES`, `SPOKEN_PITCHES`), as
-  16 kHz mono FLAC; records {image, caption, audio, voice}. Test captions are unique and none is a
+  16 kHz mono FLAC; records {image, caption, audio, voice, scene, label}: the scene as JSON and,
+  for a scene of one kind of shape, its (colour, shape) class as the image part labels it (-1 for
+  two kinds; the tri-modal linear probe's label). Test captions are unique and none is a
   train caption (held out). Synthesis runs SPEECH_CHUNK captions per fresh process, so two builds
   are byte-identical on one machine (libFLAC's and eSpeak NG's versions are pinned by the wheels).
 
@@ -68,7 +70,7 @@ PARTS = ("paired", "image", "text", "retrieval", "text_pairs", "vqa", "ve", "hum
 # Parts built on first use into a folder of their own (spoken_dir), not with the rest: only the
 # audio tasks read them, and their synthesis takes a while.
 LAZY_PARTS = ("spoken",)
-SPOKEN_VERSION = 2  # bump when the spoken part's generator changes (its folder is named after it)
+SPOKEN_VERSION = 3  # bump when the spoken part's generator changes (its folder is named after it)
 # The parts whose train texts teach vocab.txt (those of version 2: its vocabulary is unchanged).
 VOCAB_PARTS = ("paired", "image", "text", "retrieval", "text_pairs", "vqa", "ve")
 SPLITS = ("train", "test")  # every split name; a part has those of `splits(part)`
@@ -86,7 +88,7 @@ SCHEMAS = {"paired": ("image", "caption"), "image": ("image", "label"), "text": 
            "retrieval": ("image", "captions"), "text_pairs": ("text", "text_pair", "label"),
            "vqa": ("image", "question", "answers"), "ve": ("image", "hypothesis", "label"),
            "human": ("image", "caption", "scene"), "web": ("image", "caption", "noise", "scene"),
-           "spoken": ("image", "caption", "audio", "voice")}
+           "spoken": ("image", "caption", "audio", "voice", "scene", "label")}
 TEXT_CHARS = 400  # characters per text example (paragraphs joined up to this)
 RETRIEVAL_CAPTIONS = 5  # captions per retrieval scene
 VQA_ANNOTATORS = 10  # answers per VQA question
@@ -237,10 +239,22 @@ def _draw(groups: list[dict], where: str | None, rng: np.random.Generator) -> by
 
 def paired_example(rng: np.random.Generator) -> dict:
   """One scene and its caption."""
+  return _paired_scene(rng)[0]
+
+
+def _paired_scene(rng: np.random.Generator) -> tuple[dict, list[dict], str | None]:
+  """(paired_example's record, the scene's groups, where) from the same draws."""
   groups, where = _scene(rng)
   image = _draw(groups, where, rng)
   return {"image": image, "caption": _PREFIXES[rng.integers(len(_PREFIXES))] +
-          _describe(groups, where)}
+          _describe(groups, where)}, groups, where
+
+
+def scene_label(groups: list[dict]) -> int:
+  """The CLASS_NAMES index of a scene of one kind of shape (one group), -1 for two kinds."""
+  if len(groups) != 1:
+    return -1
+  return CLASS_NAMES.index(f"{groups[0]['colour']} {groups[0]['shape']}")
 
 
 def image_example(rng: np.random.Generator) -> dict:
@@ -513,7 +527,8 @@ def spoken_scenes(split: str, size: int, unseen: frozenset = frozenset()) -> lis
   rng = np.random.default_rng([_SEED, PARTS.index("spoken"), SPLITS.index(split)])
   out, seen = [], set(unseen)
   while len(out) < size:
-    example = paired_example(rng)
+    example, groups, where = _paired_scene(rng)
+    example.update(scene=scene_json(groups, where), label=scene_label(groups))
     voice = {"name": VOICES[int(rng.integers(len(VOICES)))],
              "rate": int(rng.integers(SPOKEN_RATES[0], SPOKEN_RATES[1] + 1)),
              "pitch": int(rng.integers(SPOKEN_PITCHES[0], SPOKEN_PITCHES[1] + 1))}

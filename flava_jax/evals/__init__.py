@@ -17,7 +17,7 @@ from flava_jax.parse import check_choice, dataclass_from_dict
 EVALUATORS = {
     "zero_shot": "flava_jax.evals.zero_shot",        # zero-shot image classification
     "retrieval": "flava_jax.evals.retrieval",        # zero-shot image<->text retrieval
-    "linear_probe": "flava_jax.evals.linear_probe",  # logistic regression on frozen h_CLS
+    "linear_probe": "flava_jax.evals.linear_probe",  # logistic regression on frozen [CLS]
     "finetune": "flava_jax.evals.finetune",          # a classifier head on h_CLS_I/T/M, trained
     "reconstruction": "flava_jax.evals.reconstruction",  # an image tokenizer's round trip
     "captioning": "flava_jax.evals.captioning",      # captions of held-out images (BLIP)
@@ -25,6 +25,7 @@ EVALUATORS = {
     "audio_retrieval": "flava_jax.evals.audio_retrieval",  # zero-shot audio<->text retrieval
     "omni_retrieval": "flava_jax.evals.omni_retrieval",  # text/image/audio pairs (omni)
     "speech_to_text": "flava_jax.evals.speech_to_text",  # transcriptions' WER (omni)
+    "text_to_image": "flava_jax.evals.text_to_image",  # drawn images' codes, pixels (omni)
 }
 
 
@@ -51,7 +52,7 @@ def build(values: Mapping[str, Any], ctx: EvalContext, where: str) -> Any:
 NEEDS = {
     "zero_shot": ("image_features", "text_features"),
     "retrieval": ("image_features", "text_features"),
-    "linear_probe": ("image_features",),
+    "linear_probe": (),  # the features' own call, checked by the evaluator
     "finetune": ("classifier", "classifier_width"),
     "reconstruction": ("reconstruct",),
     "captioning": ("caption", "caption_settings", "caption_prompt"),
@@ -59,6 +60,7 @@ NEEDS = {
     "audio_retrieval": ("audio_features", "text_features"),
     "omni_retrieval": ("unimodal", "match_from_states"),
     "speech_to_text": ("transcribe",),
+    "text_to_image": ("generate_codes", "image_codes", "code_pixels"),
 }
 
 

@@ -117,7 +117,21 @@ class EvalContext:
   max_pixels: int = 100_000_000
   max_text_bytes: int = 1 << 20
   cache_dir: str = ""  # the embedded corpus's cache
-  _jitted: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+  # The task's frozen inputs (the omni task's dVAE), made on first use: () -> replicated arrays.
+  load_frozen: Callable[[], Any] | None = None
+  # Caches of this context (a dataclasses.replace copy starts its own).
+  _jitted: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+  _frozen: list = dataclasses.field(default_factory=list, init=False, repr=False, compare=False)
+
+  # --- frozen inputs -------------------------------------------------------------------------
+
+  def frozen(self) -> Any:
+    """The task's frozen inputs (loaded once, on the first call)."""
+    if not self._frozen:
+      if self.load_frozen is None:
+        raise ValueError("this evaluation context holds no frozen inputs of the task")
+      self._frozen.append(self.load_frozen())
+    return self._frozen[0]
 
   # --- parameters ----------------------------------------------------------------------------
 

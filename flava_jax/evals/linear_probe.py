@@ -7,6 +7,11 @@ L-BFGS logistic regression (scikit-learn) is fitted on train for each L2 strengt
 on train + validation, and its test accuracy is the figure. Without a validation split, a fixed
 random share of the train split is held out for the sweep.
 
+With features "cross_modal" (the tri-modal model, tasks/omni.py), the feature is the cross-modal
+stack's [CLS] output given only some of the modalities (text, image, audio): one probe per subset
+in `modalities` ("image", "text+audio", ...), its metrics named "SUBSET/top1" and so on (the
+paper: each added modality helps). The records need all three fields and a label.
+
 Metrics:
     top1                 test accuracy of the probe refitted on train + validation
     validation_top1      the best validation accuracy of the sweep
@@ -33,7 +38,11 @@ from flava_jax.evals.features import EvalContext, TaskConfig, open_split, split_
 @dataclasses.dataclass(frozen=True)
 class Config(TaskConfig):
   evaluator: str = "linear_probe"
-  features: str = "image"  # image (h_CLS_I) | text (h_CLS_T) | multimodal (h_CLS_M)
+  # image (h_CLS_I) | text (h_CLS_T) | multimodal (h_CLS_M) | cross_modal (the omni model's)
+  features: str = "image"
+  # cross_modal: the subsets of text, image and audio given, each "+"-joined.
+  modalities: tuple = ("text", "image", "audio", "text+image", "text+audio", "image+audio",
+                       "text+image+audio")
   train_data: dict = dataclasses.field(default_factory=lambda: dict(
       source="embedded", name="image", split="train"))
   # A split of its own; {} or source "": a fixed random validation_fraction of train instead.
@@ -51,7 +60,21 @@ class Config(TaskConfig):
 
 
 _NEEDED = {"image": ("image", "label"), "text": ("text", "label"),
-           "multimodal": ("image", "text", "label")}
+           "multimodal": ("image", "text", "label"),
+           "cross_modal": ("image", "text", "audio", "label")}
+# The predict function each kind of feature calls.
+_CALLS = {"image": "image_features", "text": "text_features",
+          "multimodal": "multimodal_features", "cross_modal": "cross_modal_cls"}
+MODALITIES = ("text", "image", "audio")
+
+
+def modality_subset(name: str, where: str) -> tuple[bool, bool, bool]:
+  """"text+audio" -> (True, False, True): which of (text, image, audio) are given."""
+  parts = name.split("+")
+  unknown = [p for p in parts if p not in MODALITIES]
+  if unknown or len(set(parts)) != len(parts):
+    raise ValueError(f"{where}={name!r}: join distinct names of {MODALITIES} with '+'")
+  return tuple(m in parts for m in MODALITIES)
 
 
 def fit_and_score(train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray],
@@ -95,15 +118,28 @@ class Evaluator:
       raise ValueError(f"{where}.fit_threads={cfg.fit_threads} must be >= 1")
     if not cfg.l2_strengths or min(cfg.l2_strengths) <= 0:
       raise ValueError(f"{where}.l2_strengths must be positive numbers")
+    if not hasattr(ctx.predict, _CALLS[cfg.features]):
+      raise ValueError(f"{where}.features={cfg.features!r} calls {_CALLS[cfg.features]}, which "
+                       "this model's task does not provide")
+    self.subsets = ()
+    if cfg.features == "cross_modal":
+      if not cfg.modalities:
+        raise ValueError(f"{where}.modalities names no subset of {MODALITIES}")
+      self.subsets = tuple(modality_subset(m, f"{where}.modalities") for m in cfg.modalities)
     self.cfg, self.ctx = cfg, ctx
     needed = _NEEDED[cfg.features]
     self.train = open_split(cfg.train_data, needed, f"{where}.train_data", ctx.cache_dir)
     self.validation = (open_split(cfg.validation_data, needed, f"{where}.validation_data",
                                   ctx.cache_dir) if cfg.validation_data.get("source") else None)
     self.test = open_split(cfg.test_data, needed, f"{where}.test_data", ctx.cache_dir)
-    features_fn = {"image": ctx.image_features, "text": ctx.text_features,
-                   "multimodal": ctx.multimodal_features}[cfg.features]
-    self._outputs = lambda p, b: {"cls": features_fn(p, b)["cls"], "label": b["label"]}
+    if cfg.features == "cross_modal":  # [B, subsets, D]
+      subsets, predict = self.subsets, ctx.predict
+      self._outputs = lambda p, b: {"cls": predict.cross_modal_cls(p, b, subsets),
+                                    "label": b["label"]}
+    else:
+      features_fn = {"image": ctx.image_features, "text": ctx.text_features,
+                     "multimodal": ctx.multimodal_features}[cfg.features]
+      self._outputs = lambda p, b: {"cls": features_fn(p, b)["cls"], "label": b["label"]}
 
   def _features(self, source, params: Any) -> tuple[tuple[np.ndarray, np.ndarray], dict]:
     ctx, cfg = self.ctx, self.cfg
@@ -112,10 +148,12 @@ class Evaluator:
     def prepare(index):
       example = source[index]
       row = {}
-      if cfg.features in ("image", "multimodal"):
+      if cfg.features in ("image", "multimodal", "cross_modal"):
         row.update(ctx.image_row(example.get("image")))
-      if cfg.features in ("text", "multimodal"):
+      if cfg.features in ("text", "multimodal", "cross_modal"):
         row.update(ctx.text_row(example.get("text"), length))
+      if cfg.features == "cross_modal":
+        row.update(ctx.audio_row(example.get("audio")))
       label = example.get("label")
       row["label"] = np.int32(-1 if label is None else label)
       return row
@@ -141,9 +179,20 @@ class Evaluator:
       train = (train[0][fit_rows], train[1][fit_rows])
     test, more = self._features(self.test, params)
     skipped.update(more)
-    metrics = fit_and_score(train, validation, test, tuple(cfg.l2_strengths), cfg.max_iterations,
-                            cfg.fit_threads)
+    if not self.subsets:
+      metrics = self._probe(train, validation, test)
+    else:  # one probe per subset of the modalities
+      metrics = {}
+      for k, name in enumerate(cfg.modalities):
+        pick = lambda split: (split[0][:, k], split[1])  # noqa: E731  pylint: disable=W0640
+        metrics.update({f"{name}/{m}": v for m, v in
+                        self._probe(pick(train), pick(validation), pick(test)).items()})
     metrics.update(baselines(np.concatenate([train[1], validation[1]]), test[1]))
     metrics.update(train_examples=float(len(train[1])), test_examples=float(len(test[1])))
     metrics.update({f"skipped/{k}": float(v) for k, v in skipped.items()})
     return metrics
+
+  def _probe(self, train, validation, test) -> dict[str, float]:
+    cfg = self.cfg
+    return fit_and_score(train, validation, test, tuple(cfg.l2_strengths), cfg.max_iterations,
+                         cfg.fit_threads)

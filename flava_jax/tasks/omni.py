@@ -416,6 +416,34 @@ class OmniPredictor(EncoderSizes):
     return omni_generate.decode_text(self.model, params, hidden, keys, start_id=start_id,
                                      eos_id=eos_id, pad_id=pad, max_length=max_length).sequences
 
+  @property
+  def dvae_size(self) -> int:
+    """Pixels per side of the dVAE's view (one code per image patch)."""
+    return self.task.dvae_size
+
+  @property
+  def code_vocab(self) -> int:
+    return self.task.dvae_config.vocab_size
+
+  def image_codes(self, frozen: Any, dvae_pixels: Array) -> Array:
+    """The dVAE's codes [B, P] of uint8 images [B, S, S, 3] at its view size (the DIR
+    targets)."""
+    return self.task.codes(frozen, model_pixels({"dvae_pixels": dvae_pixels})["dvae_pixels"])
+
+  def code_pixels(self, frozen: Any, codes: Array) -> Array:
+    """Images [B, S, S, 3] in [0, 1] of codes [B, P]: the dVAE's decoder (the mean of its
+    logit-Laplace)."""
+    grid = self.task.model_config.image.grid_size
+    return self.task.dvae.apply({"params": frozen}, codes, (grid, grid), method="reconstruct")
+
+  def cross_modal_cls(self, params: Any, batch: Mapping[str, Array],
+                      subsets: tuple[tuple[bool, bool, bool], ...]) -> Array:
+    """The cross-modal [CLS] output [B, len(subsets), D] of clean inputs, once per subset of
+    the modalities (text, image, audio); the encoders run once."""
+    states = self.unimodal(params, batch)
+    return jnp.stack([self.task.fuse(params, states, present)[0][:, 0] for present in subsets],
+                     axis=1)
+
   def generate_codes(self, params: Any, batch: Mapping[str, Array],
                      present: tuple[bool, bool, bool], rng: Array, top_k: int,
                      temperature: float = 1.0) -> Array:

@@ -36,6 +36,15 @@ def test_two_builds_are_byte_identical_and_hold_out_their_test_captions(tmp_path
   assert not {r["caption"] for r in test} & {r["caption"] for r in train}
   assert len({r["caption"] for r in test}) == 6
   assert set(train[0]) == set(embedded.SCHEMAS["spoken"]) | {"id"}
+  for record in train + test:  # the label is the class of a one-kind scene, as its caption says
+    groups, _ = embedded.scene_from_json(record["scene"])
+    if len(groups) == 1:
+      name = embedded.CLASS_NAMES[record["label"]]
+      assert name == f"{groups[0]['colour']} {groups[0]['shape']}"
+      assert groups[0]["colour"] in record["caption"] and groups[0]["shape"] in record["caption"]
+    else:
+      assert record["label"] == -1
+  assert 0 < sum(r["label"] >= 0 for r in train) < len(train)
   voices = [r["voice"] for r in train]
   assert len(set(voices)) > 12  # a speaker (voice, rate, pitch) drawn per record
   waves = []

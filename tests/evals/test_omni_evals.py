@@ -1,8 +1,13 @@
-"""The tri-modal evaluators (evals/omni_retrieval.py, evals/speech_to_text.py): pair scores are
-the log-probability of the classes that keep the pair matched; every matrix takes the query's
-and the candidate's modalities from the right records (a fake classifier that recognises the
-true pairs finds them all, one that recognises shifted pairs finds none); WER and its baselines
-are jiwer's; both run end to end on a random tiny model over built spoken shards."""
+"""The tri-modal evaluators (evals/omni_retrieval.py, speech_to_text.py, text_to_image.py and
+linear_probe.py's cross-modal features): pair scores are the log-probability of the classes that
+keep the pair matched; every matrix takes the query's and the candidate's modalities from the
+right records (a fake classifier that recognises the true pairs finds them all, one that
+recognises shifted pairs finds none); WER and its baselines are jiwer's; an oracle image decoder
+scores code accuracy 1 and the dVAE's round trip; the probe of each subset sees only its
+modalities (a fake whose [CLS] carries the label in the audio alone); everything runs end to end
+on a random tiny model over built spoken shards."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -10,21 +15,25 @@ import numpy as np
 import pytest
 
 from configs.eval import omni_retrieval as retrieval_config
+from configs.eval import linear_probe as probe_config
 from configs.eval import speech_to_text as speech_config
+from configs.eval import text_to_image as image_config
 from flava_jax import evals, evaluate, sharding, tasks
 from flava_jax.data import embedded
-from flava_jax.evals import omni_retrieval, speech_to_text
+from flava_jax.evals import linear_probe, omni_retrieval, speech_to_text, text_to_image
+from flava_jax.data.tokenizer import Tokenizer
 from flava_jax.evals.features import EvalContext
 from flava_jax.models.omni import MATCH_CLASSES
 from tests.tasks.test_omni_task import small_config
 
 RECORDS = 6
+SIZES = {"train": 24, "test": RECORDS}
 
 
 @pytest.fixture(scope="module")
 def spoken(tmp_path_factory):
   folder = tmp_path_factory.mktemp("spoken")
-  embedded.build_spoken(str(folder), {"train": 8, "test": RECORDS})
+  embedded.build_spoken(str(folder), SIZES)
   return str(folder)
 
 
@@ -135,3 +144,116 @@ def test_both_evaluators_run_on_a_random_model(spoken):
   assert 0 < metrics["wer_best_constant"] < 1.5
   for mode in ("audio", "audio_image"):
     assert metrics[f"wer_{mode}"] > 0.5  # an untrained decoder writes nonsense
+
+
+# --- text to image ---------------------------------------------------------------------------
+
+
+def test_code_accuracy_and_the_most_frequent_codes():
+  true = np.array([[1, 2, 3], [1, 4, 3], [5, 4, 3]])
+  assert text_to_image.code_accuracy(np.array([[1, 2, 0], [0, 0, 0], [5, 4, 3]]), true) == 5 / 9
+  np.testing.assert_array_equal(text_to_image.most_frequent_codes(true, 8), [1, 4, 3])
+  rng = np.random.default_rng(0)
+  codes = rng.integers(0, 6, (50, 7))
+  want = [np.bincount(codes[:, p], minlength=6).argmax() for p in range(7)]
+  np.testing.assert_array_equal(text_to_image.most_frequent_codes(codes, 6), want)
+
+
+def _omni(spoken):
+  config = small_config(dict(data=1, fsdp=1, tensor=1))
+  task = tasks.build(config)
+  params = task.init_params(jax.random.key(0))
+  mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
+  rules = sharding.rules_from_config(config.sharding.rules)
+  load = lambda: task.init_frozen(0, {}, ("trimodal",))  # noqa: E731
+  return task, params, evaluate.make_context(task, mesh, rules, "", load_frozen=load)
+
+
+def _image_config(spoken, **overrides):
+  return evals.parse(dict(image_config.task(4), data=_data(spoken, "test"),
+                          baseline_data=_data(spoken, "train", image="image"), batch_size=8,
+                          **overrides), "task")
+
+
+def test_text_to_image_scores_an_oracle_and_a_random_model(spoken, monkeypatch):
+  task, params, ctx = _omni(spoken)
+  evaluator = evals.build_parsed(_image_config(spoken), ctx, "task")
+  metrics = evaluator(params)
+  assert metrics["records"] == 4
+  assert metrics == evaluator(params)  # the same seed draws the same images
+  for mode in ("text", "text_audio"):
+    assert 0 <= metrics[f"code_accuracy_{mode}"] < 0.5  # an untrained decoder
+    assert 0 < metrics[f"mse_{mode}"] < 1
+  assert 0 < metrics["mse_roundtrip"] < 1 and 0 < metrics["mse_other_image"] < 1
+  assert 0 <= metrics["code_accuracy_frequent"] <= 1
+  # An oracle that draws each image's own codes scores 1 and the dVAE's round trip.
+  predict, frozen = ctx.predict, ctx.frozen()
+  monkeypatch.setattr(type(predict), "generate_codes", lambda self, p, b, *a: (
+      self.image_codes(frozen, b["dvae_pixels"])))
+  oracle = evals.build_parsed(_image_config(spoken, modes=("text",)), ctx, "task")(params)
+  assert oracle["code_accuracy_text"] == 1.0
+  assert oracle["mse_text"] == pytest.approx(metrics["mse_roundtrip"], rel=1e-6)
+
+
+def test_text_to_image_needs_the_runs_dvae_and_its_decoder(spoken):
+  task, params, ctx = _omni(spoken)
+  bare = dataclasses.replace(ctx, load_frozen=None)
+  with pytest.raises(ValueError, match="needs the task's dVAE"):
+    evals.build_parsed(_image_config(spoken), bare, "task")
+  encoder_only = dataclasses.replace(ctx, load_frozen=lambda: {"encoder": ctx.frozen()["encoder"]})
+  with pytest.raises(ValueError, match="has no decoder"):
+    evals.build_parsed(_image_config(spoken), encoder_only, "task")(params)
+  with pytest.raises(ValueError, match="modes"):
+    _image_config(spoken, modes=("image",))
+
+
+# --- the linear probe with subsets of the modalities -----------------------------------------
+
+
+def test_modality_subsets_are_parsed_and_checked():
+  assert linear_probe.modality_subset("text+audio", "m") == (True, False, True)
+  assert linear_probe.modality_subset("image", "m") == (False, True, False)
+  for bad in ("video", "text+text", ""):
+    with pytest.raises(ValueError, match="m="):
+      linear_probe.modality_subset(bad, "m")
+
+
+class LabelInAudio(FakePredictor):
+  """A cross-modal [CLS] that carries the record's label only when the audio is given."""
+
+  def cross_modal_cls(self, params, batch, subsets):
+    label = jax.nn.one_hot(batch["label"], 32)
+    return jnp.stack([label * 10 if present[2] else jnp.zeros_like(label)
+                      for present in subsets], axis=1)
+
+
+def _probe_config(spoken, **overrides):
+  fields = dict(image="image", text="caption", audio="audio", label="label")
+  return evals.parse(dict(probe_config.task("omni"), train_data=_data(spoken, "train", **fields),
+                          test_data=_data(spoken, "train", **fields), batch_size=16,
+                          l2_strengths=(1e-3, 1.0), **overrides), "task")
+
+
+def test_the_probe_gives_each_subset_only_its_modalities(spoken):
+  mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
+  ctx = EvalContext(predict=LabelInAudio(), mesh=mesh, rules=(),
+                    tokenizer=Tokenizer(embedded.vocab_file()), text_length=16)
+  metrics = evals.build_parsed(_probe_config(spoken), ctx, "task")({})
+  labelled = metrics["test_examples"]  # the one-kind scenes; two-kind ones have no label
+  assert 0 < labelled < SIZES["train"]
+  # counted in both passes over the split (train and test here)
+  assert metrics["skipped/missing_label"] == 2 * (SIZES["train"] - labelled)
+  for name in probe_config.MODALITY_SUBSETS:
+    if "audio" in name:
+      assert metrics[f"{name}/top1"] == 1.0, name
+    else:  # nothing to go on: the probe answers the most frequent class
+      assert metrics[f"{name}/top1"] == pytest.approx(metrics["majority_class_top1"]), name
+
+
+def test_the_cross_modal_probe_runs_on_a_random_model(spoken):
+  task, params, ctx = _omni(spoken)
+  metrics = evals.build_parsed(_probe_config(spoken, modalities=("image", "text+image+audio")),
+                               ctx, "task")(params)
+  assert set(k for k in metrics if k.endswith("/top1")) == {"image/top1",
+                                                             "text+image+audio/top1"}
+  assert all(0 <= metrics[k] <= 1 for k in metrics if k.endswith("top1"))
