@@ -2,6 +2,8 @@
 
     python -m flava_jax.main --config=configs/dvae.py --workdir=/tmp/flava_dvae
     python -m flava_jax.main --config.init.dvae_from=/tmp/flava_dvae   # its codes as MIM targets
+    --config=configs/dvae.py:omni   tiny, on 64 px views: the tri-modal tiny model's 8 x 8 codes
+                                    (configs/omni.py --config.init.dvae_from=WORKDIR)
 
 `config.model` only fixes the image geometry: the dVAE trains on the views FLAVA will feed it
 (patch grid x 8 pixels: 112 px for FLAVA-full, 32 px for tiny), cut from the image and paired
@@ -20,11 +22,14 @@ from configs import flava  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  base = flava.get_config(arg)
+  omni = arg == "omni"
+  base = flava.get_config("tiny" if omni else arg)
+  if omni:  # configs/omni.py:tiny's image geometry: 8 x 8 patches of 64 px -> 64 px views
+    base.model.image.patch_size = 8
   full = base.variant == "full"
   config = ml_collections.ConfigDict()
   config.task = "dvae"
-  config.variant = base.variant
+  config.variant = "omni" if omni else base.variant
   config.model = base.model  # image geometry (and the text settings the pipeline reads)
   config.dvae = base.dvae
   config.seed = 0

@@ -16,7 +16,7 @@ import pytest
 NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
 # Notebook -> the least number of figures (PNG outputs) it draws.
 FIGURES = {"quickstart.ipynb": 3, "dvae_and_masking.ipynb": 4, "data_mixture.ipynb": 3,
-           "blip.ipynb": 3}
+           "blip.ipynb": 3, "omni.ipynb": 4}
 SMALL = {
     "FLAVA_NB_STEPS": "30",  # quickstart and data_mixture train the same program: one compile
     "FLAVA_NB_DVAE_STEPS": "20",
@@ -28,6 +28,10 @@ SMALL = {
     "BLIP_NB_STEPS": "10",
     "BLIP_NB_RETRIEVAL_IMAGES": "10",
     "BLIP_CHECKPOINT": "",
+    "OMNI_NB_STEPS": "2",
+    "OMNI_NB_RECORDS": "8",
+    "OMNI_CHECKPOINT": "",
+    "OMNI_DVAE": "",
     "JAX_PLATFORMS": "cpu",
 }
 
@@ -132,6 +136,25 @@ def test_notebook_runs(name, executed):
     assert len(decisions) == 6 and {d[0] for d in decisions} == {"web", "synthetic"}
     assert all((float(m) >= 0.5) == (k == "kept") for _, _, m, k in decisions)
     assert "'rerank_t2i_r1'" in text
+  elif name == "omni.ipynb":
+    assert "dVAE random (seed 0)" in text, text[-2000:]
+    assert re.search(r"record #0 says '.+': [\d.]+ s at 16000 Hz; the model reads 5.00 s", text)
+    assert "retrieval among 8 held-out records (chance R@1 0.125" in text
+    recalls = re.findall(r"^  [a-z +>-]+ R@1 ([\d.]+)  R@5 ([\d.]+)  R@10 ([\d.]+)$", text, re.M)
+    assert len(recalls) == 7 and all(0.0 <= float(r) <= 1.0 for row in recalls for r in row)
+    ranks = re.findall(r"^caption #\d .* from the (text|text \+ recording): its image ranked "
+                       r"(\d) of 8$", text, re.M)
+    assert len(ranks) == 6 and all(1 <= int(r) <= 8 for _, r in ranks)
+    wer = re.search(r"speech to text over 8 held-out recordings: WER from the recording ([\d.]+), "
+                    r"from the recording and its image ([\d.]+) \(writing nothing 1.000", text)
+    assert wer and float(wer.group(1)) >= 0.0 and float(wer.group(2)) >= 0.0
+    assert len(re.findall(r"^#\d said: +'.+'$", text, re.M)) == 4
+    assert len(re.findall(r"^   (written from the recording|with the image): +['\"].*['\"]$",
+                          text, re.M)) == 8  # a repr: double quotes around a written "'"
+    drawn = re.search(r"text to image over 8 held-out captions: code accuracy from the text "
+                      r"([\d.]+), with the recording ([\d.]+)", text)
+    assert drawn and all(0.0 <= float(drawn.group(g)) <= 1.0 for g in (1, 2))
+    assert "dVAE round trip" in text
   else:
     shares = dict(re.findall(r"^(\w+): (\d+) of 40 batches", text, re.M))
     assert set(shares) == {"paired", "image", "text"} and sum(map(int, shares.values())) == 40

@@ -2,7 +2,8 @@
 and (2,2,2) equals one device (loss, every objective, parameters, Adam state); the step glues
 each objective to the right positions (a modality left out of every row contributes no token-
 level loss, and removing it changes what the others see); the step's arrays and FLOPs; start-up
-errors."""
+errors; the binary killed (SIGKILL) after a checkpoint and restarted ends bit-identical to an
+uninterrupted run."""
 
 import jax
 import numpy as np
@@ -117,30 +118,79 @@ def test_start_up_errors_name_the_field():
     omni_configs.get_config("huge")
 
 
-def test_a_stopped_run_resumes_exactly(tmp_path):
-  """Four steps straight, and two steps + a restart from the checkpoint at step 2, give the same
-  parameters bit for bit (the data pipeline's masks, modality draws and match classes, and the
-  step's replacements, all follow the checkpointed state)."""
+def test_omni_is_benched_and_compiled_ahead_of_time():
+  from flava_jax.tools import aot, bench  # pylint: disable=import-outside-toplevel
+  config = bench.bench_config(small_config(dict(data=-1, fsdp=1, tensor=1)), BATCH, 0, 0)
+  tool = bench.Bench(config)
+  timing = tool.time("trimodal", BATCH, steps=2, warmup=1)
+  assert timing.flops_per_step == tool.exp.step_flops("trimodal", BATCH) > 0
+  reports, shardings = aot.compile_steps(config, aot.tpu_devices("v5p:2x2x1"))
+  assert [r.kind for r in reports] == ["trimodal"]
+  assert reports[0].temp_bytes > 0 and reports[0].argument_bytes > 0
+  assert {"text_encoder", "image_encoder", "audio_encoder", "text_decoder",
+          "image_decoder"} <= set(shardings)
+
+
+KILL_STEPS = 6
+# The binary's config (written for the test): small_config on a small spoken part of the test's
+# own, checkpoints every 2 steps, no evaluations.
+KILLED_CONFIG = """
+import sys
+sys.path.insert(0, {repo!r})
+from tests.tasks.test_omni_task import small_config
+
+
+def get_config():
+  config = small_config(dict(data=-1, fsdp=1, tensor=1))
+  config.total_steps, config.log_every_steps, config.evals = {steps}, 1, {{}}
+  config.data.corpora.spoken.update(source="array_record", paths={paths!r})
+  config.checkpoint.every_steps = 2
+  return config
+"""
+
+
+def test_sigkill_through_the_binary_then_restart_is_exact(tmp_path):
+  """Killed (SIGKILL) once checkpoint 2 is complete and started again, the binary ends with the
+  parameters and optimizer state of an uninterrupted run, bit for bit (the data pipeline's
+  masks, modality draws and match classes, and the step's replacements, all follow the
+  checkpointed state)."""
+  import os  # pylint: disable=import-outside-toplevel
+  import signal  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
   from flava_jax import trainer  # pylint: disable=import-outside-toplevel
   from flava_jax.data import embedded  # pylint: disable=import-outside-toplevel
+  from tests.processes import child_env  # pylint: disable=import-outside-toplevel
+  from tests.tasks.test_blip_task import _newest_state  # pylint: disable=C0415
+  from tests.test_resume_process import REPO, _read_until, _resumed_from  # pylint: disable=C0415
 
   corpus = tmp_path / "spoken"
   corpus.mkdir()
-  embedded.build_spoken(str(corpus), {"train": 40, "test": 2})  # a small part of its own
+  embedded.build_spoken(str(corpus), {"train": 40, "test": 2})
+  config_file = tmp_path / "omni_small.py"
+  config_file.write_text(KILLED_CONFIG.format(
+      repo=REPO, steps=KILL_STEPS,
+      paths=str(corpus / "spoken-train-00000-of-00001.array_record")))
+  namespace = {}
+  exec(compile(config_file.read_text(), str(config_file), "exec"), namespace)  # pylint: disable=W0122
+  trainer.train_and_evaluate(namespace["get_config"](), str(tmp_path / "uninterrupted"))
+  ref_step, reference = _newest_state(str(tmp_path / "uninterrupted"))
 
-  def config():
-    c = small_config(dict(data=-1, fsdp=1, tensor=1))
-    c.total_steps, c.log_every_steps, c.evals = 4, 2, {}
-    c.data.corpora.spoken.update(source="array_record",
-                                 paths=str(corpus / "spoken-train-00000-of-00001.array_record"))
-    c.checkpoint.every_steps, c.checkpoint.async_save = 2, False
-    return c
-
-  straight = trainer.train_and_evaluate(config(), str(tmp_path / "straight"))
-  workdir = str(tmp_path / "resumed")
-  first = trainer.train_and_evaluate(config(), workdir, stop_after=2)
-  assert int(first["state"].step) == 2
-  resumed = trainer.train_and_evaluate(config(), workdir)
-  assert int(resumed["state"].step) == 4
-  assert_trees_equal(jax.device_get(resumed["state"].params),
-                     jax.device_get(straight["state"].params))
+  workdir = str(tmp_path / "run")
+  command = [sys.executable, "-m", "flava_jax.main", f"--config={config_file}",
+             f"--workdir={workdir}"]
+  proc = subprocess.Popen(command, cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  lines = _read_until(proc, "checkpoint 4 saving")  # so checkpoint 2 is complete
+  assert any(line.startswith("omni: text 16 + image 17 + audio") for line in lines), lines[:5]
+  proc.kill()
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  done = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True,
+                        check=False, timeout=900)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  assert 2 <= _resumed_from(done.stdout) < KILL_STEPS, done.stdout[-2000:]
+  step, state = _newest_state(workdir)
+  assert step == ref_step == KILL_STEPS and os.path.isdir(workdir)
+  assert_trees_equal(state["params"], reference["params"])
+  assert_trees_equal(state["opt_state"], reference["opt_state"])
