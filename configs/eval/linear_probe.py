@@ -28,8 +28,8 @@ def _splits(arg):
           tfds_split(name, test, image="image", label="label"))
 
 
-MODALITY_SUBSETS = ("text", "image", "audio", "text+image", "text+audio", "image+audio",
-                    "text+image+audio")
+MODALITY_SUBSETS = ("text", "image", "audio", "text_image", "text_audio", "image_audio",
+                    "text_image_audio")
 
 
 def task(arg: str = "embedded", train_limit: int = 0) -> dict:

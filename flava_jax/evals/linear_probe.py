@@ -9,7 +9,7 @@ random share of the train split is held out for the sweep.
 
 With features "cross_modal" (the tri-modal model, tasks/omni.py), the feature is the cross-modal
 stack's [CLS] output given only some of the modalities (text, image, audio): one probe per subset
-in `modalities` ("image", "text+audio", ...), its metrics named "SUBSET/top1" and so on (the
+in `modalities` ("image", "text_audio", ...), its metrics named "SUBSET/top1" and so on (the
 paper: each added modality helps). The records need all three fields and a label.
 
 Metrics:
@@ -40,9 +40,9 @@ class Config(TaskConfig):
   evaluator: str = "linear_probe"
   # image (h_CLS_I) | text (h_CLS_T) | multimodal (h_CLS_M) | cross_modal (the omni model's)
   features: str = "image"
-  # cross_modal: the subsets of text, image and audio given, each "+"-joined.
-  modalities: tuple = ("text", "image", "audio", "text+image", "text+audio", "image+audio",
-                       "text+image+audio")
+  # cross_modal: the subsets of text, image and audio given, each joined by "_" (a metric name).
+  modalities: tuple = ("text", "image", "audio", "text_image", "text_audio", "image_audio",
+                       "text_image_audio")
   train_data: dict = dataclasses.field(default_factory=lambda: dict(
       source="embedded", name="image", split="train"))
   # A split of its own; {} or source "": a fixed random validation_fraction of train instead.
@@ -69,11 +69,11 @@ MODALITIES = ("text", "image", "audio")
 
 
 def modality_subset(name: str, where: str) -> tuple[bool, bool, bool]:
-  """"text+audio" -> (True, False, True): which of (text, image, audio) are given."""
-  parts = name.split("+")
+  """"text_audio" -> (True, False, True): which of (text, image, audio) are given."""
+  parts = name.split("_")
   unknown = [p for p in parts if p not in MODALITIES]
   if unknown or len(set(parts)) != len(parts):
-    raise ValueError(f"{where}={name!r}: join distinct names of {MODALITIES} with '+'")
+    raise ValueError(f"{where}={name!r}: join distinct names of {MODALITIES} with '_'")
   return tuple(m in parts for m in MODALITIES)
 
 

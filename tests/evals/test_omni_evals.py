@@ -123,13 +123,19 @@ def test_word_error_rates_and_the_constant_baseline():
   assert constant == "a red circle" and wer == pytest.approx((0 + 3 + 1) / 9)
 
 
-def test_both_evaluators_run_on_a_random_model(spoken):
+def _omni():
+  """(task, random parameters, evaluation context with the run's dVAE) of the small model."""
   config = small_config(dict(data=1, fsdp=1, tensor=1))
   task = tasks.build(config)
   params = task.init_params(jax.random.key(0))
   mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
   rules = sharding.rules_from_config(config.sharding.rules)
-  ctx = evaluate.make_context(task, mesh, rules, "")
+  load = lambda: task.init_frozen(0, {}, ("trimodal",))  # noqa: E731
+  return task, params, evaluate.make_context(task, mesh, rules, "", load_frozen=load)
+
+
+def test_retrieval_and_speech_to_text_run_on_a_random_model(spoken):
+  _, params, ctx = _omni()
   cfg = evals.parse(dict(retrieval_config.task(4), data=_data(spoken, "test"), batch_size=16,
                          matrices=("text_image", "ta2i")), "task")
   metrics = evals.build_parsed(cfg, ctx, "task")(params)
@@ -159,16 +165,6 @@ def test_code_accuracy_and_the_most_frequent_codes():
   np.testing.assert_array_equal(text_to_image.most_frequent_codes(codes, 6), want)
 
 
-def _omni(spoken):
-  config = small_config(dict(data=1, fsdp=1, tensor=1))
-  task = tasks.build(config)
-  params = task.init_params(jax.random.key(0))
-  mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
-  rules = sharding.rules_from_config(config.sharding.rules)
-  load = lambda: task.init_frozen(0, {}, ("trimodal",))  # noqa: E731
-  return task, params, evaluate.make_context(task, mesh, rules, "", load_frozen=load)
-
-
 def _image_config(spoken, **overrides):
   return evals.parse(dict(image_config.task(4), data=_data(spoken, "test"),
                           baseline_data=_data(spoken, "train", image="image"), batch_size=8,
@@ -176,7 +172,7 @@ def _image_config(spoken, **overrides):
 
 
 def test_text_to_image_scores_an_oracle_and_a_random_model(spoken, monkeypatch):
-  task, params, ctx = _omni(spoken)
+  task, params, ctx = _omni()
   evaluator = evals.build_parsed(_image_config(spoken), ctx, "task")
   metrics = evaluator(params)
   assert metrics["records"] == 4
@@ -196,7 +192,7 @@ def test_text_to_image_scores_an_oracle_and_a_random_model(spoken, monkeypatch):
 
 
 def test_text_to_image_needs_the_runs_dvae_and_its_decoder(spoken):
-  task, params, ctx = _omni(spoken)
+  task, params, ctx = _omni()
   bare = dataclasses.replace(ctx, load_frozen=None)
   with pytest.raises(ValueError, match="needs the task's dVAE"):
     evals.build_parsed(_image_config(spoken), bare, "task")
@@ -211,9 +207,9 @@ def test_text_to_image_needs_the_runs_dvae_and_its_decoder(spoken):
 
 
 def test_modality_subsets_are_parsed_and_checked():
-  assert linear_probe.modality_subset("text+audio", "m") == (True, False, True)
+  assert linear_probe.modality_subset("text_audio", "m") == (True, False, True)
   assert linear_probe.modality_subset("image", "m") == (False, True, False)
-  for bad in ("video", "text+text", ""):
+  for bad in ("video", "text_text", "text+image", ""):
     with pytest.raises(ValueError, match="m="):
       linear_probe.modality_subset(bad, "m")
 
@@ -251,9 +247,9 @@ def test_the_probe_gives_each_subset_only_its_modalities(spoken):
 
 
 def test_the_cross_modal_probe_runs_on_a_random_model(spoken):
-  task, params, ctx = _omni(spoken)
-  metrics = evals.build_parsed(_probe_config(spoken, modalities=("image", "text+image+audio")),
+  task, params, ctx = _omni()
+  metrics = evals.build_parsed(_probe_config(spoken, modalities=("image", "text_image_audio")),
                                ctx, "task")(params)
   assert set(k for k in metrics if k.endswith("/top1")) == {"image/top1",
-                                                             "text+image+audio/top1"}
+                                                             "text_image_audio/top1"}
   assert all(0 <= metrics[k] <= 1 for k in metrics if k.endswith("top1"))

@@ -118,19 +118,6 @@ def test_start_up_errors_name_the_field():
     omni_configs.get_config("huge")
 
 
-def test_omni_is_benched_and_compiled_ahead_of_time():
-  from flava_jax.tools import aot, bench  # pylint: disable=import-outside-toplevel
-  config = bench.bench_config(small_config(dict(data=-1, fsdp=1, tensor=1)), BATCH, 0, 0)
-  tool = bench.Bench(config)
-  timing = tool.time("trimodal", BATCH, steps=2, warmup=1)
-  assert timing.flops_per_step == tool.exp.step_flops("trimodal", BATCH) > 0
-  reports, shardings = aot.compile_steps(config, aot.tpu_devices("v5p:2x2x1"))
-  assert [r.kind for r in reports] == ["trimodal"]
-  assert reports[0].temp_bytes > 0 and reports[0].argument_bytes > 0
-  assert {"text_encoder", "image_encoder", "audio_encoder", "text_decoder",
-          "image_decoder"} <= set(shardings)
-
-
 KILL_STEPS = 6
 # The binary's config (written for the test): small_config on a small spoken part of the test's
 # own, checkpoints every 2 steps, no evaluations.
