@@ -108,8 +108,8 @@ class Evaluator:
                 **ctx.audio_row(record.get("audio"), self.cfg.max_audio_seconds))
 
   def drawer(self, mode: str):
-    """One function per mode (map_split jits it once): (params, batch) -> sampled codes, the
-    true codes and the squared errors of both decoded."""
+    """One function per mode (map_split jits it once): ((params, frozen), batch) -> the sampled
+    codes and their decoded image's squared error, and the record's view and true codes."""
     if mode not in self._drawers:
       cfg, predict, present = self.cfg, self.ctx.predict, MODES[mode]
 
@@ -120,7 +120,9 @@ class Evaluator:
             jnp.maximum(batch["index"], 0))
         codes = predict.generate_codes(params, batch, present, keys, cfg.top_k,
                                        cfg.temperature)
-        return {"sampled": codes, **self._errors(frozen, batch["dvae_pixels"], codes)}
+        return {"sampled": codes, "view": batch["dvae_pixels"],
+                "true": predict.image_codes(frozen, batch["dvae_pixels"]),
+                **self._errors(frozen, batch["dvae_pixels"], codes)}
 
       self._drawers[mode] = draw
     return self._drawers[mode]
@@ -163,11 +165,8 @@ class Evaluator:
     for mode in cfg.modes:
       out, skipped = ctx.map_split(self.count, self.row, self.drawer(mode), (params, frozen),
                                    cfg.batch_size, cfg.read_threads)
-      if true is None:
-        views = np.stack([self._view(self.source[int(i)].get("image")) for i in out["index"]])
-        true, _ = ctx.map_split(len(views), lambda i: {"dvae_pixels": views[i]}, self._true,
-                                frozen, cfg.batch_size, cfg.read_threads)
-        true = true["codes"]
+      if true is None:  # the same records in every mode: their views and codes once
+        views, true = out["view"], out["true"]
         metrics.update(records=float(len(true)),
                        **{f"skipped/{k}": float(v) for k, v in skipped.items()})
       mse = float(np.mean(out["squared_error"]))
