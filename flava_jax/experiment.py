@@ -224,7 +224,8 @@ class Experiment:
     return tuple(g for g in groups if g not in reached or g not in trainable)
 
   def train_step(self, kind: str, global_batch: int | None = None,
-                 grad_accum: int | None = None, grad_cache: bool | None = None):
+                 grad_accum: int | None = None, grad_cache: bool | None = None,
+                 compiler_options: dict[str, Any] | None = None):
     """The jitted, donated step of batch kind `kind` (a step kind: task.step_kind)."""
     global_batch = global_batch or self.run.global_batch
     return train.make_train_step(
@@ -232,7 +233,7 @@ class Experiment:
         local_batch=global_batch // self.data_parallel,
         grad_accum=self.run.grad_accum if grad_accum is None else grad_accum,
         grad_cache=self.run.grad_cache if grad_cache is None else grad_cache,
-        keep=self.keep_groups(kind))
+        keep=self.keep_groups(kind), compiler_options=compiler_options)
 
   def abstract_batch(self, kind: str, rows: int) -> dict[str, jax.ShapeDtypeStruct]:
     batch_sharding = sharding.batch_sharding(self.mesh)

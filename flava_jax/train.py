@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from flava_jax import sharding
+from flava_jax import run_once, sharding
 from flava_jax.parse import check_choice, dataclass_from_dict
 from flava_jax.tasks.base import GradCacheSplit, LossOutput, StepContext, Task
 
@@ -241,7 +241,7 @@ def create_state(init_fn: Callable[[Array], tuple[Any, Any]], tx: optax.Gradient
                  rules: sharding.Rules = ()) -> tuple[TrainState, Any]:
   """A freshly initialised state, created directly in its sharded layout."""
   _, shardings = abstract_state(init_fn, tx, param_shardings, extra_shardings, mesh)
-  init = jax.jit(_init(init_fn, tx), out_shardings=shardings)
+  init = run_once.jit(_init(init_fn, tx), out_shardings=shardings)
   with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
     state = init(rng)
   return state, shardings
@@ -432,13 +432,14 @@ def apply_gradients(tx: optax.GradientTransformation, state: TrainState, grads: 
 def make_train_step(task: Task, kind: str, tx: optax.GradientTransformation, mesh: Mesh,
                     rules: sharding.Rules, state_shardings: Any, local_batch: int,
                     grad_accum: int = 1, grad_cache: bool = False, keep: tuple[str, ...] = (),
-                    frozen_shardings: Any = None):
+                    frozen_shardings: Any = None, compiler_options: dict[str, Any] | None = None):
   """step(state, frozen, batch, rng) -> (state, metrics); jitted, state donated.
 
   local_batch: rows per data-parallel shard of the whole step; with grad_accum > 1 the step
   runs grad_accum micro-batches of local_batch / grad_accum rows each and applies one update
   (GradCache when grad_cache and the task offers a split for this kind). keep: parameter groups
-  this step must not update (see apply_gradients).
+  this step must not update (see apply_gradients). compiler_options: XLA's, for this step's
+  compile (run_once.compiler_options() for a step that runs once or twice, as in a test).
   """
   if grad_accum < 1 or local_batch % grad_accum:
     raise ValueError(f"grad_accum={grad_accum} must be >= 1 and divide the {local_batch} rows "
@@ -467,7 +468,8 @@ def make_train_step(task: Task, kind: str, tx: optax.GradientTransformation, mes
   frozen_in = replicated if frozen_shardings is None else frozen_shardings
   jitted = jax.jit(step, in_shardings=(state_shardings, frozen_in,
                                        sharding.batch_sharding(mesh), replicated),
-                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+                   out_shardings=(state_shardings, replicated), donate_argnums=(0,),
+                   compiler_options=compiler_options)
 
   def run(state, frozen, batch, rng):
     with jax.set_mesh(mesh):

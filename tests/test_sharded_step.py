@@ -7,7 +7,7 @@ import pytest
 
 import flava_jax
 from configs import flava as flava_configs
-from flava_jax import experiment, sharding, train
+from flava_jax import experiment, run_once, sharding, train
 from flava_jax.data.masking import IGNORE_INDEX
 from flava_jax.losses.flava import BATCH_KEYS
 from tests.trees import assert_metrics_close, assert_trees_close, matched_leaves
@@ -79,7 +79,8 @@ def test_the_whole_train_step_matches_one_device_on_every_mesh(setup, kind):
   def one_step(exp):
     state = jax.device_put(initial, exp.state_shardings)
     step = train.make_train_step(exp.task, kind, exp.tx, exp.mesh, exp.rules,
-                                 exp.state_shardings, local_batch, keep=exp.keep_groups(kind))
+                                 exp.state_shardings, local_batch, keep=exp.keep_groups(kind),
+                                 compiler_options=run_once.compiler_options())
     frozen = jax.device_put(dvae_params, sharding.replicated(exp.mesh))
     old_scale = state.params["logit_scale"]
     new, metrics = step(state, frozen, jax.device_put(batch, sharding.batch_sharding(exp.mesh)),

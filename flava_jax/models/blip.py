@@ -44,6 +44,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flava_jax import run_once
 from flava_jax.models.config import ComputeConfig, EncoderConfig, ImageConfig, compute_of
 from flava_jax.models.image import ImageEmbeddings
 from flava_jax.models.transformer import (
@@ -349,7 +350,7 @@ class Blip:
     return self.prune(variables["params"])
 
   def init_params(self, rng: Array) -> Any:
-    return nn.meta.unbox(jax.jit(self._init_boxed)(rng))
+    return nn.meta.unbox(run_once.jit(self._init_boxed)(rng))
 
   def logical_axes(self) -> Any:
     return nn.get_partition_spec(jax.eval_shape(self._init_boxed, jax.random.key(0)))

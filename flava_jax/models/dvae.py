@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flava_jax import run_once
 from flava_jax.models.config import DVAEConfig
 from flava_jax.models.transformer import dtype_of
 
@@ -160,5 +161,5 @@ class DVAE(nn.Module):
 
 def init_dvae_params(model: DVAE, rng: Array, image_size: int = 32, boxed: bool = False):
   pixels = jnp.zeros((1, image_size, image_size, model.config.input_channels), jnp.float32)
-  params = jax.jit(model.init)(rng, pixels)["params"]
+  params = run_once.jit(model.init)(rng, pixels)["params"]
   return params if boxed else nn.meta.unbox(params)

@@ -19,6 +19,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from flava_jax import run_once
 from flava_jax.models.config import FlavaConfig
 from flava_jax.models.heads import ITMHead, MaskedPredictionHead, take_positions
 from flava_jax.models.image import EncoderOutput, ImageEncoder
@@ -238,7 +239,7 @@ def dummy_inputs(config: FlavaConfig, batch_size: int = 1, text_length: int = 8
 
 def init_params(model: FlavaModel, rng: Array, boxed: bool = False) -> Any:
   """Random parameters. boxed=True keeps flax's logical-partitioning metadata on each leaf."""
-  init = jax.jit(functools.partial(model.init, method=FlavaModel.initialize))
+  init = run_once.jit(functools.partial(model.init, method=FlavaModel.initialize))
   params = init(rng, **dummy_inputs(model.config))["params"]
   return params if boxed else nn.meta.unbox(params)
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flava_jax import flops
+from flava_jax import flops, run_once
 from flava_jax.data import pipeline, transforms
 from flava_jax.losses import contrastive
 from flava_jax.models.config import FlavaConfig
@@ -85,7 +85,7 @@ class ContrastiveTowers:
     raise NotImplementedError
 
   def init_params(self, rng: Array) -> Any:
-    return nn.meta.unbox(jax.jit(self._init)(rng))
+    return nn.meta.unbox(run_once.jit(self._init)(rng))
 
   def logical_axes(self) -> Any:
     return nn.get_partition_spec(jax.eval_shape(self._init, jax.random.key(0)))

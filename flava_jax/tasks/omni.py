@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flava_jax import flops, warm_start
+from flava_jax import flops, run_once, warm_start
 from flava_jax.data import pipeline
 from flava_jax.losses import masked, omni as omni_losses
 from flava_jax.losses.blip import take_rows
@@ -183,7 +183,7 @@ class OmniTask(Task):
                            jnp.ones((1, self.samples), jnp.int32))["params"]
 
   def init_params(self, rng: Array) -> Any:
-    return nn.meta.unbox(jax.jit(self._init)(rng))
+    return nn.meta.unbox(run_once.jit(self._init)(rng))
 
   def logical_axes(self) -> Any:
     return nn.get_partition_spec(jax.eval_shape(self._init, jax.random.key(0)))

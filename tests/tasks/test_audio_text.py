@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import audio_text as audio_configs
-from flava_jax import experiment, sharding, train
+from flava_jax import experiment, run_once, sharding, train
 from tests.trees import assert_metrics_close, assert_trees_close, matched_leaves
 
 BATCH = 16
@@ -35,7 +35,8 @@ def test_the_train_step_matches_one_device_on_meshes():
     state = jax.device_put(initial, exp.state_shardings)
     step = train.make_train_step(exp.task, "audio", exp.tx, exp.mesh, exp.rules,
                                  exp.state_shardings, BATCH // exp.data_parallel,
-                                 keep=exp.keep_groups("audio"))
+                                 keep=exp.keep_groups("audio"),
+                                 compiler_options=run_once.compiler_options())
     new, metrics = step(state, None, jax.device_put(batch, sharding.batch_sharding(exp.mesh)),
                         jax.random.key(3))
     for path, leaf, want in matched_leaves(new, exp.state_shardings):

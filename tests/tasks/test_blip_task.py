@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import blip as blip_configs
-from flava_jax import experiment, sharding, train
+from flava_jax import experiment, run_once, sharding, train
 from flava_jax.data import transforms
 from flava_jax.losses import blip as blip_losses
 from flava_jax.models.blip import with_first_token
@@ -76,7 +76,7 @@ def test_whole_step_with_global_negatives_matches_one_device_on_every_mesh(one_d
 
   def two_steps(exp):
     state = jax.device_put(initial, exp.state_shardings)
-    step = exp.train_step("paired")
+    step = exp.train_step("paired", compiler_options=run_once.compiler_options())
     metrics = []
     for i, batch in enumerate(batches):
       state, m = step(state, exp.frozen(), jax.device_put(batch, sharding.batch_sharding(exp.mesh)),

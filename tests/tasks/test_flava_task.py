@@ -1,4 +1,5 @@
-"""FLAVA on the Task seam: the losses of a fixed batch are bit-identical to the pre-seam code's,
+"""FLAVA on the Task seam: the losses of a fixed batch equal the pre-seam code's (to a few float32
+ulps: the last bits depend on the CPU's vector units),
 a step leaves the parameter groups its loss does not reach untouched (PyTorch AdamW's rule for
 parameters without a gradient), and GradCache accumulation equals the whole batch."""
 
@@ -9,7 +10,7 @@ import pytest
 
 from configs import clip as clip_configs
 from configs import flava as flava_configs
-from flava_jax import experiment, sharding, train
+from flava_jax import experiment, run_once, sharding, train
 from flava_jax.models.dvae import init_dvae_params
 from flava_jax.tasks import StepContext
 from tests.trees import assert_trees_close, assert_trees_equal
@@ -43,7 +44,7 @@ def _tiny(**changes):
 
 
 @pytest.mark.parametrize("kind", ["paired", "image", "text"])
-def test_losses_are_bit_identical_to_the_pre_seam_code(kind):
+def test_losses_equal_the_pre_seam_code(kind):
   run, task = experiment.parse(_tiny(**{"loss.itm_negative_rate": 0.5}))
   params = task.init_params(jax.random.key(0))
   dvae = init_dvae_params(task.dvae, jax.random.key(1), image_size=32)
@@ -51,9 +52,12 @@ def test_losses_are_bit_identical_to_the_pre_seam_code(kind):
   ctx = StepContext(mesh=None, local_batch=8)
   out = jax.jit(lambda p, f, b, r: task.loss(kind, p, {}, f, b, r, ctx))(
       params, dvae, batch, jax.random.key(7))
-  got = {"loss": np.float32(out.loss).item().hex()}
-  got.update({k: np.float32(v).item().hex() for k, v in out.metrics.items()})
-  assert got == PINNED[kind]
+  got = {"loss": float(out.loss), **{k: float(v) for k, v in out.metrics.items()}}
+  assert set(got) == set(PINNED[kind])
+  # Bit-identical where pinned (commit dbdca30's machine); another CPU's vector units round the
+  # last bit or two of a reduction differently (1 ulp of the contrastive loss on some CI hosts).
+  for name, pinned in PINNED[kind].items():
+    np.testing.assert_allclose(got[name], float.fromhex(pinned), rtol=1e-6, atol=0, err_msg=name)
   del run
 
 
@@ -69,9 +73,12 @@ def test_a_text_step_leaves_the_image_encoder_and_its_adam_state_untouched():
   frozen = exp.frozen()
   rng = jax.random.key(0)
   # One paired step first, so that every group has non-zero moments and an Adam count of 1.
-  state, _ = exp.train_step("paired")(state, frozen, exp.random_batch("paired", 32), rng)
+  once = run_once.compiler_options()
+  state, _ = exp.train_step("paired", compiler_options=once)(
+      state, frozen, exp.random_batch("paired", 32), rng)
   before = jax.device_get(state)
-  state, metrics = exp.train_step("text")(state, frozen, exp.random_batch("text", 32, 1), rng)
+  state, metrics = exp.train_step("text", compiler_options=once)(
+      state, frozen, exp.random_batch("text", 32, 1), rng)
   after = jax.device_get(state)
   assert np.isfinite(float(metrics["loss"]))
   for group in ("image_encoder", "mim_head", "multimodal_encoder", "itm_head", "logit_scale"):
@@ -97,7 +104,7 @@ def test_the_declared_groups_are_exactly_those_with_a_gradient():
   ctx = StepContext(mesh=None, local_batch=8)
   for kind in task.kinds:
     batch = task.random_batch(kind, 8, seed=2)
-    grads = jax.jit(jax.grad(  # compiled: much faster than op by op
+    grads = run_once.jit(jax.grad(  # compiled: much faster than op by op
         lambda p: task.loss(kind, p, {}, dvae, batch, jax.random.key(3), ctx).loss))(params)
     reached = {g for g, tree in grads.items()
                if any(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(tree))}
@@ -129,8 +136,8 @@ def _gradcache_check(config, kind, mesh_shape, accum=4, rows=32):
     return (loss, metrics), grads
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(list(exp.rules)):
-    (loss, metrics), grads = jax.jit(jax.value_and_grad(whole, has_aux=True))(params)
-    (c_loss, c_metrics), c_grads = jax.jit(cached)(params)
+    (loss, metrics), grads = run_once.jit(jax.value_and_grad(whole, has_aux=True))(params)
+    (c_loss, c_metrics), c_grads = run_once.jit(cached)(params)
   assert float(c_loss) == pytest.approx(float(loss), rel=1e-5, abs=1e-6)
   for name in ("global_contrastive", "itm", "mmm_image", "mmm_text", "contrastive"):
     if name in metrics:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import omni as omni_configs
-from flava_jax import experiment, sharding, train
+from flava_jax import experiment, run_once, sharding, train
 from flava_jax.tasks.base import StepContext
 from tests.trees import (assert_metrics_close, assert_trees_close, assert_trees_equal,
                          matched_leaves)
@@ -49,7 +49,8 @@ def test_the_train_step_matches_one_device_on_meshes():
     state = jax.device_put(initial, exp.state_shardings)
     step = train.make_train_step(exp.task, "trimodal", exp.tx, exp.mesh, exp.rules,
                                  exp.state_shardings, LOCAL_BATCH,
-                                 keep=exp.keep_groups("trimodal"))
+                                 keep=exp.keep_groups("trimodal"),
+                                 compiler_options=run_once.compiler_options())
     new, metrics = step(state, frozen,
                         jax.device_put(batch, sharding.batch_sharding(exp.mesh)),
                         jax.random.key(3))
