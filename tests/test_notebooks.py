@@ -13,6 +13,8 @@ import nbclient
 import nbformat
 import pytest
 
+from flava_jax import run_once
+
 NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
 # Notebook -> the least number of figures (PNG outputs) it draws.
 FIGURES = {"quickstart.ipynb": 3, "dvae_and_masking.ipynb": 4, "data_mixture.ipynb": 3,
@@ -43,8 +45,8 @@ def kernel_env(tmp_path_factory):
   LLVM optimisation: the notebooks compile far more than they run, and this takes another fifth
   off); one XLA compilation cache for the module (the FLAVA train steps quickstart compiles are
   read back by data_mixture)."""
-  return dict(SMALL, XLA_FLAGS="--xla_backend_optimization_level=0 "
-                               "--xla_llvm_disable_expensive_passes=true",
+  return dict(SMALL, XLA_FLAGS=" ".join(f"--{name}={str(value).lower()}"
+                                       for name, value in run_once.CPU_OPTIONS.items()),
               JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("notebook_xla")),
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
 
