@@ -1,5 +1,6 @@
-"""On 8 fake CPU devices, every mesh gives the single-device train step (loss, metrics, updated
-parameters and Adam state, output shardings); the train step runs sharded with donated state."""
+"""On 8 fake CPU devices, every mesh gives the single-device train step (paired batches: loss,
+metrics, updated parameters and Adam state, output shardings) and the single-device loss and
+gradients (image-only and text-only batches); the train step runs sharded with donated state."""
 
 import jax
 import numpy as np
@@ -67,11 +68,11 @@ def make_batch(kind, seed=0):
 
 
 
-@pytest.mark.parametrize("kind", ["paired", "image", "text"])
-def test_the_whole_train_step_matches_one_device_on_every_mesh(setup, kind):
+def test_the_whole_train_step_matches_one_device_on_every_mesh(setup):
   """Loss, metrics, updated parameters and Adam state after one donated step equal the
   single-device step's; the outputs keep the state's shardings."""
   exp1, initial, dvae_params, _ = setup
+  kind = "paired"
   batch = make_batch(kind)
   rng = jax.random.key(3)
   local_batch = 2  # the smallest per-shard batch among the meshes; ITM negatives depend on it
@@ -92,18 +93,47 @@ def test_the_whole_train_step_matches_one_device_on_every_mesh(setup, kind):
 
   ref_state, ref_metrics = one_step(exp1)
   assert np.isfinite(float(ref_metrics["loss"]))
-  if kind == "paired":
-    assert 0 < float(ref_metrics["itm_negative_fraction"]) < 1
+  assert 0 < float(ref_metrics["itm_negative_fraction"]) < 1
   for sizes in MESHES:
     exp = tiny_experiment(sizes)
-    if kind == "paired":
-      # Same negatives on every mesh: 2-row groups fit inside every mesh's shards.
-      assert BATCH // exp.data_parallel % local_batch == 0
+    # Same negatives on every mesh: 2-row groups fit inside every mesh's shards.
+    assert BATCH // exp.data_parallel % local_batch == 0
     state, metrics = one_step(exp)
     assert_metrics_close(metrics, ref_metrics, sizes)
     assert int(state.step) == int(ref_state.step) == 1
     assert_trees_close(state.params, ref_state.params, atol=1e-5, rtol=1e-5)
     assert_trees_close(state.opt_state, ref_state.opt_state, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["image", "text"])
+def test_unimodal_losses_and_gradients_match_one_device_on_every_mesh(setup, kind):
+  """The image-only and text-only batches' loss, metrics and gradients (the optimizer's update on
+  meshes is the paired test's) equal the single-device figures; the gradients keep the
+  parameters' shardings, and the tower a kind does not use gets none."""
+  exp1, initial, dvae_params, _ = setup
+  batch = make_batch(kind)
+
+  def loss_and_grads(exp):
+    step = train.make_grad_step(exp.task, kind, exp.mesh, exp.rules, exp.state_shardings, 2,
+                                compiler_options=run_once.compiler_options())
+    metrics, grads = step(jax.device_put(initial, exp.state_shardings),
+                          jax.device_put(dvae_params, sharding.replicated(exp.mesh)),
+                          jax.device_put(batch, sharding.batch_sharding(exp.mesh)),
+                          jax.random.key(3))
+    for path, leaf, want in matched_leaves(grads, exp.state_shardings.params):
+      assert leaf.sharding.is_equivalent_to(want, leaf.ndim), path
+    return jax.device_get(metrics), jax.device_get(grads)
+
+  ref_metrics, ref_grads = loss_and_grads(exp1)
+  assert np.isfinite(float(ref_metrics["loss"]))
+  unused = "text_encoder" if kind == "image" else "image_encoder"
+  assert all(np.all(g == 0) for g in jax.tree.leaves(ref_grads[unused]))
+  used = "image_encoder" if kind == "image" else "text_encoder"
+  assert any(np.abs(g).max() > 0 for g in jax.tree.leaves(ref_grads[used]))
+  for sizes in MESHES:
+    metrics, grads = loss_and_grads(tiny_experiment(sizes))
+    assert_metrics_close(metrics, ref_metrics, sizes)
+    assert_trees_close(grads, ref_grads, atol=1e-5, rtol=1e-5)
 
 
 def test_train_step_runs_sharded_and_lowers_the_loss():
