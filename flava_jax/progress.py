@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Mapping
 
@@ -185,6 +186,21 @@ class SkipRates:
     return rates, warnings
 
 
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without PyTorch. tensorboardX imports torch whenever
+  it is installed (seconds of every start, on Colab too) only to accept torch tensors, which
+  this writer never passes; a torch the process already imported is left as it is."""
+  blocked = "torch" not in sys.modules
+  if blocked:
+    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX allows
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  finally:
+    if blocked:
+      del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricWriter:
   """Progress lines on stdout, WORKDIR/metrics.jsonl and TensorBoard events (process 0 only).
 
@@ -203,8 +219,7 @@ class MetricWriter:
       self._open()
       if tensorboard:
         try:
-          from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-          self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+          self._tb = _summary_writer_class()(os.path.join(workdir, "tensorboard"))
         except ImportError:
           logging.warning("tensorboardX is not installed: no TensorBoard events")
 
