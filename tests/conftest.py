@@ -66,11 +66,18 @@ def tiny_hf_dir(tiny_hf_pretraining, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained_workdir(tmp_path_factory):
-  """A training workdir: a few hundred steps of the tiny recipe on the embedded corpus."""
-  from flava_jax import trainer  # pylint: disable=import-outside-toplevel
-  from tests.evals.helpers import tiny_config  # pylint: disable=import-outside-toplevel
+  """A training workdir: a few hundred steps of the tiny recipe on the embedded corpus
+  (tests/evals/trained_config.py), by the binary on 8 CPU devices. It runs far more than it
+  compiles, so its process keeps XLA's optimisation (the session's other programs do without)."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  from tests.processes import child_env  # pylint: disable=import-outside-toplevel
   workdir = str(tmp_path_factory.mktemp("trained_flava"))
-  trainer.train_and_evaluate(tiny_config(), workdir)
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  done = subprocess.run(
+      [sys.executable, "-m", "flava_jax.main", "--config=tests/evals/trained_config.py",
+       f"--workdir={workdir}"], cwd=repo, capture_output=True, text=True, check=False,
+      env=dict(child_env(), XLA_FLAGS="--xla_force_host_platform_device_count=8"), timeout=1800)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   return workdir
 
 
