@@ -11,6 +11,7 @@ from configs import flava as flava_configs
 from flava_jax import experiment, run_once, sharding, train
 from flava_jax.data.masking import IGNORE_INDEX
 from flava_jax.losses.flava import BATCH_KEYS
+from tests import meshes
 from tests.trees import assert_metrics_close, assert_trees_close, matched_leaves
 
 BATCH = 16
@@ -114,15 +115,7 @@ def test_unimodal_losses_and_gradients_match_one_device_on_every_mesh(setup, kin
   batch = make_batch(kind)
 
   def loss_and_grads(exp):
-    step = train.make_grad_step(exp.task, kind, exp.mesh, exp.rules, exp.state_shardings, 2,
-                                compiler_options=run_once.compiler_options())
-    metrics, grads = step(jax.device_put(initial, exp.state_shardings),
-                          jax.device_put(dvae_params, sharding.replicated(exp.mesh)),
-                          jax.device_put(batch, sharding.batch_sharding(exp.mesh)),
-                          jax.random.key(3))
-    for path, leaf, want in matched_leaves(grads, exp.state_shardings.params):
-      assert leaf.sharding.is_equivalent_to(want, leaf.ndim), path
-    return jax.device_get(metrics), jax.device_get(grads)
+    return meshes.loss_and_grads(exp, kind, initial, dvae_params, batch, 2, jax.random.key(3))
 
   ref_metrics, ref_grads = loss_and_grads(exp1)
   assert np.isfinite(float(ref_metrics["loss"]))

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from configs import audio_text as audio_configs
-from flava_jax import experiment, run_once, sharding, train
-from tests.trees import assert_metrics_close, assert_trees_close, matched_leaves
+from flava_jax import experiment
+from tests import meshes
+from tests.trees import assert_metrics_close, assert_trees_close
 
 BATCH = 16
 SAMPLES = 6400  # 0.4 s: ten frames of the tiny encoder
@@ -32,15 +33,8 @@ def test_the_loss_and_gradients_match_one_device_on_meshes():
   assert batch["audio_mask"].sum(1).min() < SAMPLES  # padded rows
 
   def loss_and_grads(exp):
-    step = train.make_grad_step(exp.task, "audio", exp.mesh, exp.rules, exp.state_shardings,
-                                BATCH // exp.data_parallel,
-                                compiler_options=run_once.compiler_options())
-    metrics, grads = step(jax.device_put(initial, exp.state_shardings), None,
-                          jax.device_put(batch, sharding.batch_sharding(exp.mesh)),
-                          jax.random.key(3))
-    for path, leaf, want in matched_leaves(grads, exp.state_shardings.params):
-      assert leaf.sharding.is_equivalent_to(want, leaf.ndim), path
-    return jax.device_get(metrics), jax.device_get(grads)
+    return meshes.loss_and_grads(exp, "audio", initial, None, batch, BATCH // exp.data_parallel,
+                                 jax.random.key(3))
 
   ref_metrics, ref_grads = loss_and_grads(exp1)
   assert abs(float(ref_metrics["contrastive"]) - np.log(BATCH)) < 0.5  # near chance at init

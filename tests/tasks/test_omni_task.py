@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from configs import omni as omni_configs
-from flava_jax import experiment, run_once, sharding, train
+from flava_jax import experiment
 from flava_jax.tasks.base import StepContext
-from tests.trees import (assert_metrics_close, assert_trees_close, assert_trees_equal,
-                         matched_leaves)
+from tests import meshes
+from tests.trees import assert_metrics_close, assert_trees_close, assert_trees_equal
 
 BATCH = 24
 LOCAL_BATCH = 3  # the smallest shard among the meshes: the match task's replacements use it
@@ -46,14 +46,8 @@ def test_the_loss_and_gradients_match_one_device_on_meshes():
   assert not batch["present"].all() and batch["audio_mask"].sum(1).min() < SAMPLES
 
   def loss_and_grads(exp):
-    step = train.make_grad_step(exp.task, "trimodal", exp.mesh, exp.rules, exp.state_shardings,
-                                LOCAL_BATCH, compiler_options=run_once.compiler_options())
-    metrics, grads = step(jax.device_put(initial, exp.state_shardings), frozen,
-                          jax.device_put(batch, sharding.batch_sharding(exp.mesh)),
-                          jax.random.key(3))
-    for path, leaf, want in matched_leaves(grads, exp.state_shardings.params):
-      assert leaf.sharding.is_equivalent_to(want, leaf.ndim), path
-    return jax.device_get(metrics), jax.device_get(grads)
+    return meshes.loss_and_grads(exp, "trimodal", initial, frozen, batch, LOCAL_BATCH,
+                                 jax.random.key(3))
 
   ref_metrics, ref_grads = loss_and_grads(exp1)
   for name in ("mlm", "mvm_class", "dtr", "dir", "match", "mam_contrastive", "mvm_regression",
