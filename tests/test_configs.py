@@ -121,6 +121,10 @@ def test_model_runs_sharded_by_the_config_rules():
   assert_trees_close(got, expected, atol=1e-5)
 
 
+# XLA's defaults for the CPU backend's LLVM optimisation.
+OPTIMISED = {"xla_backend_optimization_level": 3, "xla_llvm_disable_expensive_passes": False}
+
+
 @pytest.fixture(scope="module")
 def compile_options_case():
   # A loop over layers (the full config's form; tiny itself is unrolled) against the options.
@@ -136,7 +140,9 @@ def compile_options_case():
     def f(p):
       out = model.apply({"params": p}, pixels, ids, jnp.ones_like(ids))
       return jnp.sum(out.mmm_text_logits ** 2) + jnp.sum(out.image_embedding * out.text_embedding)
-    return jax.jit(jax.value_and_grad(f))(params)
+    # XLA's optimised CPU backend, as runs compile (conftest turns LLVM's optimisation off for
+    # the session): without it the recomputed forward of a remat policy rounds differently.
+    return jax.jit(jax.value_and_grad(f), compiler_options=OPTIMISED)(params)
 
   return base, loss, loss(base)
 
