@@ -455,8 +455,14 @@ def _loss_and_grads(task: Task, kind: str, mesh: Mesh, rules: sharding.Rules,
   return fn
 
 
-def _jit_on_mesh(fn: Callable, mesh: Mesh, in_shardings, out_shardings, donate_argnums=(),
-                 compiler_options: dict[str, Any] | None = None):
+def _jit_on_mesh(fn: Callable, mesh: Mesh, state_shardings, frozen_shardings, out_shardings,
+                 donate_argnums=(), compiler_options: dict[str, Any] | None = None):
+  """fn(state, frozen, batch, rng) jitted with its inputs' shardings (frozen parameters
+  replicated unless given, the batch split over the data axes, the key replicated) and run
+  under the mesh."""
+  replicated = sharding.replicated(mesh)
+  in_shardings = (state_shardings, replicated if frozen_shardings is None else frozen_shardings,
+                  sharding.batch_sharding(mesh), replicated)
   jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
                    donate_argnums=donate_argnums, compiler_options=compiler_options)
 
@@ -488,11 +494,8 @@ def make_train_step(task: Task, kind: str, tx: optax.GradientTransformation, mes
       return apply_gradients(tx, state, grads, dict(metrics, loss=loss), keep, task,
                              extra_update)
 
-  replicated = sharding.replicated(mesh)
-  frozen_in = replicated if frozen_shardings is None else frozen_shardings
-  return _jit_on_mesh(step, mesh, (state_shardings, frozen_in, sharding.batch_sharding(mesh),
-                                   replicated), (state_shardings, replicated), (0,),
-                      compiler_options)
+  return _jit_on_mesh(step, mesh, state_shardings, frozen_shardings,
+                      (state_shardings, sharding.replicated(mesh)), (0,), compiler_options)
 
 
 def make_grad_step(task: Task, kind: str, mesh: Mesh, rules: sharding.Rules,
@@ -510,8 +513,5 @@ def make_grad_step(task: Task, kind: str, mesh: Mesh, rules: sharding.Rules,
     (loss, (metrics, _)), grads = loss_and_grads(state, frozen, batch, rng)
     return dict(metrics, loss=loss), grads
 
-  replicated = sharding.replicated(mesh)
-  frozen_in = replicated if frozen_shardings is None else frozen_shardings
-  return _jit_on_mesh(grads_of, mesh, (state_shardings, frozen_in, sharding.batch_sharding(mesh),
-                                       replicated), (replicated, state_shardings.params), (),
-                      compiler_options)
+  return _jit_on_mesh(grads_of, mesh, state_shardings, frozen_shardings,
+                      (sharding.replicated(mesh), state_shardings.params), (), compiler_options)

@@ -4,27 +4,32 @@ import os
 import sys
 import tempfile
 
-# The CPU backend compiles without LLVM's optimisation (flava_jax/run_once.py): the tests compile
-# far more than they run (most run a step or a few), and every test and the binaries they start
-# (which inherit XLA_FLAGS) compile faster. Figures are within float32 rounding of an optimised
-# build's; bit-exact checks compare runs made under the same flags.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
-                      "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# The embedded corpus is built once per test session (about 10 s), away from the user's cache.
+# The embedded corpus is built once per test session (about 10 s), away from the user's cache;
+# compiled programs are cached for the session: tests that build the same step (the trainer's
+# resume test runs the same training three times) compile it once. Both are environment
+# variables, set before pytest-xdist starts its workers: the workers and the binaries the tests
+# start share them (a corpus build is atomic; so is a cache entry's write).
 os.environ.setdefault("FLAVA_JAX_CACHE", tempfile.mkdtemp(prefix="flava_jax_test_cache."))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="flava_jax_test_xla."))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
+from tests.processes import xla_flags  # noqa: E402
+
+# 8 fake CPU devices, and a CPU backend that compiles without LLVM's optimisation
+# (flava_jax/run_once.py): the tests compile far more than they run (most run a step or a few),
+# and every test and the binaries they start (which inherit XLA_FLAGS) compile faster. Figures
+# are within float32 rounding of an optimised build's; bit-exact checks compare runs made under
+# the same flags. XLA reads the flags when the first device is asked for, after this.
+os.environ.setdefault("XLA_FLAGS", xla_flags())
+
 jax.config.update("jax_default_matmul_precision", "highest")
-# Compiled programs are cached for the session: tests that build the same step (the trainer's
-# resume test runs the same training three times) compile it once.
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="flava_jax_test_xla."))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 import pytest  # noqa: E402
 
@@ -76,7 +81,7 @@ def trained_workdir(tmp_path_factory):
   done = subprocess.run(
       [sys.executable, "-m", "flava_jax.main", "--config=tests/evals/trained_config.py",
        f"--workdir={workdir}"], cwd=repo, capture_output=True, text=True, check=False,
-      env=dict(child_env(), XLA_FLAGS="--xla_force_host_platform_device_count=8"), timeout=1800)
+      env=child_env(optimised=True), timeout=1800)
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   return workdir
 
@@ -107,3 +112,17 @@ def ctx():
   assert mesh.size == 8
   return evaluate.make_context(experiment.parse(config)[1], mesh,
                                sharding.rules_from_config(config.sharding.rules), "")
+
+
+# --- pytest-xdist: which tests share a worker ----------------------------------------------
+
+
+def pytest_collection_modifyitems(items):
+  """The suite runs on two workers (pyproject.toml: `-n 2 --dist loadgroup`): each file's tests
+  run on one worker, so that a module's fixtures (a two-process training job, the executed
+  notebooks) are built once; and every test of the session's trained workdir shares a worker
+  with the others, so that it is trained once."""
+  for item in items:
+    group = ("trained_workdir" if "trained_workdir" in item.fixturenames
+             else item.nodeid.split("::")[0])
+    item.add_marker(pytest.mark.xdist_group(group))

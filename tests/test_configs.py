@@ -9,6 +9,7 @@ import pytest
 
 import flava_jax
 from configs import flava as flava_configs
+from flava_jax import run_once
 from flava_jax.models.dvae import init_dvae_params
 from tests.flag_parsing import parse_config_flags
 from tests.trees import assert_trees_close, matched_leaves
@@ -121,10 +122,6 @@ def test_model_runs_sharded_by_the_config_rules():
   assert_trees_close(got, expected, atol=1e-5)
 
 
-# XLA's defaults for the CPU backend's LLVM optimisation.
-OPTIMISED = {"xla_backend_optimization_level": 3, "xla_llvm_disable_expensive_passes": False}
-
-
 @pytest.fixture(scope="module")
 def compile_options_case():
   # A loop over layers (the full config's form; tiny itself is unrolled) against the options.
@@ -142,7 +139,7 @@ def compile_options_case():
       return jnp.sum(out.mmm_text_logits ** 2) + jnp.sum(out.image_embedding * out.text_embedding)
     # XLA's optimised CPU backend, as runs compile (conftest turns LLVM's optimisation off for
     # the session): without it the recomputed forward of a remat policy rounds differently.
-    return jax.jit(jax.value_and_grad(f), compiler_options=OPTIMISED)(params)
+    return jax.jit(jax.value_and_grad(f), compiler_options=run_once.OPTIMISED_CPU_OPTIONS)(params)
 
   return base, loss, loss(base)
 

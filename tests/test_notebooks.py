@@ -45,8 +45,7 @@ def kernel_env(tmp_path_factory):
   LLVM optimisation: the notebooks compile far more than they run, and this takes another fifth
   off); one XLA compilation cache for the module (the FLAVA train steps quickstart compiles are
   read back by data_mixture)."""
-  return dict(SMALL, XLA_FLAGS=" ".join(f"--{name}={str(value).lower()}"
-                                       for name, value in run_once.CPU_OPTIONS.items()),
+  return dict(SMALL, XLA_FLAGS=run_once.xla_flags(run_once.CPU_OPTIONS),
               JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("notebook_xla")),
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
 

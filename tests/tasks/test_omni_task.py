@@ -154,8 +154,7 @@ def test_sigkill_through_the_binary_then_restart_is_exact(tmp_path):
   # All three runs are the binary on one CPU device: exactness after a kill does not depend on
   # the mesh (the mesh test above covers that), and one device compiles and runs the step in a
   # fraction of 8 fake devices' time.
-  env = dict(child_env(), XLA_FLAGS=os.environ["XLA_FLAGS"].replace(
-      "--xla_force_host_platform_device_count=8", "--xla_force_host_platform_device_count=1"))
+  env = child_env(devices=1)
   command = lambda workdir: [sys.executable, "-m", "flava_jax.main", f"--config={config_file}",
                              f"--workdir={workdir}"]
   done = subprocess.run(command(str(tmp_path / "uninterrupted")), cwd=REPO, env=env,

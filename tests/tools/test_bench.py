@@ -14,6 +14,7 @@ from configs import flava as flava_configs
 from flava_jax import experiment
 from flava_jax.tasks import flava_batches as random_batches
 from flava_jax.tools import bench
+from tests.processes import child_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -71,8 +72,7 @@ def test_largest_batch_fits_the_limit_and_one_unit_more_does_not(tiny_bench):
 
 def test_bench_binary_with_the_transformers_peer(tmp_path):
   out = tmp_path / "bench.json"
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = child_env(devices=2)
   proc = subprocess.run(
       [sys.executable, "-m", "flava_jax.tools.bench", "--batch=4", "--kinds=paired",
        "--steps=2", "--warmup=1", "--peer=transformers", "--peer_modes=eager",
