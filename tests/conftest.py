@@ -1,6 +1,7 @@
 """Test set-up: 8 fake CPU devices, float32 matmuls, and tiny transformers reference models."""
 
 import os
+import shutil
 import sys
 import tempfile
 
@@ -12,9 +13,17 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # compiled programs are cached for the session: tests that build the same step (the trainer's
 # resume test runs the same training three times) compile it once. Both are environment
 # variables, set before pytest-xdist starts its workers: the workers and the binaries the tests
-# start share them (a corpus build is atomic; so is a cache entry's write).
-os.environ.setdefault("FLAVA_JAX_CACHE", tempfile.mkdtemp(prefix="flava_jax_test_cache."))
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="flava_jax_test_xla."))
+# start share them. A corpus build is atomic. A compilation cache entry is written in place, so
+# the cache gets a size limit: with one, JAX reads and writes entries under a file lock (without
+# it, a worker aborted in XLA running a program the other worker may have been writing to the
+# cache; `filelock` comes with transformers).
+_MADE = []  # the folders made here (by the first process, before any worker): removed at the end
+for _name, _prefix in (("FLAVA_JAX_CACHE", "flava_jax_test_cache."),
+                       ("JAX_COMPILATION_CACHE_DIR", "flava_jax_test_xla.")):
+  if _name not in os.environ:
+    os.environ[_name] = tempfile.mkdtemp(prefix=_prefix)
+    _MADE.append(os.environ[_name])
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 << 30))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -126,3 +135,9 @@ def pytest_collection_modifyitems(items):
     group = ("trained_workdir" if "trained_workdir" in item.fixturenames
              else item.nodeid.split("::")[0])
     item.add_marker(pytest.mark.xdist_group(group))
+
+
+def pytest_unconfigure(config):
+  del config
+  for path in _MADE:
+    shutil.rmtree(path, ignore_errors=True)
