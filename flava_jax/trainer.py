@@ -21,6 +21,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -361,7 +362,8 @@ def _train(run: Run, manager: ocp.CheckpointManager, writer: progress.MetricWrit
   config, data, stop = run.config, run.data, run.session.stop
   total = config.total_steps
   stop_at = total if stop_after is None else min(first + stop_after, total)
-  peak = flops.peak_flops_per_device(jax.devices()[0])
+  peak = flops.peak_flops_per_device(run.mesh.devices.flat[0])
+  devices = run.mesh.size
   step_rng = jax.random.fold_in(run.rng, 2)
   clock = progress.StepClock()
   schedule = jax.jit(run.schedule)  # one compile, not one per jnp op of the schedule
@@ -404,9 +406,9 @@ def _train(run: Run, manager: ocp.CheckpointManager, writer: progress.MetricWrit
       out.update(examples_per_s=config.global_batch * n / seconds,
                  step_seconds=seconds / n,
                  learning_rate=float(schedule(step - 1)),
-                 tflops_per_device=interval["flops"] / seconds / jax.device_count() / 1e12)
+                 tflops_per_device=interval["flops"] / seconds / devices / 1e12)
       if peak:
-        out["mfu"] = interval["flops"] / seconds / jax.device_count() / peak
+        out["mfu"] = interval["flops"] / seconds / devices / peak
       skipped = multihost.sum_counts(data.skipped)  # the job's totals
       out.update({f"skipped/{k}": v for k, v in skipped.items()})
       rates, warnings = skips.take(skipped, multihost.sum_counts(data.batches))
@@ -591,15 +593,17 @@ def final_evaluations(evaluations: Evaluations, workdir: str, step: int, params:
   return results, ""
 
 
-def train_and_evaluate(config: Any, workdir: str, stop_after: int | None = None
-                       ) -> dict[str, Any]:
+def train_and_evaluate(config: Any, workdir: str, stop_after: int | None = None,
+                       devices: Sequence[Any] | None = None) -> dict[str, Any]:
   """Trains for config.total_steps (resuming from workdir), then evaluates; returns metrics.
 
   stop_after: save a checkpoint and return after this many steps of this call (as a preempted
   run does); a later call with the same workdir carries on. A stopped run returns
-  {"stopped_at": step, "state": ...}.
+  {"stopped_at": step, "state": ...}. devices: the devices of the mesh (default all; a
+  process that trains on some of its devices, as a test does on one).
   """
-  exp = experiment.Experiment(config)  # every start-up check, before the workdir is touched
+  # Every start-up check, before the workdir is touched.
+  exp = experiment.Experiment(config, devices)
   settings, task = exp.run, exp.task
   with Session(config, workdir) as session:
     workdir = session.workdir
@@ -620,7 +624,7 @@ def train_and_evaluate(config: Any, workdir: str, stop_after: int | None = None
           for field, name in task.FROZEN_STARTS.items()) if frozen is not None else ""
       print(f"{task.describe(state.params)} {settings.variant}: "
             f"{num_parameters(state.params):,} parameters; mesh {dict(mesh.shape)} on "
-            f"{jax.device_count()} {jax.devices()[0].platform} device(s)"
+            f"{mesh.size} {mesh.devices.flat[0].platform} device(s)"
             + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else "")
             + f"; corpora {data.kinds}; "
             f"global batch {settings.global_batch}"

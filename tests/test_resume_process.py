@@ -12,7 +12,6 @@ import sys
 
 import pytest
 
-from configs import flava, mlm
 from flava_jax import trainer, warm_start
 from tests.processes import child_env
 from tests.trees import assert_trees_equal
@@ -29,16 +28,23 @@ MIXED = {"global_batch": 16, "total_steps": MIXED_STEPS, "log_every_steps": 1,
          "checkpoint.every_steps": 2, "optimizer.warmup_steps": 2, "data.worker_count": 2}
 
 
+# The binaries run on one CPU device, as does the uninterrupted reference in this process:
+# whether a resumed run is exact does not depend on the mesh (the sharded-step tests compare
+# meshes), and one device compiles the step in a fraction of 8 fake devices' time.
+DEVICES = 1
+
+
 def _env():
-  return child_env()
+  return child_env(devices=DEVICES)
 
 
 def _command(workdir, extra=(), config="mlm.py", overrides=None):
   flags = [f"--config.{k}={v}" for k, v in (overrides or OVERRIDES).items()]
   # Mostly the MLM stage config: one batch kind (one compile per process); the mixed config
   # (three kinds) has one test of its own.
-  return [sys.executable, "-m", "flava_jax.main", f"--config={REPO}/configs/{config}",
-          f"--workdir={workdir}", *flags, *extra]
+  path = config if os.path.isabs(config) else f"{REPO}/configs/{config}"
+  return [sys.executable, "-m", "flava_jax.main", f"--config={path}", f"--workdir={workdir}",
+          *flags, *extra]
 
 
 def _start(workdir, extra=(), config="mlm.py", overrides=None, **kwargs):
@@ -84,29 +90,43 @@ def _resumed_from(out):
   return int(resumed[0].split()[3])
 
 
+# `configs/NAME.py` without its evaluations, for the uninterrupted runs (the evaluations at the
+# end change no parameter).
+NO_EVALS = """
+import sys
+sys.path.insert(0, {repo!r})
+from configs import {module}
+
+
+def get_config(arg=None):
+  config = {module}.get_config(arg or "tiny")
+  config.evals = {{}}
+  return config
+"""
+
+
 def _uninterrupted(config, overrides, workdir):
-  """The final parameters of a run of `config` with `overrides`, uninterrupted, in this process."""
-  for key, value in overrides.items():
-    node = config
-    *path, last = key.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = value
-  trainer.train_and_evaluate(config, workdir)
+  """The final parameters of the binary's run of `configs/{config}` with `overrides`, without
+  its evaluations, uninterrupted. (The binary, not this process: a process with one CPU device
+  and one with 8 that trains on one of them do not round alike.)"""
+  config_file = os.path.join(os.path.dirname(workdir), f"no_evals_{config}")
+  with open(config_file, "w", encoding="utf-8") as f:
+    f.write(NO_EVALS.format(repo=REPO, module=config.removesuffix(".py")))
+  done = subprocess.run(_command(workdir, (), config_file, overrides), cwd=REPO, env=_env(), capture_output=True, text=True,
+                        check=False)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  assert "on 1 cpu device(s)" in done.stdout, done.stdout[:2000]
   return warm_start.read_workdir_params(workdir, "reference")
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-  return _uninterrupted(mlm.get_config("tiny"), OVERRIDES,
-                        str(tmp_path_factory.mktemp("uninterrupted")))
+  return _uninterrupted("mlm.py", OVERRIDES, str(tmp_path_factory.mktemp("reference") / "run"))
 
 
 @pytest.fixture(scope="module")
 def mixed_reference(tmp_path_factory):
-  config = flava.get_config("tiny")
-  config.evals = {}  # the evaluations at the end change no parameter
-  return _uninterrupted(config, MIXED, str(tmp_path_factory.mktemp("mixed_uninterrupted")))
+  return _uninterrupted("flava.py", MIXED, str(tmp_path_factory.mktemp("mixed") / "run"))
 
 
 def test_sigkill_after_a_checkpoint_then_restart_is_exact(reference, tmp_path):

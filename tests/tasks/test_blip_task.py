@@ -205,9 +205,7 @@ def test_momentum_queues_and_pointer_resume_bit_exactly_after_sigkill(tmp_path):
                "checkpoint.every_steps": 2, "optimizer.warmup_steps": 2,
                "loss.queue_size": 48,  # 3 batches: the pointer wraps mid-run
                **SMALL}
-  config = blip_configs.get_config("tiny")
-  config.evals = {}
-  _uninterrupted(config, overrides, str(tmp_path / "uninterrupted"))
+  _uninterrupted("blip.py", overrides, str(tmp_path / "uninterrupted"))
   ref_step, reference = _newest_state(str(tmp_path / "uninterrupted"))
   workdir = str(tmp_path / "run")
   proc = _start(workdir, config="blip.py", overrides=overrides)

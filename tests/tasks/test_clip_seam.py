@@ -17,9 +17,7 @@ OVERRIDES = {"global_batch": 16, "total_steps": STEPS, "log_every_steps": 1,
 
 
 def test_clip_trains_through_the_binary_and_resumes_exactly_after_sigkill(tmp_path):
-  config = clip_configs.get_config("tiny")
-  config.evals = {}
-  reference = _uninterrupted(config, OVERRIDES, str(tmp_path / "uninterrupted"))
+  reference = _uninterrupted("clip.py", OVERRIDES, str(tmp_path / "uninterrupted"))
   workdir = str(tmp_path / "run")
   proc = _start(workdir, config="clip.py", overrides=OVERRIDES)
   lines = _read_until(proc, "checkpoint 4 saving")  # so checkpoint 2 is complete
