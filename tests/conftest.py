@@ -9,6 +9,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# The ahead-of-time compiles for abstract TPUs load libtpu, which by default allows one process
+# per machine (a lock file): the two workers may both compile for a TPU at the same time.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # The embedded corpus is built once per test session (about 10 s), away from the user's cache;
 # compiled programs are cached for the session: tests that build the same step (the trainer's
 # resume test runs the same training three times) compile it once. Both are environment
@@ -126,15 +129,29 @@ def ctx():
 # --- pytest-xdist: which tests share a worker ----------------------------------------------
 
 
+# The longest groups, longest first (each about 2-7 minutes on 2 cores, 2026-12-03): they start
+# first, so that none starts last and runs alone while the other worker has nothing left.
+LONGEST_FIRST = ("tests/multihost/test_multihost.py", "tests/test_notebooks.py",
+                 "trained_workdir", "tests/test_resume_process.py",
+                 "tests/tasks/test_omni_task.py", "tests/tasks/test_flava_task.py",
+                 "tests/tasks/test_blip_task.py", "tests/test_sharded_step.py",
+                 "tests/test_capfilt.py", "tests/models/test_parity.py")
+
+
 def pytest_collection_modifyitems(items):
   """The suite runs on two workers (pyproject.toml: `-n 2 --dist loadgroup`): each file's tests
   run on one worker, so that a module's fixtures (a two-process training job, the executed
   notebooks) are built once; and every test of the session's trained workdir shares a worker
-  with the others, so that it is trained once."""
+  with the others, so that it is trained once. The longest groups are handed out first."""
+  groups = {}
   for item in items:
     group = ("trained_workdir" if "trained_workdir" in item.fixturenames
              else item.nodeid.split("::")[0])
+    groups[item.nodeid] = group
     item.add_marker(pytest.mark.xdist_group(group))
+  rank = lambda item: (LONGEST_FIRST.index(groups[item.nodeid])
+                       if groups[item.nodeid] in LONGEST_FIRST else len(LONGEST_FIRST))
+  items.sort(key=rank)  # stable: each group's tests keep their order
 
 
 def pytest_unconfigure(config):

@@ -244,6 +244,8 @@ class Evaluator:
       for i in range(cfg.steps):
         state, metrics = step(state, pipeline.to_global(next(batches), ctx.mesh))
         losses.append(metrics["loss"])
+        if i:  # one step in flight, as in training: not hundreds queued on a busy host
+          losses[-2].block_until_ready()
         if cfg.log_every_steps and (i + 1) % cfg.log_every_steps == 0:
           multihost.say(f"{self.where} step {i + 1}/{cfg.steps}: loss "
                         f"{float(metrics['loss']):.4f}")
