@@ -82,19 +82,28 @@ def tiny_hf_dir(tiny_hf_pretraining, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def trained_workdir(tmp_path_factory):
+def trained_workdir():
   """A training workdir: a few hundred steps of the tiny recipe on the embedded corpus
   (tests/evals/trained_config.py), by the binary on 8 CPU devices. It runs far more than it
-  compiles, so its process keeps XLA's optimisation (the session's other programs do without)."""
+  compiles, so its process keeps XLA's optimisation (the session's other programs do without).
+  Made once per session, in the session's shared cache folder under a file lock: with
+  pytest-xdist's workers, the first to need it trains it and the others wait for it."""
   import subprocess  # pylint: disable=import-outside-toplevel
+  import filelock  # pylint: disable=import-outside-toplevel  (comes with transformers)
   from tests.processes import child_env  # pylint: disable=import-outside-toplevel
-  workdir = str(tmp_path_factory.mktemp("trained_flava"))
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  done = subprocess.run(
-      [sys.executable, "-m", "flava_jax.main", "--config=tests/evals/trained_config.py",
-       f"--workdir={workdir}"], cwd=repo, capture_output=True, text=True, check=False,
-      env=child_env(optimised=True), timeout=1800)
-  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  workdir = os.path.join(os.environ["FLAVA_JAX_CACHE"], "trained_flava")
+  done = workdir + ".trained"
+  with filelock.FileLock(workdir + ".lock"):
+    if not os.path.isfile(done):
+      shutil.rmtree(workdir, ignore_errors=True)  # a run that did not finish
+      repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+      run = subprocess.run(
+          [sys.executable, "-m", "flava_jax.main", "--config=tests/evals/trained_config.py",
+           f"--workdir={workdir}"], cwd=repo, capture_output=True, text=True, check=False,
+          env=child_env(optimised=True), timeout=1800)
+      assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+      with open(done, "w", encoding="utf-8") as f:
+        f.write("ok\n")
   return workdir
 
 
@@ -126,32 +135,25 @@ def ctx():
                                sharding.rules_from_config(config.sharding.rules), "")
 
 
-# --- pytest-xdist: which tests share a worker ----------------------------------------------
+# --- the order of the tests ---------------------------------------------------------------
 
-
-# The longest groups, longest first (each about 2-7 minutes on 2 cores, 2026-12-03): they start
-# first, so that none starts last and runs alone while the other worker has nothing left.
+# The longest files, longest first (each about 2-7 minutes on 2 cores, 2026-12-03). With
+# pytest-xdist's workers (`-n 2 --dist loadfile --no-loadscope-reorder`; its `loadgroup` does not
+# group under pytest 9) they start first, so that none starts last and runs alone while the other
+# worker has nothing left. One process runs them first too, which changes nothing.
 LONGEST_FIRST = ("tests/multihost/test_multihost.py", "tests/test_notebooks.py",
-                 "trained_workdir", "tests/test_resume_process.py",
+                 "tests/evals/test_evaluate_binary.py", "tests/test_resume_process.py",
                  "tests/tasks/test_omni_task.py", "tests/tasks/test_flava_task.py",
                  "tests/tasks/test_blip_task.py", "tests/test_sharded_step.py",
-                 "tests/test_capfilt.py", "tests/models/test_parity.py")
+                 "tests/evals/test_evaluators.py", "tests/test_capfilt.py",
+                 "tests/models/test_parity.py")
 
 
 def pytest_collection_modifyitems(items):
-  """The suite runs on two workers (pyproject.toml: `-n 2 --dist loadgroup`): each file's tests
-  run on one worker, so that a module's fixtures (a two-process training job, the executed
-  notebooks) are built once; and every test of the session's trained workdir shares a worker
-  with the others, so that it is trained once. The longest groups are handed out first."""
-  groups = {}
-  for item in items:
-    group = ("trained_workdir" if "trained_workdir" in item.fixturenames
-             else item.nodeid.split("::")[0])
-    groups[item.nodeid] = group
-    item.add_marker(pytest.mark.xdist_group(group))
-  rank = lambda item: (LONGEST_FIRST.index(groups[item.nodeid])
-                       if groups[item.nodeid] in LONGEST_FIRST else len(LONGEST_FIRST))
-  items.sort(key=rank)  # stable: each group's tests keep their order
+  def rank(item):
+    path = item.nodeid.split("::")[0]
+    return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+  items.sort(key=rank)  # stable: each file's tests keep their order
 
 
 def pytest_unconfigure(config):
