@@ -21,7 +21,6 @@ import json
 import math
 import os
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -593,17 +592,15 @@ def final_evaluations(evaluations: Evaluations, workdir: str, step: int, params:
   return results, ""
 
 
-def train_and_evaluate(config: Any, workdir: str, stop_after: int | None = None,
-                       devices: Sequence[Any] | None = None) -> dict[str, Any]:
+def train_and_evaluate(config: Any, workdir: str, stop_after: int | None = None
+                       ) -> dict[str, Any]:
   """Trains for config.total_steps (resuming from workdir), then evaluates; returns metrics.
 
   stop_after: save a checkpoint and return after this many steps of this call (as a preempted
   run does); a later call with the same workdir carries on. A stopped run returns
-  {"stopped_at": step, "state": ...}. devices: the devices of the mesh (default all; a
-  process that trains on some of its devices, as a test does on one).
+  {"stopped_at": step, "state": ...}.
   """
-  # Every start-up check, before the workdir is touched.
-  exp = experiment.Experiment(config, devices)
+  exp = experiment.Experiment(config)  # every start-up check, before the workdir is touched
   settings, task = exp.run, exp.task
   with Session(config, workdir) as session:
     workdir = session.workdir
