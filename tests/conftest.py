@@ -17,9 +17,8 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # resume test runs the same training three times) compile it once. Both are environment
 # variables, set before pytest-xdist starts its workers: the workers and the binaries the tests
 # start share them. A corpus build is atomic. A compilation cache entry is written in place, so
-# the cache gets a size limit: with one, JAX reads and writes entries under a file lock (without
-# it, a worker aborted in XLA running a program the other worker may have been writing to the
-# cache; `filelock` comes with transformers).
+# the cache gets a size limit: with one, JAX reads and writes entries under a file lock, and no
+# process reads an entry another is still writing (`filelock` comes with transformers).
 _MADE = []  # the folders made here (by the first process, before any worker): removed at the end
 for _name, _prefix in (("FLAVA_JAX_CACHE", "flava_jax_test_cache."),
                        ("JAX_COMPILATION_CACHE_DIR", "flava_jax_test_xla.")):
