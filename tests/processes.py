@@ -1,10 +1,8 @@
 """The XLA flags of this test session and the environment of a binary a test starts in a child
-process: this session's compilation cache (a child compiles what an earlier child compiled
-once), float32 matmuls at full precision, unbuffered output (a test reads it line by line)."""
+process: this session's (its compilation cache and embedded corpus, conftest.py), float32
+matmuls at full precision, unbuffered output (a test reads it line by line)."""
 
 import os
-
-import jax
 
 from flava_jax import run_once
 
@@ -21,10 +19,7 @@ def xla_flags(devices: int = DEVICES, optimised: bool = False) -> str:
 def child_env(devices: int | None = None, optimised: bool = False) -> dict[str, str]:
   """This process's environment for a child; with `devices` or `optimised`, the child's own
   XLA_FLAGS (xla_flags) instead of this session's."""
-  env = dict(os.environ)
-  env.update(JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
-             JAX_DEFAULT_MATMUL_PRECISION="highest", PYTHONUNBUFFERED="1")
+  env = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest", PYTHONUNBUFFERED="1")
   if devices is not None or optimised:
     env["XLA_FLAGS"] = xla_flags(devices or DEVICES, optimised)
   return env

@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-import jax
 import pytest
 
 from flava_jax import binary
@@ -32,7 +31,6 @@ def test_a_binary_started_without_jax_platforms_prints_no_libtpu_errors():
   """What a user sees: JAX_PLATFORMS unset (the tests set it to cpu), libtpu installed (the test
   requirements), no TPU. The evaluate binary stops right after start-up on a missing checkpoint."""
   env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
-  env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir or ""
   done = subprocess.run([sys.executable, "-m", "flava_jax.evaluate",
                          "--config=configs/eval/zero_shot.py", "--checkpoint=/nonexistent"],
                         cwd=REPO, env=env, capture_output=True, text=True, check=False,

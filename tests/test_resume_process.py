@@ -28,9 +28,9 @@ MIXED = {"global_batch": 16, "total_steps": MIXED_STEPS, "log_every_steps": 1,
          "checkpoint.every_steps": 2, "optimizer.warmup_steps": 2, "data.worker_count": 2}
 
 
-# The binaries run on one CPU device, as does the uninterrupted reference in this process:
-# whether a resumed run is exact does not depend on the mesh (the sharded-step tests compare
-# meshes), and one device compiles the step in a fraction of 8 fake devices' time.
+# The binaries, the uninterrupted references too, run on one CPU device: whether a resumed run
+# is exact does not depend on the mesh (the sharded-step tests compare meshes), and one device
+# compiles the step in a fraction of 8 fake devices' time.
 DEVICES = 1
 
 
@@ -112,10 +112,8 @@ def _uninterrupted(config, overrides, workdir):
   config_file = os.path.join(os.path.dirname(workdir), f"no_evals_{config}")
   with open(config_file, "w", encoding="utf-8") as f:
     f.write(NO_EVALS.format(repo=REPO, module=config.removesuffix(".py")))
-  done = subprocess.run(_command(workdir, (), config_file, overrides), cwd=REPO, env=_env(), capture_output=True, text=True,
-                        check=False)
-  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-  assert "on 1 cpu device(s)" in done.stdout, done.stdout[:2000]
+  out = _finish(workdir, config_file, overrides)
+  assert f"on {DEVICES} cpu device(s)" in out, out[:2000]
   return warm_start.read_workdir_params(workdir, "reference")
 
 
@@ -189,7 +187,7 @@ def test_sigterm_saves_exits_cleanly_and_resumes_exactly(reference, tmp_path):
 def test_bad_configs_stop_at_start_up_naming_the_field(flag, message, tmp_path):
   done = subprocess.run(
       [sys.executable, "-m", "flava_jax.main", f"--workdir={tmp_path}", flag], cwd=REPO,
-      env=_env(), capture_output=True, text=True, check=False)
+      env=child_env(), capture_output=True, text=True, check=False)  # 8 devices: data-parallel 8
   assert done.returncode != 0
   assert message in done.stdout + done.stderr
   assert not os.path.exists(tmp_path / trainer.CHECKPOINT_DIR)

@@ -6,20 +6,19 @@ import os
 import subprocess
 import sys
 
-import jax
 import pytest
 
 from configs.eval import zero_shot as zero_shot_config
 from flava_jax import checkpoint, evaluate
 from flava_jax.data import embedded
+from tests.processes import child_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _run(*args):
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-             JAX_DEFAULT_MATMUL_PRECISION="highest")
-  return subprocess.run([sys.executable, "-m", "flava_jax.evaluate", *args], cwd=REPO, env=env,
+  return subprocess.run([sys.executable, "-m", "flava_jax.evaluate", *args], cwd=REPO,
+                        env=child_env(),
                         capture_output=True, text=True, check=False, timeout=900)
 
 
