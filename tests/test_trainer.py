@@ -89,8 +89,10 @@ def test_metrics_are_per_corpus_means_and_step_times_leave_out_compiles(straight
   assert all(r["examples_per_s"] > 0 for r in logged)
   compiles = {k: v for r in rows for k, v in r.items() if k.startswith("compile_seconds/")}
   assert set(compiles) == {"compile_seconds/paired", "compile_seconds/text"}
-  # a step's time is far below the compile it followed (before: the compile was counted in it)
-  assert all(r["step_seconds"] < min(compiles.values()) / 4 for r in logged)
+  # the trainer's clock hears JAX's compile events (a compile's seconds come only from them);
+  # that the clock leaves them out of step times is test_workdir's fake-clock test (comparing
+  # measured times here failed once on a loaded CI machine)
+  assert all(v > 0 for v in compiles.values())
   from tensorboardX.summary import _clean_tag  # pylint: disable=import-outside-toplevel
   assert all(_clean_tag(k) == k for r in rows for k in r)
 
