@@ -141,12 +141,14 @@ class Experiment:
     self.mesh = sharding.make_mesh(self.run.mesh, self.devices)
     self.rules = self.run.rules
     self.check_batch(self.run.global_batch)
-    self._groups = self.task.param_groups(jax.eval_shape(self.task.init_params,
-                                                         jax.random.key(0)))
+    # One trace of the model's init gives the parameters' shapes, groups and axes; the state's
+    # shapes and shardings follow from them (a trace costs seconds on a CPU: once per process).
+    self._param_shapes, self._axes = self.task.abstract_params()
+    self._groups = self.task.param_groups(self._param_shapes)
     train.check_trainable(self.run.optimizer.trainable, self._groups)
     self.tx = train.make_optimizer(self.run.optimizer, self.run.total_steps, self.task.decays,
                                    self._groups)
-    self._shardings = None
+    self._abstract = None
 
   # --- sizes --------------------------------------------------------------------------------
 
@@ -175,31 +177,31 @@ class Experiment:
     return params, self.task.init_extra(jax.random.fold_in(rng, 1), params)
 
   def param_shardings(self) -> Any:
-    return sharding.logical_to_shardings(self.task.logical_axes(), self.mesh, self.rules)
+    return sharding.logical_to_shardings(self._axes, self.mesh, self.rules)
 
   def extra_shardings(self) -> Any:
     return sharding.logical_to_shardings(self.task.extra_logical_axes(), self.mesh, self.rules)
 
   def abstract_state(self) -> tuple[train.TrainState, Any]:
     """(the state as ShapeDtypeStructs with their shardings, the shardings)."""
-    abstract, shardings = train.abstract_state(self._init, self.tx, self.param_shardings(),
-                                               self.extra_shardings(), self.mesh)
-    self._shardings = shardings
-    return abstract, shardings
+    if self._abstract is None:
+      shapes = train.state_shapes(self._param_shapes, self.task.init_extra, self.tx,
+                                  init_key(self.run.seed))
+      self._abstract = train.abstract_state(shapes, self.param_shardings(),
+                                            self.extra_shardings(), self.mesh)
+    return self._abstract
 
   def create_state(self, rng: jax.Array | None = None) -> train.TrainState:
     """A randomly initialised state (from the config's seed), created sharded."""
     rng = init_key(self.run.seed) if rng is None else rng
-    state, self._shardings = train.create_state(self._init, self.tx, self.param_shardings(),
-                                                self.extra_shardings(), self.mesh, rng,
-                                                self.rules)
+    state, _ = train.create_state(self._init, self.tx, self.param_shardings(),
+                                  self.extra_shardings(), self.mesh, rng, self.rules,
+                                  shardings=self.state_shardings)
     return state
 
   @property
   def state_shardings(self) -> Any:
-    if self._shardings is None:
-      self.abstract_state()
-    return self._shardings
+    return self.abstract_state()[1]
 
   def frozen(self, kinds: Sequence[str] | None = None) -> Any:
     """The task's frozen step inputs, replicated on the mesh (None where the kinds need none)."""

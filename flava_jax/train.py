@@ -218,15 +218,24 @@ def _init(init_fn: Callable[[Array], tuple[Any, Any]], tx: optax.GradientTransfo
   return init
 
 
-def abstract_state(init_fn: Callable[[Array], tuple[Any, Any]],
-                   tx: optax.GradientTransformation, param_shardings: Any, extra_shardings: Any,
+def state_shapes(param_shapes: Any, init_extra: Callable[[Array, Any], Any],
+                 tx: optax.GradientTransformation, rng: Array) -> TrainState:
+  """The state's ShapeDtypeStructs from the parameters' (a jax.eval_shape of the model's init):
+  the optimizer and the extra state are shaped without tracing the model again."""
+  return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=param_shapes,
+                    opt_state=jax.eval_shape(tx.init, param_shapes),
+                    extra=jax.eval_shape(lambda r, p: init_extra(jax.random.fold_in(r, 1), p),
+                                         rng, param_shapes))
+
+
+def abstract_state(shapes: TrainState, param_shardings: Any, extra_shardings: Any,
                    mesh: Mesh) -> tuple[TrainState, Any]:
   """(state of ShapeDtypeStructs carrying their shardings, the shardings): nothing allocated.
 
-  init_fn(rng) -> (params, extra). Optimizer-state leaves shaped like a parameter (Adam's
-  moments) take its sharding; the rest (step counts) are replicated.
+  `shapes`: the state's ShapeDtypeStructs (state_shapes, or a jax.eval_shape of the init).
+  Optimizer-state leaves shaped like a parameter (Adam's moments) take its sharding; the rest
+  (step counts) are replicated.
   """
-  shapes = jax.eval_shape(_init(init_fn, tx), jax.random.key(0))
   replicated = sharding.replicated(mesh)
   opt = _like_params(shapes.opt_state, shapes.params, param_shardings, replicated)
   shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt,
@@ -238,9 +247,12 @@ def abstract_state(init_fn: Callable[[Array], tuple[Any, Any]],
 
 def create_state(init_fn: Callable[[Array], tuple[Any, Any]], tx: optax.GradientTransformation,
                  param_shardings: Any, extra_shardings: Any, mesh: Mesh, rng: Array,
-                 rules: sharding.Rules = ()) -> tuple[TrainState, Any]:
-  """A freshly initialised state, created directly in its sharded layout."""
-  _, shardings = abstract_state(init_fn, tx, param_shardings, extra_shardings, mesh)
+                 rules: sharding.Rules = (), shardings: Any = None) -> tuple[TrainState, Any]:
+  """A freshly initialised state, created directly in its sharded layout. `shardings`: the
+  state's (abstract_state's), when the caller has them; else found by tracing `init_fn`."""
+  if shardings is None:
+    shapes = jax.eval_shape(_init(init_fn, tx), rng)
+    _, shardings = abstract_state(shapes, param_shardings, extra_shardings, mesh)
   init = run_once.jit(_init(init_fn, tx), out_shardings=shardings)
   with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
     state = init(rng)

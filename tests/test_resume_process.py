@@ -105,26 +105,43 @@ def get_config(arg=None):
 """
 
 
-def _uninterrupted(config, overrides, workdir):
-  """The final parameters of the binary's run of `configs/{config}` with `overrides`, without
-  its evaluations, uninterrupted. (The binary, not this process: a process with one CPU device
-  and one with 8 that trains on one of them do not round alike.)"""
-  config_file = os.path.join(os.path.dirname(workdir), f"no_evals_{config}")
+def _start_uninterrupted(config, overrides, workdir):
+  """The binary's run of `configs/{config}` with `overrides`, without its evaluations, started
+  (not waited for: a test runs it beside the run it interrupts, each on a core). (The binary,
+  not this process: a process with one CPU device and one with 8 that trains on one of them do
+  not round alike.)"""
+  folder = os.path.dirname(workdir)
+  os.makedirs(folder, exist_ok=True)
+  config_file = os.path.join(folder, f"no_evals_{config}")
   with open(config_file, "w", encoding="utf-8") as f:
     f.write(NO_EVALS.format(repo=REPO, module=config.removesuffix(".py")))
-  out = _finish(workdir, config_file, overrides)
+  # Its output goes to a file: nobody reads a pipe while the other run is the test's business.
+  with open(workdir + ".out", "w", encoding="utf-8") as out:
+    proc = subprocess.Popen(_command(workdir, (), config_file, overrides), cwd=REPO, env=_env(),
+                            stdout=out, stderr=subprocess.STDOUT, text=True)
+  proc.output_file = workdir + ".out"
+  return proc
+
+
+def _wait(proc):
+  """The output of a run _start_uninterrupted started, once it has finished, exit status 0."""
+  proc.wait(timeout=900)
+  with open(proc.output_file, encoding="utf-8") as f:
+    out = f.read()
+  assert proc.returncode == 0, out[-3000:]
   assert f"on {DEVICES} cpu device(s)" in out, out[:2000]
+  return out
+
+
+def _uninterrupted(config, overrides, workdir):
+  """The final parameters of the uninterrupted run (_start_uninterrupted)."""
+  _wait(_start_uninterrupted(config, overrides, workdir))
   return warm_start.read_workdir_params(workdir, "reference")
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   return _uninterrupted("mlm.py", OVERRIDES, str(tmp_path_factory.mktemp("reference") / "run"))
-
-
-@pytest.fixture(scope="module")
-def mixed_reference(tmp_path_factory):
-  return _uninterrupted("flava.py", MIXED, str(tmp_path_factory.mktemp("mixed") / "run"))
 
 
 def test_sigkill_after_a_checkpoint_then_restart_is_exact(reference, tmp_path):
@@ -144,9 +161,10 @@ def test_sigkill_after_a_checkpoint_then_restart_is_exact(reference, tmp_path):
   assert_trees_equal(warm_start.read_workdir_params(workdir, "run"), reference)
 
 
-def test_mixed_config_with_grain_workers_resumes_exactly_after_sigkill(mixed_reference, tmp_path):
+def test_mixed_config_with_grain_workers_resumes_exactly_after_sigkill(tmp_path):
   """The whole process group (the trainer and its 2 grain workers) is killed once checkpoint 2 is
   complete; the restart resumes from a checkpoint, not from step 0, and ends bit-identical."""
+  reference = _start_uninterrupted("flava.py", MIXED, str(tmp_path / "uninterrupted" / "run"))
   workdir = str(tmp_path / "run")
   proc = _start(workdir, config="flava.py", overrides=MIXED, start_new_session=True)
   lines = _read_until(proc, "checkpoint 4 saving")  # so checkpoint 2 is complete
@@ -155,9 +173,12 @@ def test_mixed_config_with_grain_workers_resumes_exactly_after_sigkill(mixed_ref
   assert proc.returncode == -signal.SIGKILL
   compiled = {l.split()[2] for l in lines if l.startswith("compiled the ")}
   assert compiled == {"paired", "image", "text"}, "".join(lines[-30:])  # all three drawn
+  _wait(reference)
   out = _finish(workdir, "flava.py", MIXED)
   assert 2 <= _resumed_from(out) < MIXED_STEPS, out[-2000:]
-  assert_trees_equal(warm_start.read_workdir_params(workdir, "run"), mixed_reference)
+  assert_trees_equal(warm_start.read_workdir_params(workdir, "run"),
+                     warm_start.read_workdir_params(str(tmp_path / "uninterrupted" / "run"),
+                                                    "reference"))
 
 
 def test_sigterm_saves_exits_cleanly_and_resumes_exactly(reference, tmp_path):

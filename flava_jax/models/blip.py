@@ -352,8 +352,12 @@ class Blip:
   def init_params(self, rng: Array) -> Any:
     return nn.meta.unbox(run_once.jit(self._init_boxed)(rng))
 
+  def abstract_params(self) -> Any:
+    """The stored parameters' ShapeDtypeStructs, boxed with their logical axes."""
+    return jax.eval_shape(self._init_boxed, jax.random.key(0))
+
   def logical_axes(self) -> Any:
-    return nn.get_partition_spec(jax.eval_shape(self._init_boxed, jax.random.key(0)))
+    return nn.get_partition_spec(self.abstract_params())
 
   def prune(self, params: Mapping[str, Any]) -> dict[str, Any]:
     """A full parameter tree -> the stored one (with share_decoder: the decoder keeps only its

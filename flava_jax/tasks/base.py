@@ -26,6 +26,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
+import flax.linen as nn
 import flax.struct
 import jax
 import numpy as np
@@ -143,6 +144,12 @@ class Task:
     """The parameters' logical axis names (a tree of PartitionSpecs)."""
     raise NotImplementedError
 
+  def abstract_params(self) -> tuple[Any, Any]:
+    """(the parameters' ShapeDtypeStructs, their logical axes). By default two traces of the
+    model's init; a task whose init keeps the axes on its leaves gives both from one
+    (`from_boxed`): a trace of a model costs seconds on a CPU."""
+    return jax.eval_shape(self.init_params, jax.random.key(0)), self.logical_axes()
+
   def init_extra(self, rng: Array, params: Any) -> Any:
     """Extra train state (momentum copies, feature queues): carried and saved with the params."""
     del rng, params
@@ -212,3 +219,8 @@ class Task:
   def predict(self) -> Any:
     """The functions evaluators call (None: this task has no evaluators)."""
     return None
+
+
+def from_boxed(boxed: Any) -> tuple[Any, Any]:
+  """Abstract parameters boxed with their logical axes -> (their ShapeDtypeStructs, the axes)."""
+  return nn.meta.unbox(boxed), nn.get_partition_spec(boxed)

@@ -42,7 +42,7 @@ from flava_jax.models import blip_generate
 from flava_jax.models.blip import (
     MOMENTUM_PARTS, Blip, BlipConfig, l2_normalize, unimodal_text, with_first_token)
 from flava_jax.parse import check_choice, dataclass_from_dict
-from flava_jax.tasks.base import LossOutput, StepContext, Task
+from flava_jax.tasks.base import LossOutput, StepContext, Task, from_boxed
 from flava_jax.tasks.flava import EncoderSizes  # image_size, text_vocab_size, max_text_length
 
 Array = jax.Array
@@ -208,6 +208,9 @@ class BlipTask(Task):
 
   def logical_axes(self) -> Any:
     return self.model.logical_axes()
+
+  def abstract_params(self) -> tuple[Any, Any]:
+    return from_boxed(self.model.abstract_params())
 
   def init_extra(self, rng: Array, params: Any) -> Any:
     """Momentum copies equal to the parameters; queues of random unit vectors; pointer 0."""

@@ -31,7 +31,7 @@ from flava_jax.models.flava import LOGIT_SCALE_MAX, l2_normalize
 from flava_jax.models.image import ImageEncoder
 from flava_jax.models.text import TextEncoder
 from flava_jax.models.transformer import Dense, dtype_of, param_with_axes
-from flava_jax.tasks.base import GradCacheSplit, LossOutput, StepContext, Task
+from flava_jax.tasks.base import GradCacheSplit, LossOutput, StepContext, Task, from_boxed
 from flava_jax.tasks.flava import EncoderSizes, decays  # FLAVA's encoders
 
 Array = jax.Array
@@ -89,6 +89,9 @@ class ContrastiveTowers:
 
   def logical_axes(self) -> Any:
     return nn.get_partition_spec(jax.eval_shape(self._init, jax.random.key(0)))
+
+  def abstract_params(self) -> tuple[Any, Any]:
+    return from_boxed(jax.eval_shape(self._init, jax.random.key(0)))
 
   def decays(self, path: tuple[str, ...]) -> bool:
     return decays(path)

@@ -27,10 +27,11 @@ from flava_jax.losses import flava as flava_losses
 from flava_jax.models.classifier import FlavaClassifier
 from flava_jax.models.config import DVAEConfig, FlavaConfig, dvae_view_size
 from flava_jax.models.dvae import DVAE, init_dvae_params, map_pixels
-from flava_jax.models.flava import LOGIT_SCALE_MAX, FlavaModel, init_params, logical_axes
+from flava_jax.models.flava import (LOGIT_SCALE_MAX, FlavaModel, abstract_params, init_params,
+                                    logical_axes)
 from flava_jax.parse import dataclass_from_dict
 from flava_jax.tasks import flava_batches
-from flava_jax.tasks.base import GradCacheSplit, LossOutput, StepContext, Task
+from flava_jax.tasks.base import GradCacheSplit, LossOutput, StepContext, Task, from_boxed
 
 Array = jax.Array
 
@@ -171,6 +172,9 @@ class FlavaTask(Task):
 
   def logical_axes(self) -> Any:
     return logical_axes(self.model)
+
+  def abstract_params(self) -> tuple[Any, Any]:
+    return from_boxed(abstract_params(self.model))
 
   def _abstract_dvae(self) -> Any:
     abstract = jax.eval_shape(lambda: init_dvae_params(self.dvae, jax.random.key(0),

@@ -42,7 +42,7 @@ from flava_jax.models.dvae import DVAE, init_dvae_params
 from flava_jax.models import omni_generate
 from flava_jax.models.omni import MATCH_CLASSES, MODALITIES, OmniModel, Sequences
 from flava_jax.parse import dataclass_from_dict
-from flava_jax.tasks.base import LossOutput, StepContext, Task
+from flava_jax.tasks.base import LossOutput, StepContext, Task, from_boxed
 from flava_jax.tasks.flava import EncoderSizes, decays, model_pixels
 
 Array = jax.Array
@@ -187,6 +187,9 @@ class OmniTask(Task):
 
   def logical_axes(self) -> Any:
     return nn.get_partition_spec(jax.eval_shape(self._init, jax.random.key(0)))
+
+  def abstract_params(self) -> tuple[Any, Any]:
+    return from_boxed(jax.eval_shape(self._init, jax.random.key(0)))
 
   def decays(self, path: tuple[str, ...]) -> bool:
     return decays(path) or (bool(path) and path[-1] in ("token_embed", "modality_embed"))

@@ -198,15 +198,15 @@ def test_momentum_queues_and_pointer_resume_bit_exactly_after_sigkill(tmp_path):
   queue pointer and parameters of an uninterrupted run, bit for bit."""
   import signal  # pylint: disable=import-outside-toplevel
   from tests.test_resume_process import (  # pylint: disable=import-outside-toplevel
-      _finish, _read_until, _resumed_from, _start, _uninterrupted)
+      _finish, _read_until, _resumed_from, _start, _start_uninterrupted, _wait)
   from tests.trees import assert_trees_equal  # pylint: disable=import-outside-toplevel
   steps = 8
   overrides = {"global_batch": 16, "total_steps": steps, "log_every_steps": 1,
                "checkpoint.every_steps": 2, "optimizer.warmup_steps": 2,
                "loss.queue_size": 48,  # 3 batches: the pointer wraps mid-run
                **SMALL}
-  _uninterrupted("blip.py", overrides, str(tmp_path / "uninterrupted"))
-  ref_step, reference = _newest_state(str(tmp_path / "uninterrupted"))
+  # The uninterrupted run and the run to be killed are independent: they run at the same time.
+  uninterrupted = _start_uninterrupted("blip.py", overrides, str(tmp_path / "uninterrupted"))
   workdir = str(tmp_path / "run")
   proc = _start(workdir, config="blip.py", overrides=overrides)
   lines = _read_until(proc, "checkpoint 4 saving")  # so checkpoint 2 is complete
@@ -214,6 +214,8 @@ def test_momentum_queues_and_pointer_resume_bit_exactly_after_sigkill(tmp_path):
   proc.kill()
   proc.wait()
   assert proc.returncode == -signal.SIGKILL
+  _wait(uninterrupted)
+  ref_step, reference = _newest_state(str(tmp_path / "uninterrupted"))
   out = _finish(workdir, config="blip.py", overrides=overrides)
   assert 2 <= _resumed_from(out) < steps, out[-2000:]
   step, state = _newest_state(workdir)

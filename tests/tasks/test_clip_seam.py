@@ -8,7 +8,7 @@ from configs import clip as clip_configs
 from flava_jax import warm_start
 from flava_jax.tools import aot, bench
 from tests.test_resume_process import (_finish, _read_until, _resumed_from, _start,
-                                       _uninterrupted)
+                                       _start_uninterrupted, _wait)
 from tests.trees import assert_trees_equal
 
 STEPS = 8
@@ -17,7 +17,8 @@ OVERRIDES = {"global_batch": 16, "total_steps": STEPS, "log_every_steps": 1,
 
 
 def test_clip_trains_through_the_binary_and_resumes_exactly_after_sigkill(tmp_path):
-  reference = _uninterrupted("clip.py", OVERRIDES, str(tmp_path / "uninterrupted"))
+  # The uninterrupted run and the run to be killed are independent: they run at the same time.
+  uninterrupted = _start_uninterrupted("clip.py", OVERRIDES, str(tmp_path / "uninterrupted"))
   workdir = str(tmp_path / "run")
   proc = _start(workdir, config="clip.py", overrides=OVERRIDES)
   lines = _read_until(proc, "checkpoint 4 saving")  # so checkpoint 2 is complete
@@ -25,6 +26,8 @@ def test_clip_trains_through_the_binary_and_resumes_exactly_after_sigkill(tmp_pa
   proc.kill()
   proc.wait()
   assert proc.returncode == -signal.SIGKILL
+  _wait(uninterrupted)
+  reference = warm_start.read_workdir_params(str(tmp_path / "uninterrupted"), "reference")
   out = _finish(workdir, config="clip.py", overrides=OVERRIDES)
   assert 2 <= _resumed_from(out) < STEPS, out[-2000:]
   assert "eval retrieval: i2t_r1" in out  # the task's predict functions feed the evaluator

@@ -157,12 +157,11 @@ def test_sigkill_through_the_binary_then_restart_is_exact(tmp_path):
   env = child_env(devices=1)
   command = lambda workdir: [sys.executable, "-m", "flava_jax.main", f"--config={config_file}",
                              f"--workdir={workdir}"]
-  done = subprocess.run(command(str(tmp_path / "uninterrupted")), cwd=REPO, env=env,
-                        capture_output=True, text=True, check=False, timeout=900)
-  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-  assert "on 1 cpu device(s)" in done.stdout, done.stdout[:2000]
-  ref_step, reference = _newest_state(str(tmp_path / "uninterrupted"))
-
+  # The uninterrupted run and the run to be killed are independent: they run at the same time
+  # (each compiles on a core of its own). Its output goes to a file (no pipe left unread).
+  with open(tmp_path / "uninterrupted.out", "w", encoding="utf-8") as log:
+    uninterrupted = subprocess.Popen(command(str(tmp_path / "uninterrupted")), cwd=REPO,
+                                     env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
   workdir = str(tmp_path / "run")
   proc = subprocess.Popen(command(workdir), cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
@@ -171,6 +170,11 @@ def test_sigkill_through_the_binary_then_restart_is_exact(tmp_path):
   proc.kill()
   proc.wait()
   assert proc.returncode == -signal.SIGKILL
+  uninterrupted.wait(timeout=900)
+  out = (tmp_path / "uninterrupted.out").read_text(encoding="utf-8")
+  assert uninterrupted.returncode == 0, out[-3000:]
+  assert "on 1 cpu device(s)" in out, out[:2000]
+  ref_step, reference = _newest_state(str(tmp_path / "uninterrupted"))
   done = subprocess.run(command(workdir), cwd=REPO, env=env, capture_output=True, text=True,
                         check=False, timeout=900)
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
