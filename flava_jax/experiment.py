@@ -194,9 +194,9 @@ class Experiment:
   def create_state(self, rng: jax.Array | None = None) -> train.TrainState:
     """A randomly initialised state (from the config's seed), created sharded."""
     rng = init_key(self.run.seed) if rng is None else rng
-    state, _ = train.create_state(self._init, self.tx, self.param_shardings(),
-                                  self.extra_shardings(), self.mesh, rng, self.rules,
-                                  shardings=self.state_shardings)
+    shardings = self.state_shardings  # the abstract state's: no second trace of the axes
+    state, _ = train.create_state(self._init, self.tx, shardings.params, shardings.extra,
+                                  self.mesh, rng, self.rules, shardings=shardings)
     return state
 
   @property

@@ -115,16 +115,22 @@ def _start_uninterrupted(config, overrides, workdir):
   config_file = os.path.join(folder, f"no_evals_{config}")
   with open(config_file, "w", encoding="utf-8") as f:
     f.write(NO_EVALS.format(repo=REPO, module=config.removesuffix(".py")))
-  # Its output goes to a file: nobody reads a pipe while the other run is the test's business.
-  with open(workdir + ".out", "w", encoding="utf-8") as out:
-    proc = subprocess.Popen(_command(workdir, (), config_file, overrides), cwd=REPO, env=_env(),
-                            stdout=out, stderr=subprocess.STDOUT, text=True)
-  proc.output_file = workdir + ".out"
+  return _start_logged(_command(workdir, (), config_file, overrides), workdir + ".out")
+
+
+def _start_logged(command, log):
+  """`command` started on DEVICES CPU devices, its output going to the file `log`: no pipe is
+  left unread while the test is busy with another run."""
+  with open(log, "w", encoding="utf-8") as out:
+    proc = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT,
+                            text=True)
+  proc.output_file = log
   return proc
 
 
 def _wait(proc):
-  """The output of a run _start_uninterrupted started, once it has finished, exit status 0."""
+  """The output of a run _start_logged started, once it has finished with exit status 0 on
+  DEVICES CPU devices."""
   proc.wait(timeout=900)
   with open(proc.output_file, encoding="utf-8") as f:
     out = f.read()
@@ -164,7 +170,8 @@ def test_sigkill_after_a_checkpoint_then_restart_is_exact(reference, tmp_path):
 def test_mixed_config_with_grain_workers_resumes_exactly_after_sigkill(tmp_path):
   """The whole process group (the trainer and its 2 grain workers) is killed once checkpoint 2 is
   complete; the restart resumes from a checkpoint, not from step 0, and ends bit-identical."""
-  reference = _start_uninterrupted("flava.py", MIXED, str(tmp_path / "uninterrupted" / "run"))
+  reference_dir = str(tmp_path / "uninterrupted" / "run")
+  reference = _start_uninterrupted("flava.py", MIXED, reference_dir)
   workdir = str(tmp_path / "run")
   proc = _start(workdir, config="flava.py", overrides=MIXED, start_new_session=True)
   lines = _read_until(proc, "checkpoint 4 saving")  # so checkpoint 2 is complete
@@ -177,8 +184,7 @@ def test_mixed_config_with_grain_workers_resumes_exactly_after_sigkill(tmp_path)
   out = _finish(workdir, "flava.py", MIXED)
   assert 2 <= _resumed_from(out) < MIXED_STEPS, out[-2000:]
   assert_trees_equal(warm_start.read_workdir_params(workdir, "run"),
-                     warm_start.read_workdir_params(str(tmp_path / "uninterrupted" / "run"),
-                                                    "reference"))
+                     warm_start.read_workdir_params(reference_dir, "reference"))
 
 
 def test_sigterm_saves_exits_cleanly_and_resumes_exactly(reference, tmp_path):

@@ -88,7 +88,7 @@ class ContrastiveTowers:
     return nn.meta.unbox(run_once.jit(self._init)(rng))
 
   def logical_axes(self) -> Any:
-    return nn.get_partition_spec(jax.eval_shape(self._init, jax.random.key(0)))
+    return self.abstract_params()[1]
 
   def abstract_params(self) -> tuple[Any, Any]:
     return from_boxed(jax.eval_shape(self._init, jax.random.key(0)))

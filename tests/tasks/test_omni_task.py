@@ -142,7 +142,8 @@ def test_sigkill_through_the_binary_then_restart_is_exact(tmp_path):
   from flava_jax.data import embedded  # pylint: disable=import-outside-toplevel
   from tests.processes import child_env  # pylint: disable=import-outside-toplevel
   from tests.tasks.test_blip_task import _newest_state  # pylint: disable=C0415
-  from tests.test_resume_process import REPO, _read_until, _resumed_from  # pylint: disable=C0415
+  from tests.test_resume_process import (  # pylint: disable=import-outside-toplevel
+      REPO, _read_until, _resumed_from, _start_logged, _wait)
 
   corpus = tmp_path / "spoken"
   corpus.mkdir()
@@ -158,10 +159,9 @@ def test_sigkill_through_the_binary_then_restart_is_exact(tmp_path):
   command = lambda workdir: [sys.executable, "-m", "flava_jax.main", f"--config={config_file}",
                              f"--workdir={workdir}"]
   # The uninterrupted run and the run to be killed are independent: they run at the same time
-  # (each compiles on a core of its own). Its output goes to a file (no pipe left unread).
-  with open(tmp_path / "uninterrupted.out", "w", encoding="utf-8") as log:
-    uninterrupted = subprocess.Popen(command(str(tmp_path / "uninterrupted")), cwd=REPO,
-                                     env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+  # (each compiles on a core of its own).
+  uninterrupted = _start_logged(command(str(tmp_path / "uninterrupted")),
+                                str(tmp_path / "uninterrupted.out"))
   workdir = str(tmp_path / "run")
   proc = subprocess.Popen(command(workdir), cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
@@ -170,10 +170,7 @@ def test_sigkill_through_the_binary_then_restart_is_exact(tmp_path):
   proc.kill()
   proc.wait()
   assert proc.returncode == -signal.SIGKILL
-  uninterrupted.wait(timeout=900)
-  out = (tmp_path / "uninterrupted.out").read_text(encoding="utf-8")
-  assert uninterrupted.returncode == 0, out[-3000:]
-  assert "on 1 cpu device(s)" in out, out[:2000]
+  _wait(uninterrupted)  # on one CPU device, as the runs below (child_env(devices=1))
   ref_step, reference = _newest_state(str(tmp_path / "uninterrupted"))
   done = subprocess.run(command(workdir), cwd=REPO, env=env, capture_output=True, text=True,
                         check=False, timeout=900)
