@@ -76,16 +76,21 @@ def test_one_failing_process_fails_the_job_and_the_others_are_stopped():
 def test_a_signal_to_the_launcher_reaches_every_process_once():
   """SIGTERM to the launcher, once its processes have their handlers: each handler runs once
   (a second SIGTERM would fail the process), and the job exits 0."""
+  # The handler only writes to a pipe that the main thread reads: a handler that set a
+  # threading.Event could deadlock when the signal lands while the main thread holds the
+  # Event's lock inside wait() (CI saw one process hang so).
   code = """
-      import os, signal, sys, threading
-      got = threading.Event()
+      import os, signal
+      readable, writable = os.pipe()
+      got = []
       def handle(*args):
-          if got.is_set():
+          if got:
               os._exit(9)
-          got.set()
+          got.append(1)
+          os.write(writable, b"x")
       signal.signal(signal.SIGTERM, handle)
       print("ready", flush=True)
-      got.wait()
+      os.read(readable, 1)
       print("stopped", flush=True)
   """
   proc = subprocess.Popen([sys.executable, "-m", "flava_jax.launch", "--processes=2", "--",
