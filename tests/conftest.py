@@ -136,16 +136,18 @@ def ctx():
 
 # --- the order of the tests ---------------------------------------------------------------
 
-# The longest files, longest first (each about 2-7 minutes on 2 cores, 2026-12-03). With
-# pytest-xdist's workers (`-n 2 --dist loadfile --no-loadscope-reorder`; its `loadgroup` does not
-# group under pytest 9) they start first, so that none starts last and runs alone while the other
-# worker has nothing left. One process runs them first too, which changes nothing.
+# The longest files, longest first (their times on a worker of a 2-worker run, 2026-12-04: from
+# 520 s for the multi-process jobs down to 100 s for parity). With pytest-xdist's workers (`-n 2
+# --dist loadfile --no-loadscope-reorder`, pyproject.toml; its `loadgroup` does not group under
+# pytest 9) they start first, so that none starts last and runs alone while the other worker has
+# nothing left. The evaluate binary's tests come before the evaluators': they make the trained
+# workdir both use (a worker that needs it while the other makes it waits).
 LONGEST_FIRST = ("tests/multihost/test_multihost.py", "tests/test_notebooks.py",
-                 "tests/evals/test_evaluate_binary.py", "tests/test_resume_process.py",
-                 "tests/tasks/test_omni_task.py", "tests/tasks/test_flava_task.py",
+                 "tests/tasks/test_omni_task.py", "tests/test_resume_process.py",
+                 "tests/tasks/test_flava_task.py", "tests/evals/test_evaluate_binary.py",
                  "tests/tasks/test_blip_task.py", "tests/test_sharded_step.py",
-                 "tests/evals/test_evaluators.py", "tests/test_capfilt.py",
-                 "tests/models/test_parity.py")
+                 "tests/evals/test_evaluators.py", "tests/test_trainer.py", "tests/test_stages.py",
+                 "tests/test_capfilt.py", "tests/models/test_parity.py")
 
 
 def pytest_collection_modifyitems(items):
