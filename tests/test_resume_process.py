@@ -170,8 +170,10 @@ def test_sigkill_after_a_checkpoint_then_restart_is_exact(reference, tmp_path):
 def test_mixed_config_with_grain_workers_resumes_exactly_after_sigkill(tmp_path):
   """The whole process group (the trainer and its 2 grain workers) is killed once checkpoint 2 is
   complete; the restart resumes from a checkpoint, not from step 0, and ends bit-identical."""
+  # The uninterrupted run starts once the killed run has compiled its step: it and the restart
+  # then read the step from the session's compilation cache (run beside each other, the two
+  # first runs would each compile it: on 2 busy cores, that is the test's largest cost).
   reference_dir = str(tmp_path / "uninterrupted" / "run")
-  reference = _start_uninterrupted("flava.py", MIXED, reference_dir)
   workdir = str(tmp_path / "run")
   proc = _start(workdir, config="flava.py", overrides=MIXED, start_new_session=True)
   lines = _read_until(proc, "checkpoint 4 saving")  # so checkpoint 2 is complete
@@ -180,8 +182,9 @@ def test_mixed_config_with_grain_workers_resumes_exactly_after_sigkill(tmp_path)
   assert proc.returncode == -signal.SIGKILL
   compiled = {l.split()[2] for l in lines if l.startswith("compiled the ")}
   assert compiled == {"paired", "image", "text"}, "".join(lines[-30:])  # all three drawn
-  _wait(reference)
+  reference = _start_uninterrupted("flava.py", MIXED, reference_dir)
   out = _finish(workdir, "flava.py", MIXED)
+  _wait(reference)
   assert 2 <= _resumed_from(out) < MIXED_STEPS, out[-2000:]
   assert_trees_equal(warm_start.read_workdir_params(workdir, "run"),
                      warm_start.read_workdir_params(reference_dir, "reference"))

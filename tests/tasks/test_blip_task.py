@@ -205,8 +205,9 @@ def test_momentum_queues_and_pointer_resume_bit_exactly_after_sigkill(tmp_path):
                "checkpoint.every_steps": 2, "optimizer.warmup_steps": 2,
                "loss.queue_size": 48,  # 3 batches: the pointer wraps mid-run
                **SMALL}
-  # The uninterrupted run and the run to be killed are independent: they run at the same time.
-  uninterrupted = _start_uninterrupted("blip.py", overrides, str(tmp_path / "uninterrupted"))
+  # The uninterrupted run starts once the killed run has compiled its step: it and the restart
+  # then read the step from the session's compilation cache (run beside each other, the two
+  # first runs would each compile it: on 2 busy cores, that is the test's largest cost).
   workdir = str(tmp_path / "run")
   proc = _start(workdir, config="blip.py", overrides=overrides)
   lines = _read_until(proc, "checkpoint 4 saving")  # so checkpoint 2 is complete
@@ -214,9 +215,10 @@ def test_momentum_queues_and_pointer_resume_bit_exactly_after_sigkill(tmp_path):
   proc.kill()
   proc.wait()
   assert proc.returncode == -signal.SIGKILL
+  uninterrupted = _start_uninterrupted("blip.py", overrides, str(tmp_path / "uninterrupted"))
+  out = _finish(workdir, config="blip.py", overrides=overrides)
   _wait(uninterrupted)
   ref_step, reference = _newest_state(str(tmp_path / "uninterrupted"))
-  out = _finish(workdir, config="blip.py", overrides=overrides)
   assert 2 <= _resumed_from(out) < steps, out[-2000:]
   step, state = _newest_state(workdir)
   assert step == ref_step == steps
