@@ -107,9 +107,13 @@ def get_config(arg=None):
 
 def _start_uninterrupted(config, overrides, workdir):
   """The binary's run of `configs/{config}` with `overrides`, without its evaluations, started
-  (not waited for: a test runs it beside the run it interrupts, each on a core). (The binary,
-  not this process: a process with one CPU device and one with 8 that trains on one of them do
-  not round alike.)"""
+  (not waited for). (The binary, not this process: a process with one CPU device and one with 8
+  that trains on one of them do not round alike.)
+
+  The SIGKILL tests start it after the kill, beside the restart: the killed run has compiled the
+  step by then, and both read it from the session's compilation cache. Started beside the run
+  to be killed, it would compile the step a second time, the test's largest cost on 2 busy
+  cores."""
   folder = os.path.dirname(workdir)
   os.makedirs(folder, exist_ok=True)
   config_file = os.path.join(folder, f"no_evals_{config}")
@@ -170,9 +174,7 @@ def test_sigkill_after_a_checkpoint_then_restart_is_exact(reference, tmp_path):
 def test_mixed_config_with_grain_workers_resumes_exactly_after_sigkill(tmp_path):
   """The whole process group (the trainer and its 2 grain workers) is killed once checkpoint 2 is
   complete; the restart resumes from a checkpoint, not from step 0, and ends bit-identical."""
-  # The uninterrupted run starts once the killed run has compiled its step: it and the restart
-  # then read the step from the session's compilation cache (run beside each other, the two
-  # first runs would each compile it: on 2 busy cores, that is the test's largest cost).
+  # The uninterrupted reference starts after the kill (see _start_uninterrupted).
   reference_dir = str(tmp_path / "uninterrupted" / "run")
   workdir = str(tmp_path / "run")
   proc = _start(workdir, config="flava.py", overrides=MIXED, start_new_session=True)

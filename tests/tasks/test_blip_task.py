@@ -205,9 +205,7 @@ def test_momentum_queues_and_pointer_resume_bit_exactly_after_sigkill(tmp_path):
                "checkpoint.every_steps": 2, "optimizer.warmup_steps": 2,
                "loss.queue_size": 48,  # 3 batches: the pointer wraps mid-run
                **SMALL}
-  # The uninterrupted run starts once the killed run has compiled its step: it and the restart
-  # then read the step from the session's compilation cache (run beside each other, the two
-  # first runs would each compile it: on 2 busy cores, that is the test's largest cost).
+  # The uninterrupted reference starts after the kill (see _start_uninterrupted).
   workdir = str(tmp_path / "run")
   proc = _start(workdir, config="blip.py", overrides=overrides)
   lines = _read_until(proc, "checkpoint 4 saving")  # so checkpoint 2 is complete

@@ -17,9 +17,7 @@ OVERRIDES = {"global_batch": 16, "total_steps": STEPS, "log_every_steps": 1,
 
 
 def test_clip_trains_through_the_binary_and_resumes_exactly_after_sigkill(tmp_path):
-  # The uninterrupted run starts once the killed run has compiled its step: it and the restart
-  # then read the step from the session's compilation cache (run beside each other, the two
-  # first runs would each compile it: on 2 busy cores, that is the test's largest cost).
+  # The uninterrupted reference starts after the kill (see _start_uninterrupted).
   workdir = str(tmp_path / "run")
   proc = _start(workdir, config="clip.py", overrides=OVERRIDES)
   lines = _read_until(proc, "checkpoint 4 saving")  # so checkpoint 2 is complete

@@ -158,9 +158,7 @@ def test_sigkill_through_the_binary_then_restart_is_exact(tmp_path):
   env = child_env(devices=1)
   command = lambda workdir: [sys.executable, "-m", "flava_jax.main", f"--config={config_file}",
                              f"--workdir={workdir}"]
-  # The uninterrupted run starts once the killed run has compiled its step: it and the restart
-  # then read the step from the session's compilation cache (run beside each other, the two
-  # first runs would each compile it: on 2 busy cores, that is the test's largest cost).
+  # The uninterrupted reference starts after the kill (see _start_uninterrupted).
   workdir = str(tmp_path / "run")
   proc = subprocess.Popen(command(workdir), cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
