@@ -19,7 +19,7 @@ from typing import Any
 
 import jax
 
-from flava_jax import sharding, tasks, train, warm_start
+from flava_jax import multihost, sharding, tasks, train, warm_start
 from flava_jax.data import pipeline
 from flava_jax.parse import as_dict, dataclass_from_dict
 
@@ -209,7 +209,7 @@ class Experiment:
     frozen = self.task.init_frozen(self.run.seed, self.run.init, kinds)
     if frozen is None:
       return None
-    return jax.device_put(frozen, sharding.replicated(self.mesh))
+    return multihost.put_same(frozen, sharding.replicated(self.mesh))
 
   def abstract_frozen(self) -> Any:
     replicated = sharding.replicated(self.mesh)

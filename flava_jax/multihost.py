@@ -20,10 +20,12 @@ FLAVA_JAX_HEARTBEAT_SECONDS (default 100).
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import os
 import sys
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -129,6 +131,38 @@ def sum_counts(counts: Mapping[str, int]) -> dict[str, int]:
 def broadcast_text(text: str) -> str:
   """Process 0's `text` in every process (all processes call it)."""
   return gather_texts(text)[0]
+
+
+def put_same(tree: Any, shardings: Any) -> Any:
+  """jax.device_put of host values every process holds alike (a dVAE's weights, a pretrained
+  file's parameters) onto shardings that may span processes.
+
+  Given host values and a sharding over several processes, jax.device_put checks that every
+  process passed the same value, with one collective per leaf: 113 of them for the tiny FLAVA's
+  dVAE, about 12 s in a 2-process job on this machine. Here the whole tree is checked at once
+  (a digest of its bytes, compared across processes: one collective) and each process places
+  its own shards. A process holding other values fails in every process with the same error.
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+  leaves, treedef = jax.tree.flatten(tree)
+  digest = hashlib.sha256()
+  for leaf in leaves:
+    leaf = np.asarray(leaf)
+    digest.update(f"{leaf.dtype.str}{leaf.shape}".encode())
+    digest.update(np.ascontiguousarray(leaf).tobytes())
+  digests = gather_texts(digest.hexdigest())
+  if len(set(digests)) > 1:
+    differ = [i for i, d in enumerate(digests) if d != digests[0]]
+    raise ValueError(f"process(es) {differ} hold other values than process 0 for the same "
+                     f"{len(leaves)} arrays (a file that differs between hosts?)")
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = [shardings] * len(leaves)
+  else:
+    shardings = treedef.flatten_up_to(shardings)
+  placed = [jax.make_array_from_callback(np.shape(x), s, lambda index, x=x: np.asarray(x)[index])
+            for x, s in zip(leaves, shardings)]
+  return jax.tree.unflatten(treedef, placed)
 
 
 def barrier(name: str) -> None:

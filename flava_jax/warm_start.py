@@ -28,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from flava_jax import checkpoint, convert
+from flava_jax import checkpoint, convert, multihost
 
 # A training workdir: checkpoints/STEP/state (Orbax) and the config it was trained with.
 CHECKPOINT_DIR = "checkpoints"
@@ -199,6 +199,7 @@ def replace_parts(target: Mapping, source: Mapping, parts: tuple[str, ...] | Non
                      f"{['/'.join(p) for p in missing[:5]]}, unexpected "
                      f"{['/'.join(p) for p in extra[:5]]}")
   new = dict(flat_target)
+  values = {}
   for p in wanted:
     old, value = flat_target[p], flat_source[p]
     if p[-1] == "pos_embed" and tuple(np.shape(value)) != tuple(old.shape):
@@ -206,7 +207,11 @@ def replace_parts(target: Mapping, source: Mapping, parts: tuple[str, ...] | Non
     if tuple(np.shape(value)) != tuple(old.shape):
       raise ValueError(f"{field}: {'/'.join(p)} has shape {tuple(np.shape(value))} in the "
                        f"source and {tuple(old.shape)} in this model (config.model differs)")
-    new[p] = jax.device_put(np.asarray(value, dtype=old.dtype), getattr(old, "sharding", None))
+    values[p] = np.asarray(value, dtype=old.dtype)
+  targets = {p: getattr(flat_target[p], "sharding", None) for p in values}
+  if all(t is not None for t in targets.values()):
+    values = multihost.put_same(values, targets)  # one check that every process read the same
+  new.update({p: jax.device_put(v, targets[p]) for p, v in values.items()})
   return _unflat(new), len(wanted)
 
 

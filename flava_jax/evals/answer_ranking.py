@@ -181,7 +181,7 @@ class Evaluator(finetune.Evaluator):
     jax.tree.map(finetune._check_shape, decoder, wanted)  # pylint: disable=protected-access
     target = jax.tree.map(lambda x: x.sharding, wanted)
     decoder = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=target)(
-        jax.device_put(jax.tree.map(np.asarray, jax.device_get(decoder)), target))
+        multihost.put_same(jax.tree.map(np.asarray, jax.device_get(decoder)), target))
     return state.replace(params=dict(state.params, answer_decoder=decoder)), shardings
 
   def _loss(self, params: Any, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:

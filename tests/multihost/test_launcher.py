@@ -108,3 +108,29 @@ def test_a_signal_to_the_launcher_reaches_every_process_once():
   out = "".join(seen) + proc.communicate(timeout=60)[0]
   assert proc.returncode == 0, out
   assert out.count("stopped") == 2 and "[process 1] stopped" in out
+
+
+def test_put_same_places_what_every_process_holds_and_refuses_values_that_differ():
+  """multihost.put_same in a 2 x 1-device job: each process gets its own shard of the values
+  both hold; values that differ between the processes fail in both, naming process 1."""
+  done = _job("""
+      import jax, numpy as np
+      from flava_jax import multihost
+      multihost.initialize(False)
+      mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+      split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+      replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+      placed = multihost.put_same({"a": np.arange(6.0).reshape(2, 3), "b": np.int32(7)},
+                                  {"a": split, "b": replicated})
+      (a,), (b,) = placed["a"].addressable_shards, placed["b"].addressable_shards
+      print("placed", jax.process_index(), a.data.tolist(), int(b.data), flush=True)
+      try:
+          multihost.put_same([np.full((2,), jax.process_index())], replicated)
+      except ValueError as e:
+          print("refused:", e, flush=True)
+  """, processes=2, cpu_devices=1)
+  assert done.returncode == 0, done.stdout + done.stderr
+  assert "placed 0 [[0.0, 1.0, 2.0]] 7" in done.stdout, done.stdout + done.stderr
+  assert "[process 1] placed 1 [[3.0, 4.0, 5.0]] 7" in done.stderr
+  refusal = "refused: process(es) [1] hold other values than process 0 for the same 1 arrays"
+  assert refusal in done.stdout and f"[process 1] {refusal}" in done.stderr
