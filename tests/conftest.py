@@ -33,11 +33,11 @@ import jax  # noqa: E402
 
 from tests.processes import xla_flags  # noqa: E402
 
-# 8 fake CPU devices, and a CPU backend that compiles without LLVM's optimisation
-# (flava_jax/run_once.py): the tests compile far more than they run (most run a step or a few),
-# and every test and the binaries they start (which inherit XLA_FLAGS) compile faster. Figures
-# are within float32 rounding of an optimised build's; bit-exact checks compare runs made under
-# the same flags. XLA reads the flags when the first device is asked for, after this.
+# 8 fake CPU devices, and a CPU backend that compiles cheaply (no LLVM optimisation, XLA's loop
+# emitters; flava_jax/run_once.py): the tests compile far more than they run (most run a step or
+# a few), and every test and the binaries they start (which inherit XLA_FLAGS) compile faster.
+# Figures are within float32 rounding of an optimised build's; bit-exact checks compare runs made
+# under the same flags. XLA reads the flags when the first device is asked for, after this.
 os.environ.setdefault("XLA_FLAGS", xla_flags())
 
 jax.config.update("jax_default_matmul_precision", "highest")

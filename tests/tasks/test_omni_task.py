@@ -2,8 +2,8 @@
 gradient on meshes (8,1,1), (4,2,1) and (2,2,2) equal one device's; the step glues
 each objective to the right positions (a modality left out of every row contributes no token-
 level loss, and removing it changes what the others see); the step's arrays and FLOPs; start-up
-errors; the binary killed (SIGKILL) after a checkpoint and restarted ends bit-identical to an
-uninterrupted run."""
+errors; the bench and AOT tools on its step; the binary killed (SIGKILL) after a checkpoint and
+restarted ends bit-identical to an uninterrupted run."""
 
 import jax
 import numpy as np
@@ -110,6 +110,22 @@ def test_start_up_errors_name_the_field():
     experiment.Experiment(config)
   with pytest.raises(ValueError, match="tiny or base"):
     omni_configs.get_config("huge")
+
+
+def test_the_step_is_benched_and_compiled_ahead_of_time():
+  """The bench and AOT tools run the tri-modal step: timed on one CPU device, compiled for an
+  abstract v5p slice of 4 chips (libtpu; 3 rows each, the match task's least)."""
+  from flava_jax.tools import aot, bench  # pylint: disable=import-outside-toplevel
+  config = bench.bench_config(small_config(dict(data=1, fsdp=1, tensor=1)), 12, 0, 0)
+  tool = bench.Bench(config, jax.devices()[:1])
+  timing = tool.time("trimodal", 12, steps=2, warmup=1)
+  assert timing.flops_per_step == tool.exp.step_flops("trimodal", 12) > 0
+  assert timing.step_seconds > 0
+  config.sharding.mesh = dict(data=-1, fsdp=1, tensor=1)
+  reports, shardings = aot.compile_steps(config, aot.tpu_devices("v5p:2x2x1"))
+  assert [r.kind for r in reports] == ["trimodal"]
+  assert reports[0].temp_bytes > 0 and reports[0].argument_bytes > 0
+  assert set(shardings) == set(tool.exp.groups())
 
 
 KILL_STEPS = 6
