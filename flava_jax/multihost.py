@@ -146,9 +146,9 @@ def put_same(tree: Any, shardings: Any) -> Any:
   if jax.process_count() == 1:
     return jax.device_put(tree, shardings)
   leaves, treedef = jax.tree.flatten(tree)
+  leaves = [np.asarray(leaf) for leaf in leaves]  # on the host once: digested, then sliced
   digest = hashlib.sha256()
   for leaf in leaves:
-    leaf = np.asarray(leaf)
     digest.update(f"{leaf.dtype.str}{leaf.shape}".encode())
     digest.update(np.ascontiguousarray(leaf).tobytes())
   digests = gather_texts(digest.hexdigest())
@@ -160,7 +160,7 @@ def put_same(tree: Any, shardings: Any) -> Any:
     shardings = [shardings] * len(leaves)
   else:
     shardings = treedef.flatten_up_to(shardings)
-  placed = [jax.make_array_from_callback(np.shape(x), s, lambda index, x=x: np.asarray(x)[index])
+  placed = [jax.make_array_from_callback(x.shape, s, lambda index, x=x: x[index])
             for x, s in zip(leaves, shardings)]
   return jax.tree.unflatten(treedef, placed)
 

@@ -210,8 +210,9 @@ def replace_parts(target: Mapping, source: Mapping, parts: tuple[str, ...] | Non
     values[p] = np.asarray(value, dtype=old.dtype)
   targets = {p: getattr(flat_target[p], "sharding", None) for p in values}
   if all(t is not None for t in targets.values()):
-    values = multihost.put_same(values, targets)  # one check that every process read the same
-  new.update({p: jax.device_put(v, targets[p]) for p, v in values.items()})
+    new.update(multihost.put_same(values, targets))  # one check that every process read the same
+  else:
+    new.update({p: jax.device_put(v, targets[p]) for p, v in values.items()})
   return _unflat(new), len(wanted)
 
 
