@@ -85,6 +85,23 @@ class BlipLossConfig:
     return self
 
 
+def random_pairs(model_config: BlipConfig, text_length: int, rows: int, seed: int = 0
+                 ) -> dict[str, np.ndarray]:
+  """Random pixels and captions of random lengths: [CLS] ids [SEP] then padding (the bench's
+  batches, ours and the PyTorch peer's)."""
+  rng, size, text = np.random.default_rng(seed), model_config.image.image_size, model_config.text
+  length = text_length
+  words = rng.integers(5, min(text.bos_token_id, text.enc_token_id), (rows, length))
+  used = rng.integers(3, length + 1, rows)
+  position = np.arange(length)[None]
+  ids = np.where(position < used[:, None] - 1, words, text.pad_token_id)
+  ids[:, 0] = 2 if text.sep_token_id != 2 else 1  # some [CLS]-like id
+  ids[np.arange(rows), used - 1] = text.sep_token_id
+  return {"pixels": rng.integers(0, 256, (rows, size, size, 3), dtype=np.uint8),
+          "input_ids": ids.astype(np.int32),
+          "attention_mask": (position < used[:, None]).astype(np.int32)}
+
+
 def decays(path: tuple[str, ...]) -> bool:
   """Every parameter gets weight decay: the reference's AdamW takes model.parameters() whole."""
   del path
@@ -187,19 +204,16 @@ class BlipTask(Task):
             "attention_mask": jax.ShapeDtypeStruct((rows, length), jnp.int32)}
 
   def random_batch(self, kind: str, rows: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random pixels and captions of random lengths: [CLS] ids [SEP] then padding."""
-    rng, spec = np.random.default_rng(seed), self.batch_spec(kind, rows)
-    text = self.model_config.text
-    length = self.text_length
-    words = rng.integers(5, min(text.bos_token_id, text.enc_token_id), (rows, length))
-    used = rng.integers(3, length + 1, rows)
-    position = np.arange(length)[None]
-    ids = np.where(position < used[:, None] - 1, words, text.pad_token_id)
-    ids[:, 0] = 2 if text.sep_token_id != 2 else 1  # some [CLS]-like id
-    ids[np.arange(rows), used - 1] = text.sep_token_id
-    return {"pixels": rng.integers(0, 256, spec["pixels"].shape, dtype=np.uint8),
-            "input_ids": ids.astype(np.int32),
-            "attention_mask": (position < used[:, None]).astype(np.int32)}
+    return random_pairs(self.model_config, self.text_length, rows, seed)
+
+  def peer_request(self) -> dict[str, Any]:
+    """What the bench's PyTorch peer (tools/peer_blip.py: transformers' BLIP modules in the
+    reference's pretraining step) builds its model and random batches from."""
+    loss = self.loss_config
+    return dict(family="blip", model=self.model_config.to_dict(), text_length=self.text_length,
+                loss=dict(queue_size=loss.queue_size, momentum=loss.momentum, alpha=loss.alpha,
+                          itc=loss.itc, itm=loss.itm, lm=loss.lm,
+                          label_smoothing=loss.label_smoothing))
 
   # --- state --------------------------------------------------------------------------------
 

@@ -282,7 +282,8 @@ class FlavaTask(Task):
   def peer_request(self) -> dict[str, Any]:
     """What the bench's PyTorch peer (tools/peer.py: transformers' FlavaForPreTraining) builds
     its model and random batches from."""
-    return dict(model=self.model_config.to_dict(), dvae=self.dvae_config.to_dict(),
+    return dict(family="flava", model=self.model_config.to_dict(),
+                dvae=self.dvae_config.to_dict(),
                 shapes=self.batch_shapes(self.data_cfg).to_dict())
 
   def random_batch(self, kind: str, rows: int, seed: int = 0) -> dict[str, np.ndarray]:

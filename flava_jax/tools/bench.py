@@ -4,15 +4,17 @@
         [--peer=transformers] [--kinds=paired] [--max_batch] [--memory_limit_gib=79.6]
 
 For each batch kind of the config's task (FLAVA's paired: GC + MMM + ITM with the dVAE's
-targets; image: MIM; text: MLM) it compiles the sharded, donated train step on random batches of the config's shapes, runs warm-up
-steps, then times steps one by one with the device synchronised and prints: examples/s, the
+targets; image: MIM; text: MLM) it compiles the sharded, donated train step on random batches of
+the config's shapes, runs warm-up steps, then times steps one by one with the device synchronised and prints: examples/s, the
 median step time, FLOPs per step (analytic, and XLA's cost analysis, which counts a scanned
 layer stack's body once), TFLOP/s, MFU against the device's bf16 peak and peak device memory.
 --max_batch finds the largest batch whose step fits in the device memory (or
 --memory_limit_gib): compiled memory is linear in the batch, so two compiles predict it, a
-third checks it and one step runs it. --peer=transformers (FLAVA's tasks) also times
-transformers' FlavaForPreTraining in a child process (eager and torch.compile, bf16 autocast on CUDA; flava_jax/tools/peer.py) on the
-same shapes and prints the ratios. --json_out writes every figure. Nothing here asserts a speed.
+third checks it and one step runs it. --peer=transformers also times the reference's step in
+PyTorch in a child process (FLAVA: transformers' FlavaForPreTraining; BLIP: the reference's
+pretraining step on transformers' BLIP modules; eager and torch.compile, bf16 autocast on CUDA;
+flava_jax/tools/peer.py) on the same shapes and prints the ratios. --json_out writes every
+figure. Nothing here asserts a speed.
 """
 
 from __future__ import annotations
@@ -218,8 +220,7 @@ def device_memory_limit(devices: list[Any]) -> float | None:
 def run_peer(config: Any, kinds: tuple[str, ...], modes: tuple[str, ...], steps: int,
              warmup: int, max_batch_kinds: tuple[str, ...], memory_limit: float | None,
              timeout: float = 3600) -> dict[str, Any]:
-  """The task's PyTorch peer timed in a child process (FLAVA: transformers'
-  FlavaForPreTraining, flava_jax/tools/peer.py)."""
+  """The task's PyTorch peer timed in a child process (flava_jax/tools/peer.py)."""
   task = experiment.parse(config)[1]
   peer = task.peer_request() if hasattr(task, "peer_request") else None
   if peer is None:
@@ -396,7 +397,7 @@ def _bench(f):
     timings.append(timing)
     print(format_timing(timing), flush=True)
   if peer is not None:
-    print(f"peer: transformers FlavaForPreTraining on {peer['device']}, torch {peer['torch']}, "
+    print(f"peer: {peer.get('model', 'transformers')} on {peer['device']}, torch {peer['torch']}, "
           f"bf16 autocast {peer['autocast_bf16']}")
     for timing in peer_timings(peer, config.global_batch,
                                flop_counts.peak_flops_per_device(bench.devices[0])):

@@ -1,14 +1,15 @@
-"""The transformers peer of the bench tool: FlavaForPreTraining's train step, timed in PyTorch.
+"""The transformers peer of the bench tool: the reference's train step, timed in PyTorch.
 
 The bench (flava_jax/tools/bench.py) runs this module in a child process, so that PyTorch's and
 XLA's allocators never share the device:
 
     python -m flava_jax.tools.peer '{"model": {...}, "dvae": {...}, "kinds": ["paired"], ...}'
 
-It builds transformers' FlavaForPreTraining (with its image codebook) at the sizes of our config,
-feeds it random batches of the bench's shapes (the codebook computes the MIM/MMM targets, as in
-training) and times forward + backward + AdamW, eager and under torch.compile, with bf16 autocast
-on CUDA. It prints one JSON line: per mode and kind the step times, PyTorch's FLOP count of one
+For FLAVA it builds transformers' FlavaForPreTraining (with its image codebook) at the sizes of our
+config, feeds it random batches of the bench's shapes (the codebook computes the MIM/MMM targets,
+as in training); for BLIP (request "family": "blip") the reference's pretraining step on
+transformers' BLIP modules (peer_blip.py). It times forward + backward + AdamW, eager and under
+torch.compile, with bf16 autocast on CUDA. It prints one JSON line: per mode and kind the step times, PyTorch's FLOP count of one
 step, peak memory, and (eager, CUDA only) the largest batch that fits in the memory limit.
 """
 
@@ -22,13 +23,17 @@ from collections.abc import Callable
 from typing import Any
 
 from flava_jax.tasks import flava_batches as random_batches
+from flava_jax.tools import peer_blip
 
 
-def _inputs(kind: str, batch: int, shapes: dict[str, Any], seed: int, device: Any
+def _inputs(request: dict[str, Any], kind: str, batch: int, seed: int, device: Any
             ) -> dict[str, Any]:
-  """The bench's random batch of one kind (random_batches.py) as FlavaForPreTraining inputs."""
+  """The bench's random batch of one kind as the peer's inputs (FLAVA: random_batches.py as
+  FlavaForPreTraining's arguments)."""
   import torch  # pylint: disable=import-outside-toplevel
-  batch_shapes = random_batches.BatchShapes(**shapes)
+  if request.get("family") == "blip":
+    return peer_blip.inputs(request, batch, seed, device)
+  batch_shapes = random_batches.BatchShapes(**request["shapes"])
   ours = random_batches.random_batch(kind, batch, batch_shapes, seed)
   inputs = random_batches.transformers_inputs(kind, ours, batch_shapes.itm_negative_rate, seed)
   return {k: torch.from_numpy(v).to(device) for k, v in inputs.items()}
@@ -37,9 +42,13 @@ def _inputs(kind: str, batch: int, shapes: dict[str, Any], seed: int, device: An
 class PeerStep:
   """One FlavaForPreTraining train step (forward with every loss, backward, AdamW)."""
 
-  def __init__(self, hf_config: Any, device: Any, autocast: bool, compiled: bool):
+  def __init__(self, request: dict[str, Any], device: Any, autocast: bool, compiled: bool):
     import torch  # pylint: disable=import-outside-toplevel
     from transformers import FlavaForPreTraining  # pylint: disable=import-outside-toplevel
+    from flava_jax.convert import config_to_transformers  # pylint: disable=import-outside-toplevel
+    from flava_jax.models.config import DVAEConfig, FlavaConfig  # pylint: disable=import-outside-toplevel
+    hf_config = config_to_transformers(FlavaConfig.from_dict(request["model"]),
+                                       DVAEConfig.from_dict(request["dvae"]))
     torch.manual_seed(0)
     self.torch = torch
     self.device = device
@@ -84,11 +93,12 @@ def _flops(step: PeerStep, inputs: dict[str, Any]) -> float:
   return float(counter.get_total_flops())
 
 
-def _fits(step: PeerStep, kind: str, batch: int, shapes: dict, device: Any) -> float | None:
+def _fits(step: Any, request: dict[str, Any], kind: str, batch: int, device: Any
+          ) -> float | None:
   """Peak bytes of one step at `batch`, or None when it runs out of memory."""
   torch = step.torch
   try:
-    inputs = _inputs(kind, batch, shapes, 1, device)
+    inputs = _inputs(request, kind, batch, 1, device)
     torch.cuda.reset_peak_memory_stats()
     step(inputs)
     step.sync()
@@ -101,22 +111,22 @@ def _fits(step: PeerStep, kind: str, batch: int, shapes: dict, device: Any) -> f
     torch.cuda.empty_cache()
 
 
-def largest_batch(step: PeerStep, kind: str, start: int, limit: float, shapes: dict,
+def largest_batch(step: Any, request: dict[str, Any], kind: str, start: int, limit: float,
                   device: Any) -> dict[str, Any]:
   """The largest batch (a multiple of 8) whose eager step fits in `limit` bytes: peak memory is
   linear in the batch, so two measured points predict it, then runs confirm it."""
   high = start
-  while high >= 16 and _fits(step, kind, high, shapes, device) is None:
+  while high >= 16 and _fits(step, request, kind, high, device) is None:
     high //= 2
   low = high // 2
-  high_peak, low_peak = (_fits(step, kind, b, shapes, device) for b in (high, low))
+  high_peak, low_peak = (_fits(step, request, kind, b, device) for b in (high, low))
   if high_peak is None or low_peak is None or high_peak <= low_peak:
     return {"batch": None, "note": f"no linear fit from batches {low} and {high}"}
   per_example = (high_peak - low_peak) / (high - low)
   fixed = high_peak - per_example * high
   batch = int((limit - fixed) / per_example) // 8 * 8
   while batch >= 8:
-    peak = _fits(step, kind, batch, shapes, device)
+    peak = _fits(step, request, kind, batch, device)
     if peak is not None and peak <= limit:
       return {"batch": batch, "peak_bytes": peak, "per_example_bytes": per_example,
               "fixed_bytes": fixed}
@@ -124,13 +134,14 @@ def largest_batch(step: PeerStep, kind: str, start: int, limit: float, shapes: d
   return {"batch": None, "note": "not even 8 rows fit"}
 
 
+# What the peer of each family is, as the bench prints it.
+MODELS = {"flava": "transformers FlavaForPreTraining",
+          "blip": "the reference BLIP pretraining step on transformers' BLIP modules"}
+
+
 def run(request: dict[str, Any]) -> dict[str, Any]:
   import torch  # pylint: disable=import-outside-toplevel
-  from flava_jax.convert import config_to_transformers  # pylint: disable=import-outside-toplevel
-  from flava_jax.models.config import DVAEConfig, FlavaConfig  # pylint: disable=import-outside-toplevel
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-  hf_config = config_to_transformers(FlavaConfig.from_dict(request["model"]),
-                                     DVAEConfig.from_dict(request["dvae"]))
   autocast = device.type == "cuda" and request.get("autocast", True)
   limit = request.get("memory_limit_bytes") or 0
   if device.type == "cuda":
@@ -139,10 +150,11 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
     torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), device)
   result: dict[str, Any] = {
       "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-      "torch": torch.__version__, "autocast_bf16": autocast, "modes": {}}
+      "torch": torch.__version__, "autocast_bf16": autocast, "modes": {},
+      "model": MODELS[request.get("family", "flava")]}
   for mode in request["modes"]:
     try:
-      result["modes"][mode] = _run_mode(mode, request, hf_config, device, autocast, limit)
+      result["modes"][mode] = _run_mode(mode, request, device, autocast, limit)
     except Exception as e:  # pylint: disable=broad-except  (one mode failing keeps the others)
       result["modes"][mode] = {"error": f"{type(e).__name__}: {str(e)[:2000]}"}
     if device.type == "cuda":
@@ -150,14 +162,15 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
   return result
 
 
-def _run_mode(mode: str, request: dict[str, Any], hf_config: Any, device: Any, autocast: bool,
-              limit: float) -> dict[str, Any]:
+def _run_mode(mode: str, request: dict[str, Any], device: Any, autocast: bool, limit: float
+              ) -> dict[str, Any]:
   import torch  # pylint: disable=import-outside-toplevel
-  batch, shapes = request["batch"], request["shapes"]
-  step = PeerStep(hf_config, device, autocast, compiled=mode == "compile")
+  batch = request["batch"]
+  make = peer_blip.BlipPeerStep if request.get("family") == "blip" else PeerStep
+  step = make(request, device, autocast, compiled=mode == "compile")
   per_kind = {}
   for kind in request["kinds"]:
-    inputs = _inputs(kind, batch, shapes, 0, device)
+    inputs = _inputs(request, kind, batch, 0, device)
     if device.type == "cuda":
       torch.cuda.reset_peak_memory_stats()
     # torch.compile compiles on the first calls: two more untimed steps
@@ -174,7 +187,7 @@ def _run_mode(mode: str, request: dict[str, Any], hf_config: Any, device: Any, a
   if mode == "eager" and device.type == "cuda":
     for kind in request.get("max_batch_kinds", []):
       per_kind.setdefault(kind, {})["largest_batch"] = largest_batch(
-          step, kind, batch, limit, shapes, device)
+          step, request, kind, batch, limit, device)
   return per_kind
 
 

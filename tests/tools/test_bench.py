@@ -10,10 +10,11 @@ import jax
 import numpy as np
 import pytest
 
+from configs import blip as blip_configs
 from configs import flava as flava_configs
 from flava_jax import experiment
 from flava_jax.tasks import flava_batches as random_batches
-from flava_jax.tools import bench
+from flava_jax.tools import bench, peer, peer_blip
 from tests.processes import child_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -88,3 +89,22 @@ def test_bench_binary_with_the_transformers_peer(tmp_path):
   # Two independent FLOP counts of the same step: our analytic one and PyTorch's counter (which
   # sees the heads on the labelled positions only, and no slot padding)
   assert 0.75 < theirs["flops_per_step"] / ours["flops_per_step"] < 1.1
+
+
+def test_blip_peer_trains_our_parameters_at_our_flop_count():
+  """BLIP's PyTorch peer (the reference's pretraining step on transformers' modules) has the
+  same trainable parameters as our model (the decoder sharing all but its self-attention), and
+  PyTorch's FLOP counter of its step agrees with our analytic count."""
+  task = experiment.parse(blip_configs.get_config("tiny"))[1]
+  request = dict(task.peer_request(), kinds=["paired"], modes=["eager"], batch=8, steps=1,
+                 warmup=0, max_batch_kinds=[], memory_limit_bytes=None)
+  model = peer_blip.build(request)
+  params = task.init_params(jax.random.key(0))
+  params = jax.tree.map(lambda x: getattr(x, "value", x), params,
+                        is_leaf=lambda x: hasattr(x, "value"))
+  assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sum(
+      np.size(x) for x in jax.tree.leaves(params))
+  assert model.image_queue.shape == (64, request["loss"]["queue_size"])
+  entry = peer.run(request)["modes"]["eager"]["paired"]
+  assert entry["step_seconds"] > 0
+  assert 0.9 < entry["flops_per_step"] / task.step_flops("paired", 8) < 1.1
