@@ -436,8 +436,8 @@ def apply_gradients(tx: optax.GradientTransformation, state: TrainState, grads: 
   extra = state.extra
   if task is not None:
     params, extra = task.after_update(params, extra, extra_update)
-  metrics = dict(metrics, grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
-                 update_norm=optax.global_norm(updates))
+  metrics = dict(metrics, grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
+                 update_norm=optax.tree.norm(updates))
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state, extra=extra), metrics
 
 

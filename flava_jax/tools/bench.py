@@ -229,13 +229,22 @@ def run_peer(config: Any, kinds: tuple[str, ...], modes: tuple[str, ...], steps:
                  steps=steps, warmup=warmup, max_batch_kinds=list(max_batch_kinds),
                  memory_limit_bytes=memory_limit)
   env = dict(os.environ, JAX_PLATFORMS="cpu")  # the child's jax (config code) stays off the GPU
-  proc = subprocess.run([sys.executable, "-m", "flava_jax.tools.peer", json.dumps(request)],
-                        capture_output=True, text=True, env=env, timeout=timeout, check=False)
-  for line in proc.stdout.splitlines():
-    if line.startswith("PEER_RESULT "):
-      return json.loads(line[len("PEER_RESULT "):])
-  raise RuntimeError(f"the transformers peer failed (exit {proc.returncode}):\n"
-                     f"{proc.stderr[-4000:]}")
+  try:
+    proc = subprocess.run([sys.executable, "-m", "flava_jax.tools.peer", json.dumps(request)],
+                          capture_output=True, text=True, env=env, timeout=timeout, check=False)
+    stdout, failure = proc.stdout, f"exit {proc.returncode}"
+    stderr = proc.stderr
+  except subprocess.TimeoutExpired as e:  # keep the modes it finished
+    as_text = lambda b: b.decode(errors="replace") if isinstance(b, bytes) else (b or "")  # noqa: E731
+    stdout, stderr = as_text(e.stdout), as_text(e.stderr)
+    failure = f"stopped after {timeout:.0f} s"
+  results = [line for line in stdout.splitlines() if line.startswith("PEER_RESULT ")]
+  if results:
+    result = json.loads(results[-1][len("PEER_RESULT "):])
+    for mode in modes:
+      result["modes"].setdefault(mode, {"error": f"not finished: {failure}"})
+    return result
+  raise RuntimeError(f"the transformers peer failed ({failure}):\n{stderr[-4000:]}")
 
 
 def peer_timings(result: dict[str, Any], batch: int, peak_flops: float | None
@@ -371,13 +380,22 @@ def _bench(f):
                              "variant": config.get("variant", ""),
                              "task": config.get("task", "flava")}
   peer = None
+
+  def write() -> None:  # after each figure: a run cut off still leaves the earlier ones
+    if f.json_out and multihost.is_primary():
+      with open(f.json_out + ".tmp", "w") as out:
+        json.dump(results, out, indent=1)
+      os.replace(f.json_out + ".tmp", f.json_out)
+
   if f.compile_cache_dir:  # a second run (or a later call on a warm machine) skips compiles
     jax.config.update("jax_compilation_cache_dir", f.compile_cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   if f.peer == "transformers":  # first: the child has the device to itself
     try:
-      peer = run_peer(config, kinds, tuple(f.peer_modes), f.steps, f.warmup, max_kinds, limit)
+      peer = run_peer(config, kinds, tuple(f.peer_modes), f.steps, f.warmup, max_kinds, limit,
+                      f.peer_timeout_s)
       results["peer"] = peer
+      write()
     except (RuntimeError, subprocess.TimeoutExpired) as e:  # ours is still worth measuring
       print(f"peer: {e}")
       results["peer_error"] = str(e)
@@ -396,6 +414,8 @@ def _bench(f):
     timing = bench.time(kind, config.global_batch, f.steps, f.warmup, f.profile_dir)
     timings.append(timing)
     print(format_timing(timing), flush=True)
+    results["timings"] = [t.to_dict() for t in timings]
+    write()
   if peer is not None:
     print(f"peer: {peer.get('model', 'transformers')} on {peer['device']}, torch {peer['torch']}, "
           f"bf16 autocast {peer['autocast_bf16']}")
@@ -412,6 +432,7 @@ def _bench(f):
     xla, fast = losses["xla"], losses[attention]
     print(f"attention check ({kinds[0]} loss, batch 8, the bench's parameters): xla {xla:.6f}, "
           f"{attention} {fast:.6f}, relative difference {abs(fast - xla) / abs(xla):.2e}")
+    write()
   if max_kinds:
     limit = limit or device_memory_limit(bench.devices)
     if limit is None:
@@ -422,6 +443,7 @@ def _bench(f):
         found = bench.largest_batch(kind, config.global_batch, limit,
                                     run=bench.devices[0].platform != "cpu")
         results["largest_batch"][kind] = found
+        write()
         line = (f"[{kind}] largest batch in {_gib(limit)}: flava_jax {found['batch']} "
                 f"(compiled {_gib(found.get('compiled_bytes'))} per device)")
         theirs = ((peer or {}).get("modes", {}).get("eager", {}).get(kind, {})
@@ -435,9 +457,7 @@ def _bench(f):
         "torch.compile | ours / compile | MFU | date):")
   for row in markdown_rows(timings, bench.devices[0].device_kind, config, results["date"]):
     print(row)
-  if f.json_out and multihost.is_primary():
-    with open(f.json_out, "w") as out:
-      json.dump(results, out, indent=1)
+  write()
 
 
 def define_flags() -> None:
@@ -454,6 +474,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("warmup", 3, "untimed steps after the compile")
   flags.DEFINE_enum("peer", "", ["", "transformers"], "also time this implementation")
   flags.DEFINE_list("peer_modes", ["eager", "compile"], "the peer's modes: eager, compile")
+  flags.DEFINE_float("peer_timeout_s", 3600, "stop the peer after this long (the modes it "
+                     "finished are kept)")
   flags.DEFINE_bool("max_batch", False, "find the largest batch that fits (ours and the peer's "
                     "eager step)")
   flags.DEFINE_list("max_batch_kinds", ["paired"], "batch kinds --max_batch searches")

@@ -11,6 +11,12 @@ pipeline:
 - the weighted mixture with --workers grain worker processes: examples/s in total and per worker.
 Both with and without `fast_decode` (JPEG DCT-domain downscaling) unless --fast_decode is given.
 Figures only: nothing here asserts a speed.
+
+    python -m flava_jax.tools.bench_data --write_corpus=DIR [--examples=512]
+
+only writes that corpus to DIR (DIR/paired, DIR/image, DIR/text) and prints the flags that train
+the binary on it (`python -m flava_jax.main --config=... FLAGS`), for a loop of the whole binary
+on a real pipeline.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ flags.DEFINE_integer("workers", 0, "grain worker processes for the mixture (0: o
 flags.DEFINE_integer("examples", 256, "distinct synthetic images written")
 flags.DEFINE_string("image_size", "640x480", "WIDTHxHEIGHT of the synthetic JPEGs")
 flags.DEFINE_enum("fast_decode", "both", ["both", "true", "false"], "which decode paths to time")
+flags.DEFINE_string("write_corpus", "", "only write the synthetic corpus to this directory and "
+                    "print the binary's flags that read it")
 
 CAPTION_WORDS = ("a man riding a wave on top of a surfboard in the ocean near a sandy beach with "
                  "two dogs and a red bus parked next to an old brick building").split()
@@ -66,6 +74,16 @@ def write_corpus(root: str, examples: int, width: int, height: int) -> dict[str,
     for chunk in embedded.text_examples():
       text.write({"text": chunk})
   return dirs
+
+
+def corpus_flags(dirs: dict[str, str]) -> list[str]:
+  """The binary's flags that train on write_corpus's shards, in _config's proportions."""
+  out = []
+  for kind, weight in (("paired", 0.7), ("image", 0.15), ("text", 0.15)):
+    out += [f"--config.data.corpora.{kind}.source=array_record",
+            f"--config.data.corpora.{kind}.paths={dirs[kind]}",
+            f"--config.data.corpora.{kind}.weight={weight}"]
+  return out
 
 
 def _config(base, dirs: dict[str, str], kinds: tuple[str, ...], batch: int, workers: int,
@@ -105,6 +123,13 @@ def main(argv):
   workers = f.workers or os.cpu_count() or 1
   decodes = {"both": (False, True), "true": (True,), "false": (False,)}[f.fast_decode]
   cfg = f.config
+  if f.write_corpus:
+    start = time.perf_counter()
+    dirs = write_corpus(f.write_corpus, f.examples, width, height)
+    print(f"wrote {f.examples} {width}x{height} JPEGs with captions and the embedded text to "
+          f"{f.write_corpus} in {time.perf_counter() - start:.1f} s; the binary's flags:")
+    print(" ".join(corpus_flags(dirs)))
+    return
   print(f"config {cfg.variant}: images {cfg.model.image.image_size} px (dVAE view "
         f"{cfg.model.image.image_size // cfg.model.image.patch_size * 8} px), paired text "
         f"{cfg.paired_text_length} tokens, text {cfg.text_length} tokens; JPEGs {width}x{height};"

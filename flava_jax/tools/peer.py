@@ -139,7 +139,9 @@ MODELS = {"flava": "transformers FlavaForPreTraining",
           "blip": "the reference BLIP pretraining step on transformers' BLIP modules"}
 
 
-def run(request: dict[str, Any]) -> dict[str, Any]:
+def run(request: dict[str, Any], report: Callable[[dict[str, Any]], None] | None = None
+        ) -> dict[str, Any]:
+  """Every mode's timings; `report` gets the result so far after each mode."""
   import torch  # pylint: disable=import-outside-toplevel
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   autocast = device.type == "cuda" and request.get("autocast", True)
@@ -159,6 +161,8 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
       result["modes"][mode] = {"error": f"{type(e).__name__}: {str(e)[:2000]}"}
     if device.type == "cuda":
       torch.cuda.empty_cache()
+    if report is not None:  # what is done so far, should the parent stop this process later
+      report(result)
   return result
 
 
@@ -193,7 +197,9 @@ def _run_mode(mode: str, request: dict[str, Any], device: Any, autocast: bool, l
 
 def main(argv: list[str]) -> None:
   request = json.loads(argv[1])
-  print("PEER_RESULT " + json.dumps(run(request)), flush=True)
+  # One line per finished mode, each holding all so far: the bench reads the last one, also
+  # from a peer it stopped at its time limit.
+  run(request, lambda result: print("PEER_RESULT " + json.dumps(result), flush=True))
 
 
 if __name__ == "__main__":
