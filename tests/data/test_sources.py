@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from flava_jax.data import build, embedded, records, sources, tokenizer
+from flava_jax.data import build, embedded, sources, tokenizer
 from tests.data import builds, helpers
 
 
