@@ -161,7 +161,8 @@ def build(request: dict[str, Any]) -> Any:
                              encoder_hidden_states=image_embeds,
                              encoder_attention_mask=image_atts, labels=lm_targets).loss
       total = loss["itc"] * itc + loss["itm"] * itm + loss["lm"] * lm
-      return total, image_feat_m, text_feat_m
+      parts = {"itc": itc.detach(), "itm": itm.detach(), "lm": lm.detach()}
+      return total, parts, image_feat_m, text_feat_m
 
   torch.manual_seed(0)
   return BlipPretrain()
@@ -184,7 +185,7 @@ class BlipPeerStep:
     torch = self.torch
     self.model.momentum_update()
     with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-      loss, image_feat_m, text_feat_m = self.forward(**batch)
+      loss, _, image_feat_m, text_feat_m = self.forward(**batch)
     loss.backward()
     self.optimizer.step()
     self.optimizer.zero_grad(set_to_none=True)

@@ -12,8 +12,9 @@ import pytest
 
 from configs import blip as blip_configs
 from configs import flava as flava_configs
-from flava_jax import experiment
+from flava_jax import convert_blip, experiment
 from flava_jax.tasks import flava_batches as random_batches
+from flava_jax.tasks.base import StepContext
 from flava_jax.tools import bench, peer, peer_blip
 from tests.processes import child_env
 
@@ -99,12 +100,51 @@ def test_blip_peer_trains_our_parameters_at_our_flop_count():
   request = dict(task.peer_request(), kinds=["paired"], modes=["eager"], batch=8, steps=1,
                  warmup=0, max_batch_kinds=[], memory_limit_bytes=None)
   model = peer_blip.build(request)
-  params = task.init_params(jax.random.key(0))
-  params = jax.tree.map(lambda x: getattr(x, "value", x), params,
-                        is_leaf=lambda x: hasattr(x, "value"))
+  params = _unboxed(task.init_params(jax.random.key(0)))
   assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sum(
       np.size(x) for x in jax.tree.leaves(params))
   assert model.image_queue.shape == (64, request["loss"]["queue_size"])
   entry = peer.run(request)["modes"]["eager"]["paired"]
   assert entry["step_seconds"] > 0
   assert 0.9 < entry["flops_per_step"] / task.step_flops("paired", 8) < 1.1
+
+
+def _unboxed(tree):
+  return jax.tree.map(lambda x: getattr(x, "value", x), tree, is_leaf=lambda x: hasattr(x, "value"))
+
+
+def test_blip_peer_computes_our_losses_on_our_weights(tmp_path):
+  """On our weights (through the converter), queues and batch, the peer's ITC, ITM and LM equal
+  our step's: with 2 rows, each row's hard negative is the other row for both."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from transformers import (  # pylint: disable=import-outside-toplevel
+      BlipForConditionalGeneration, BlipForImageTextRetrieval)
+  config = blip_configs.get_config("tiny")
+  config.global_batch, config.loss.queue_size, config.loss.alpha_ramp_steps = 2, 8, 0
+  task = experiment.parse(config)[1]
+  params = _unboxed(task.init_params(jax.random.key(0)))
+  extra = task.init_extra(jax.random.key(1), params)
+  batch = task.random_batch("paired", 2, seed=3)
+  ctx = StepContext(mesh=None, local_batch=2, step=0)
+  ours = jax.jit(lambda p, e, b: task.loss("paired", p, e, None, b, jax.random.key(0), ctx))(
+      params, extra, batch).metrics
+
+  request = task.peer_request()
+  model = peer_blip.build(request)
+  retrieval_dir, captioning_dir = convert_blip.to_transformers(task.model, params, str(tmp_path))
+  retrieval = BlipForImageTextRetrieval.from_pretrained(retrieval_dir)
+  captioning = BlipForConditionalGeneration.from_pretrained(captioning_dir)
+  model.text_decoder.load_state_dict(captioning.text_decoder.state_dict())
+  for name, theirs in (("vision", "vision_model"), ("text_encoder", "text_encoder"),
+                       ("vision_proj", "vision_proj"), ("text_proj", "text_proj"),
+                       ("itm_head", "itm_head")):
+    getattr(model, name).load_state_dict(getattr(retrieval, theirs).state_dict())
+  for momentum, online in zip(model.momentum, model.online):  # ours start equal too
+    momentum.load_state_dict(online.state_dict())
+  with torch.no_grad():
+    model.temp.fill_(float(params["temp"]))
+    model.image_queue.copy_(torch.from_numpy(np.array(extra["image_queue"]).T))
+    model.text_queue.copy_(torch.from_numpy(np.array(extra["text_queue"]).T))
+  _, theirs, _, _ = model(**peer_blip.inputs(request, 2, 3, torch.device("cpu")))
+  for name in ("itc", "itm", "lm"):
+    assert float(theirs[name]) == pytest.approx(float(ours[name]), rel=1e-4, abs=1e-5), name
