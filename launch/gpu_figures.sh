@@ -18,10 +18,11 @@
 #   unrolled   the paired step with unrolled layer stacks (model.scan_unroll=99)
 #   no_triton  the paired step with cuBLAS for every matmul (--xla_gpu_enable_triton_gemm=false)
 #   remat_full the largest paired batch with full rematerialisation (model.remat_policy=full)
-# No STAGE: the first seven, in that order. OUT_DIR (default: $OUT, else /tmp/gpu_figures) gets log.txt
-# (everything printed) and one STAGE.json per bench stage. BUDGET_S (default 470) bounds the
-# whole call: each stage stops at its own limit or when the budget is spent, and a stage that
-# would start with under 30 s left is skipped (run it in a second call). Where grain or
+# No STAGE: the first seven, in that order. OUT_DIR (default: $OUT, else /tmp/gpu_figures) gets
+# log.txt (everything printed), summary.txt (the figure lines) and one STAGE.json per bench
+# stage. BUDGET_S (default 470) bounds the whole call: each stage stops at its own limit or when
+# the budget is spent, and a stage that would start with under 30 s left is skipped (run it in a
+# second call). Where grain or
 # ml_collections is missing, .whl/'s wheels (launch/gpu_wheels.sh) are installed to /tmp/site.
 # TINY=1 runs the same stages on the tiny configs and small batches: a check on a CPU machine.
 set -uo pipefail
@@ -58,7 +59,8 @@ else
   # The largest batches in an H100 80GB's memory, as the reference figures (176 eager, 192
   # compiled) were measured, also on a larger GPU.
   batch=128 text=77 blip_batch=128 omni_batch=128 steps=10 warmup=3 memory=(--memory_limit_gib=79.6)
-  loop_steps=300 loop_log=25 examples=512 image=640x480 workers=$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))
+  loop_steps=300 loop_log=25 examples=512 image=640x480
+  workers=$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))
 fi
 
 say() { echo "$*" | tee -a "${log}"; }
@@ -80,7 +82,9 @@ stage() {
   local t0=$(date +%s) rc
   timeout --signal=TERM --kill-after=15 "${limit}" "$@" 2>&1 | tee -a "${log}"
   rc=${PIPESTATUS[0]}
-  say "== ${name}: exit ${rc}$( (( rc == 124 )) && echo ' (time limit)') after $(( $(date +%s) - t0 )) s"
+  local how="exit ${rc}"
+  (( rc == 124 )) && how+=" (time limit)"
+  say "== ${name}: ${how} after $(( $(date +%s) - t0 )) s"
 }
 
 bench=("${python}" -m flava_jax.tools.bench --steps="${steps}" --warmup="${warmup}")
@@ -131,15 +135,17 @@ for name in "${stages[@]}"; do
       rm -rf /tmp/flava_jax_gpu_profile
       stage profile 150 "${bench[@]}" --config="${flava}" --batch="${batch}" --text_len="${text}" \
         --kinds=paired --steps=3 --nocheck_attention --profile_dir=/tmp/flava_jax_gpu_profile
-      tar -C /tmp -czf "${out}/profile.tar.gz" flava_jax_gpu_profile && ls -l "${out}/profile.tar.gz" ;;
+      tar -C /tmp -czf "${out}/profile.tar.gz" flava_jax_gpu_profile \
+        && ls -l "${out}/profile.tar.gz" ;;
     unrolled)
       stage unrolled 150 "${bench[@]}" --config="${flava}" --batch="${batch}" --text_len="${text}" \
         --kinds=paired --nocheck_attention --config.model.scan_unroll=99 \
         --json_out="${out}/unrolled.json" ;;
     no_triton)
-      XLA_FLAGS="${XLA_FLAGS:+${XLA_FLAGS} }--xla_gpu_enable_triton_gemm=false" stage no_triton 120 \
-        "${bench[@]}" --config="${flava}" --batch="${batch}" --text_len="${text}" --kinds=paired \
-        --nocheck_attention --json_out="${out}/no_triton.json" ;;
+      XLA_FLAGS="${XLA_FLAGS:+${XLA_FLAGS} }--xla_gpu_enable_triton_gemm=false" \
+        stage no_triton 120 "${bench[@]}" --config="${flava}" --batch="${batch}" \
+        --text_len="${text}" --kinds=paired --nocheck_attention \
+        --json_out="${out}/no_triton.json" ;;
     remat_full)
       stage remat_full 150 "${bench[@]}" --config="${flava}" --batch="${batch}" \
         --text_len="${text}" --kinds=paired --max_batch "${memory[@]}" --nocheck_attention \
@@ -149,5 +155,5 @@ for name in "${stages[@]}"; do
   esac
 done
 say "== done after $(( $(date +%s) - start )) s; the figures:"
-grep -E '^\[|^\| |largest batch|attention check|examples_per_s|^  (paired|image|text|mixture) |^== ' \
-  "${log}" | grep -v '^== .*: up to' | tee "${out}/summary.txt" || true
+figures='^\[|^\| |largest batch|attention check|examples_per_s|^  (paired|image|text|mixture) |^== '
+grep -E "${figures}" "${log}" | grep -v '^== .*: up to' | tee "${out}/summary.txt" || true

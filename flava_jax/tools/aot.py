@@ -4,10 +4,10 @@
         --config.global_batch=8192
 
 Lowers and compiles the sharded train step of every batch kind of the config's task (FLAVA:
-paired, image, text) for abstract TPU devices (libtpu + jax.experimental.topologies; no TPU needed), then prints per-chip memory
-(arguments, outputs, temporaries, total), FLOPs per step from XLA's cost analysis beside the
-analytic count, and with --shardings the sharding of every parameter. This is how to size a run
-before reserving the slice.
+paired, image, text) for abstract TPU devices (libtpu + jax.experimental.topologies; no TPU
+needed), then prints per-chip memory (arguments, outputs, temporaries, total), FLOPs per step
+from XLA's cost analysis beside the analytic count, and with --shardings the sharding of every
+parameter. This is how to size a run before reserving the slice.
 """
 
 from __future__ import annotations

@@ -5,9 +5,10 @@
 
 For each batch kind of the config's task (FLAVA's paired: GC + MMM + ITM with the dVAE's
 targets; image: MIM; text: MLM) it compiles the sharded, donated train step on random batches of
-the config's shapes, runs warm-up steps, then times steps one by one with the device synchronised and prints: examples/s, the
-median step time, FLOPs per step (analytic, and XLA's cost analysis, which counts a scanned
-layer stack's body once), TFLOP/s, MFU against the device's bf16 peak and peak device memory.
+the config's shapes, runs warm-up steps, then times steps one by one with the device
+synchronised and prints: examples/s, the median step time, FLOPs per step (analytic, and XLA's
+cost analysis, which counts a scanned layer stack's body once), TFLOP/s, MFU against the
+device's bf16 peak and peak device memory.
 --max_batch finds the largest batch whose step fits in the device memory (or
 --memory_limit_gib): compiled memory is linear in the batch, so two compiles predict it, a
 third checks it and one step runs it. --peer=transformers also times the reference's step in
@@ -235,8 +236,7 @@ def run_peer(config: Any, kinds: tuple[str, ...], modes: tuple[str, ...], steps:
     stdout, failure = proc.stdout, f"exit {proc.returncode}"
     stderr = proc.stderr
   except subprocess.TimeoutExpired as e:  # keep the modes it finished
-    as_text = lambda b: b.decode(errors="replace") if isinstance(b, bytes) else (b or "")  # noqa: E731
-    stdout, stderr = as_text(e.stdout), as_text(e.stderr)
+    stdout, stderr = _text(e.stdout), _text(e.stderr)
     failure = f"stopped after {timeout:.0f} s"
   results = [line for line in stdout.splitlines() if line.startswith("PEER_RESULT ")]
   if results:
@@ -245,6 +245,10 @@ def run_peer(config: Any, kinds: tuple[str, ...], modes: tuple[str, ...], steps:
       result["modes"].setdefault(mode, {"error": f"not finished: {failure}"})
     return result
   raise RuntimeError(f"the transformers peer failed ({failure}):\n{stderr[-4000:]}")
+
+
+def _text(output: bytes | str | None) -> str:
+  return output.decode(errors="replace") if isinstance(output, bytes) else (output or "")
 
 
 def peer_timings(result: dict[str, Any], batch: int, peak_flops: float | None

@@ -9,8 +9,9 @@ For FLAVA it builds transformers' FlavaForPreTraining (with its image codebook) 
 config, feeds it random batches of the bench's shapes (the codebook computes the MIM/MMM targets,
 as in training); for BLIP (request "family": "blip") the reference's pretraining step on
 transformers' BLIP modules (peer_blip.py). It times forward + backward + AdamW, eager and under
-torch.compile, with bf16 autocast on CUDA. It prints one JSON line: per mode and kind the step times, PyTorch's FLOP count of one
-step, peak memory, and (eager, CUDA only) the largest batch that fits in the memory limit.
+torch.compile, with bf16 autocast on CUDA. After each mode it prints one JSON line holding every
+mode so far: per mode and kind the step times, PyTorch's FLOP count of one step, peak memory, and
+(eager, CUDA only) the largest batch that fits in the memory limit.
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ class PeerStep:
     import torch  # pylint: disable=import-outside-toplevel
     from transformers import FlavaForPreTraining  # pylint: disable=import-outside-toplevel
     from flava_jax.convert import config_to_transformers  # pylint: disable=import-outside-toplevel
-    from flava_jax.models.config import DVAEConfig, FlavaConfig  # pylint: disable=import-outside-toplevel
-    hf_config = config_to_transformers(FlavaConfig.from_dict(request["model"]),
-                                       DVAEConfig.from_dict(request["dvae"]))
+    from flava_jax.models import config as flava_config  # pylint: disable=import-outside-toplevel
+    hf_config = config_to_transformers(flava_config.FlavaConfig.from_dict(request["model"]),
+                                       flava_config.DVAEConfig.from_dict(request["dvae"]))
     torch.manual_seed(0)
     self.torch = torch
     self.device = device

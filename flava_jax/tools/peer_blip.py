@@ -49,12 +49,12 @@ def build(request: dict[str, Any]) -> Any:
   from torch.nn import functional as F  # pylint: disable=import-outside-toplevel
   from transformers import (  # pylint: disable=import-outside-toplevel
       BlipForImageTextRetrieval, BlipTextLMHeadModel)
-  from flava_jax.convert_blip import config_to_transformers  # pylint: disable=import-outside-toplevel
+  from flava_jax import convert_blip  # pylint: disable=import-outside-toplevel
   from flava_jax.models.blip import BlipConfig  # pylint: disable=import-outside-toplevel
 
   ours = BlipConfig.from_dict(request["model"])
   loss = request["loss"]
-  hf = config_to_transformers(ours, "BlipForImageTextRetrieval")
+  hf = convert_blip.config_to_transformers(ours, "BlipForImageTextRetrieval")
   hf.text_config.label_smoothing = loss["label_smoothing"]
   text_ids = ours.text
 
@@ -90,10 +90,10 @@ def build(request: dict[str, Any]) -> Any:
 
     @torch.no_grad()
     def momentum_update(self) -> None:
-      rate = loss["momentum"]
+      rate, momentum = loss["momentum"], list(self.momentum.parameters())
       online = [p for m in self.online for p in m.parameters()]
-      torch._foreach_mul_(list(self.momentum.parameters()), rate)  # pylint: disable=protected-access
-      torch._foreach_add_(list(self.momentum.parameters()), online, alpha=1 - rate)  # pylint: disable=protected-access
+      torch._foreach_mul_(momentum, rate)  # pylint: disable=protected-access
+      torch._foreach_add_(momentum, online, alpha=1 - rate)  # pylint: disable=protected-access
       self.temp.clamp_(0.001, 0.5)
 
     @torch.no_grad()
