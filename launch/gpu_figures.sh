@@ -127,10 +127,13 @@ for name in "${stages[@]}"; do
         ${corpus_flags} --config.global_batch="${batch}" --config.total_steps="${loop_steps}" \
         --config.log_every_steps="${loop_log}" --config.data.worker_count="${workers}" \
         --config.checkpoint.every_steps="${loop_steps}" ;;
-    input)
+    input)  # how many cores feed the bench's paired step, where the paired stage measured it
+      need=$("${python}" -c "import json, sys; t = json.load(open(sys.argv[1]))['timings']; \
+print(next(x['examples_per_second'] for x in t if x['name'] == 'flava_jax'))" \
+        "${out}/paired.json" 2> /dev/null || echo 0)
       stage input 60 "${python}" -m flava_jax.tools.bench_data --config="${flava}" \
         --batch="${batch}" --batches=6 --examples="${examples}" --image_size="${image}" \
-        --fast_decode=false --workers="${workers}" ;;
+        --fast_decode=false --workers="${workers}" --need="${need}" ;;
     profile)
       rm -rf /tmp/flava_jax_gpu_profile
       stage profile 150 "${bench[@]}" --config="${flava}" --batch="${batch}" --text_len="${text}" \
@@ -155,5 +158,5 @@ for name in "${stages[@]}"; do
   esac
 done
 say "== done after $(( $(date +%s) - start )) s; the figures:"
-figures='^\[|^\| |largest batch|attention check|examples_per_s|^  (paired|image|text|mixture) |^== '
+figures='^\[|^\| |largest batch|attention check|examples_per_s|^  (paired|image|text|mixture|feeding) |^== '
 grep -E "${figures}" "${log}" | grep -v '^== .*: up to' | tee "${out}/summary.txt" || true

@@ -22,6 +22,7 @@ on a real pipeline.
 from __future__ import annotations
 
 import io
+import math
 import os
 import tempfile
 import time
@@ -41,6 +42,8 @@ flags.DEFINE_integer("workers", 0, "grain worker processes for the mixture (0: o
 flags.DEFINE_integer("examples", 256, "distinct synthetic images written")
 flags.DEFINE_string("image_size", "640x480", "WIDTHxHEIGHT of the synthetic JPEGs")
 flags.DEFINE_enum("fast_decode", "both", ["both", "true", "false"], "which decode paths to time")
+flags.DEFINE_float("need", 0.0, "a train step's examples/s: also print how many cores the "
+                   "mixture needs to feed it (at the measured examples/s per worker)")
 flags.DEFINE_string("write_corpus", "", "only write the synthetic corpus to this directory and "
                     "print the binary's flags that read it")
 
@@ -147,6 +150,10 @@ def main(argv):
           max(f.batches, 2 * workers))
       print(f"  {'mixture':<10}{workers:>10}{rate:>13.1f}{rate / workers:>11.1f}"
             f"   batches {counts}")
+      if f.need:
+        cores = math.ceil(f.need * workers / rate)
+        print(f"  feeding {f.need:,.0f} examples/s takes about {cores} worker "
+              f"core{'s' if cores > 1 else ''} at {rate / workers:.1f} examples/s each")
 
 
 if __name__ == "__main__":
