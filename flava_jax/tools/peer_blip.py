@@ -1,7 +1,7 @@
 """BLIP's PyTorch peer for the bench: the reference's pretraining step on transformers' modules.
 
-The Salesforce code (models/blip_pretrain.py) needs timm, fairscale and a downloaded tokenizer;
-transformers has its modules under other names: BlipVisionModel (the ViT), BlipTextModel (the
+The Salesforce code (models/blip_pretrain.py) needs timm, fairscale, a downloaded tokenizer and
+downloaded ImageNet ViT weights; transformers has its modules under other names: BlipVisionModel (the ViT), BlipTextModel (the
 MED text encoder, with cross-attention in every layer), BlipTextLMHeadModel (the decoder) and the
 projections and ITM head of BlipForImageTextRetrieval. `BlipPretrain` assembles them into the
 reference's step, in its order:
