@@ -165,3 +165,6 @@ say "== done after $(( $(date +%s) - start )) s; the figures:"
 figures='^\[|^\| |largest batch|attention check|examples_per_s'
 figures+='|^  (paired|image|text|mixture|feeding) |^== '
 grep -E "${figures}" "${log}" | grep -v '^== .*: up to' | tee "${out}/summary.txt" || true
+if compgen -G "${out}/*.json" > /dev/null; then  # the stages' figures joined, for results.md
+  "${python}" -m flava_jax.tools.bench_table "${out}"/*.json | tee -a "${out}/summary.txt"
+fi

@@ -404,6 +404,7 @@ def _bench(f):
       print(f"peer: {e}")
       results["peer_error"] = str(e)
   bench = Bench(config)
+  results.update(device=bench.devices[0].device_kind, num_devices=len(bench.devices))
   print(f"devices: {describe_devices(bench.devices)}; mesh {dict(bench.mesh.shape)}; "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   print(describe_config(config, bench))
