@@ -1,5 +1,5 @@
-"""One results table from several bench runs' JSON files (`bench --json_out`, the STAGE.json files of
-launch/gpu_figures.sh), for docs/results.md:
+"""One results table from several bench runs' JSON files (`bench --json_out`, the STAGE.json
+files of launch/gpu_figures.sh), for docs/results.md:
 
     python -m flava_jax.tools.bench_table OUT/*.json
 
