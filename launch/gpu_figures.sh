@@ -167,6 +167,10 @@ say "== done after $(( $(date +%s) - start )) s; the figures:"
 figures='^\[|^\| |largest batch|attention check|examples_per_s'
 figures+='|^  (paired|image|text|mixture|feeding) |^== '
 grep -E "${figures}" "${log}" | grep -v '^== .*: up to' | tee "${out}/summary.txt" || true
-if compgen -G "${out}/*.json" > /dev/null; then  # the stages' figures joined, for results.md
-  "${python}" -m flava_jax.tools.bench_table "${out}"/*.json | tee -a "${out}/summary.txt"
+jsons=()  # the stages' figures joined, for results.md; in stage order (the first file wins)
+for name in paired max_batch kinds blip omni unrolled no_triton remat_full; do
+  [[ -f "${out}/${name}.json" ]] && jsons+=("${out}/${name}.json")
+done
+if (( ${#jsons[@]} )); then
+  "${python}" -m flava_jax.tools.bench_table "${jsons[@]}" | tee -a "${out}/summary.txt"
 fi
