@@ -209,11 +209,8 @@ class BlipTask(Task):
   def peer_request(self) -> dict[str, Any]:
     """What the bench's PyTorch peer (tools/peer_blip.py: transformers' BLIP modules in the
     reference's pretraining step) builds its model and random batches from."""
-    loss = self.loss_config
     return dict(family="blip", model=self.model_config.to_dict(), text_length=self.text_length,
-                loss=dict(queue_size=loss.queue_size, momentum=loss.momentum, alpha=loss.alpha,
-                          itc=loss.itc, itm=loss.itm, lm=loss.lm,
-                          label_smoothing=loss.label_smoothing))
+                loss=dataclasses.asdict(self.loss_config))
 
   # --- state --------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from flava_jax.data import masking
+from flava_jax.data import masking, transforms
 
 MASK_ID = 103  # BERT's [MASK]; any id serves for timing
 
@@ -66,17 +66,12 @@ def random_batch(kind: str, batch: int, shapes: BatchShapes, seed: int = 0
   return out
 
 
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
-
-
 def transformers_inputs(kind: str, batch: dict[str, np.ndarray], itm_negative_rate: float,
                         seed: int = 0) -> dict[str, np.ndarray]:
   """The same batch as FlavaForPreTraining's keyword arguments (NCHW floats, int64 ids)."""
   out = {}
   if kind != "text":
-    pixels = (batch["pixels"].astype(np.float32) / 255 - CLIP_MEAN) / CLIP_STD
-    out["pixel_values"] = pixels.transpose(0, 3, 1, 2)
+    out["pixel_values"] = transforms.encoder_pixels(batch["pixels"]).transpose(0, 3, 1, 2)
     out["codebook_pixel_values"] = (batch["dvae_pixels"].astype(np.float32) / 255).transpose(
         0, 3, 1, 2)
     out["bool_masked_pos"] = batch["patch_mask"]

@@ -79,10 +79,14 @@ def write_corpus(root: str, examples: int, width: int, height: int) -> dict[str,
   return dirs
 
 
+# FLAVA's mixture of the three corpora (configs/flava.py's data.corpora weights).
+WEIGHTS = {"paired": 0.7, "image": 0.15, "text": 0.15}
+
+
 def corpus_flags(dirs: dict[str, str]) -> list[str]:
-  """The binary's flags that train on write_corpus's shards, in _config's proportions."""
+  """The binary's flags that train on write_corpus's shards, in the mixture's weights."""
   out = []
-  for kind, weight in (("paired", 0.7), ("image", 0.15), ("text", 0.15)):
+  for kind, weight in WEIGHTS.items():
     out += [f"--config.data.corpora.{kind}.source=array_record",
             f"--config.data.corpora.{kind}.paths={dirs[kind]}",
             f"--config.data.corpora.{kind}.weight={weight}"]
@@ -93,8 +97,7 @@ def _config(base, dirs: dict[str, str], kinds: tuple[str, ...], batch: int, work
             threads: int, fast_decode: bool):
   config = base.copy_and_resolve_references()
   config.global_batch = batch
-  weights = {"paired": 0.7, "image": 0.15, "text": 0.15}
-  config.data.corpora = {k: dict(kind=k, weight=weights[k], source="array_record",
+  config.data.corpora = {k: dict(kind=k, weight=WEIGHTS[k], source="array_record",
                                  paths=dirs[k]) for k in kinds}
   config.data.worker_count = workers
   config.data.read_threads = threads

@@ -24,7 +24,6 @@ from collections.abc import Callable
 from typing import Any
 
 from flava_jax.tasks import flava_batches as random_batches
-from flava_jax.tools import peer_blip
 
 
 def _inputs(request: dict[str, Any], kind: str, batch: int, seed: int, device: Any
@@ -33,6 +32,7 @@ def _inputs(request: dict[str, Any], kind: str, batch: int, seed: int, device: A
   FlavaForPreTraining's arguments)."""
   import torch  # pylint: disable=import-outside-toplevel
   if request.get("family") == "blip":
+    from flava_jax.tools import peer_blip  # pylint: disable=import-outside-toplevel
     return peer_blip.inputs(request, batch, seed, device)
   batch_shapes = random_batches.BatchShapes(**request["shapes"])
   ours = random_batches.random_batch(kind, batch, batch_shapes, seed)
@@ -40,7 +40,36 @@ def _inputs(request: dict[str, Any], kind: str, batch: int, seed: int, device: A
   return {k: torch.from_numpy(v).to(device) for k, v in inputs.items()}
 
 
-class PeerStep:
+class TorchStep:
+  """What every peer's train step shares: the model on the device (under torch.compile or not),
+  fused AdamW over its trainable parameters, bf16 autocast, the backward and update, and the
+  device synchronisation the timings wait for. A family's step calls `update(loss)`."""
+
+  def __init__(self, model: Any, device: Any, autocast: bool, compiled: bool,
+               weight_decay: float):
+    import torch  # pylint: disable=import-outside-toplevel
+    self.torch, self.device, self.autocast = torch, device, autocast
+    self.model = model.to(device).train()
+    self.forward = torch.compile(self.model) if compiled else self.model
+    params = [p for p in self.model.parameters() if p.requires_grad]
+    self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=weight_decay,
+                                       fused=device.type == "cuda")
+
+  def autocast_context(self) -> Any:
+    return self.torch.autocast(self.device.type, dtype=self.torch.bfloat16,
+                               enabled=self.autocast)
+
+  def update(self, loss: Any) -> None:
+    loss.backward()
+    self.optimizer.step()
+    self.optimizer.zero_grad(set_to_none=True)
+
+  def sync(self) -> None:
+    if self.device.type == "cuda":
+      self.torch.cuda.synchronize()
+
+
+class PeerStep(TorchStep):
   """One FlavaForPreTraining train step (forward with every loss, backward, AdamW)."""
 
   def __init__(self, request: dict[str, Any], device: Any, autocast: bool, compiled: bool):
@@ -51,25 +80,13 @@ class PeerStep:
     hf_config = config_to_transformers(flava_config.FlavaConfig.from_dict(request["model"]),
                                        flava_config.DVAEConfig.from_dict(request["dvae"]))
     torch.manual_seed(0)
-    self.torch = torch
-    self.device = device
-    self.model = FlavaForPreTraining(hf_config).to(device).train()
-    self.forward = torch.compile(self.model) if compiled else self.model
-    params = [p for p in self.model.parameters() if p.requires_grad]
-    self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1,
-                                       fused=device.type == "cuda")
-    self.autocast = autocast
+    super().__init__(FlavaForPreTraining(hf_config), device, autocast, compiled,
+                     weight_decay=0.1)
 
   def __call__(self, inputs: dict[str, Any]) -> None:
-    with self.torch.autocast(self.device.type, dtype=self.torch.bfloat16, enabled=self.autocast):
+    with self.autocast_context():
       loss = self.forward(**inputs, return_loss=True).loss
-    loss.backward()
-    self.optimizer.step()
-    self.optimizer.zero_grad(set_to_none=True)
-
-  def sync(self) -> None:
-    if self.device.type == "cuda":
-      self.torch.cuda.synchronize()
+    self.update(loss)
 
 
 def _time(fn: Callable[[], None], sync: Callable[[], None], steps: int, warmup: int
@@ -171,7 +188,10 @@ def _run_mode(mode: str, request: dict[str, Any], device: Any, autocast: bool, l
               ) -> dict[str, Any]:
   import torch  # pylint: disable=import-outside-toplevel
   batch = request["batch"]
-  make = peer_blip.BlipPeerStep if request.get("family") == "blip" else PeerStep
+  make = PeerStep
+  if request.get("family") == "blip":
+    from flava_jax.tools import peer_blip  # pylint: disable=import-outside-toplevel
+    make = peer_blip.BlipPeerStep
   step = make(request, device, autocast, compiled=mode == "compile")
   per_kind = {}
   for kind in request["kinds"]:

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from flava_jax.data.transforms import CLIP_MEAN, CLIP_STD
+from flava_jax.data import transforms
+from flava_jax.tools.peer import TorchStep
 
 
 def inputs(request: dict[str, Any], batch: int, seed: int, device: Any) -> dict[str, Any]:
@@ -35,8 +36,8 @@ def inputs(request: dict[str, Any], batch: int, seed: int, device: Any) -> dict[
   from flava_jax.tasks.blip import random_pairs  # pylint: disable=import-outside-toplevel
   ours = random_pairs(BlipConfig.from_dict(request["model"]), request["text_length"], batch,
                       seed)
-  pixels = ((ours["pixels"].astype(np.float32) / 255 - CLIP_MEAN) / CLIP_STD).transpose(0, 3, 1, 2)
-  arrays = {"pixel_values": np.ascontiguousarray(pixels),
+  arrays = {"pixel_values": np.ascontiguousarray(
+                transforms.encoder_pixels(ours["pixels"]).transpose(0, 3, 1, 2)),
             "input_ids": ours["input_ids"].astype(np.int64),
             "attention_mask": ours["attention_mask"].astype(np.int64)}
   return {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
@@ -168,29 +169,16 @@ def build(request: dict[str, Any]) -> Any:
   return BlipPretrain()
 
 
-class BlipPeerStep:
+class BlipPeerStep(TorchStep):
   """One BLIP pretraining step in PyTorch: momentum update, forward with the three losses,
   backward, AdamW (weight decay 0.05 on every parameter, as the reference), enqueue."""
 
   def __init__(self, request: dict[str, Any], device: Any, autocast: bool, compiled: bool):
-    import torch  # pylint: disable=import-outside-toplevel
-    self.torch, self.device, self.autocast = torch, device, autocast
-    self.model = build(request).to(device).train()
-    self.forward = torch.compile(self.model) if compiled else self.model
-    params = [p for p in self.model.parameters() if p.requires_grad]
-    self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05,
-                                       fused=device.type == "cuda")
+    super().__init__(build(request), device, autocast, compiled, weight_decay=0.05)
 
   def __call__(self, batch: dict[str, Any]) -> None:
-    torch = self.torch
     self.model.momentum_update()
-    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+    with self.autocast_context():
       loss, _, image_feat_m, text_feat_m = self.forward(**batch)
-    loss.backward()
-    self.optimizer.step()
-    self.optimizer.zero_grad(set_to_none=True)
+    self.update(loss)
     self.model.enqueue(image_feat_m.float(), text_feat_m.float())
-
-  def sync(self) -> None:
-    if self.device.type == "cuda":
-      self.torch.cuda.synchronize()

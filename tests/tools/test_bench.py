@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -100,17 +101,13 @@ def test_blip_peer_trains_our_parameters_at_our_flop_count():
   request = dict(task.peer_request(), kinds=["paired"], modes=["eager"], batch=8, steps=1,
                  warmup=0, max_batch_kinds=[], memory_limit_bytes=None)
   model = peer_blip.build(request)
-  params = _unboxed(task.init_params(jax.random.key(0)))
+  params = nn.meta.unbox(task.init_params(jax.random.key(0)))
   assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sum(
       np.size(x) for x in jax.tree.leaves(params))
   assert model.image_queue.shape == (64, request["loss"]["queue_size"])
   entry = peer.run(request)["modes"]["eager"]["paired"]
   assert entry["step_seconds"] > 0
   assert 0.9 < entry["flops_per_step"] / task.step_flops("paired", 8) < 1.1
-
-
-def _unboxed(tree):
-  return jax.tree.map(lambda x: getattr(x, "value", x), tree, is_leaf=lambda x: hasattr(x, "value"))
 
 
 def test_blip_peer_computes_our_losses_on_our_weights(tmp_path):
@@ -122,7 +119,7 @@ def test_blip_peer_computes_our_losses_on_our_weights(tmp_path):
   config = blip_configs.get_config("tiny")
   config.global_batch, config.loss.queue_size, config.loss.alpha_ramp_steps = 2, 8, 0
   task = experiment.parse(config)[1]
-  params = _unboxed(task.init_params(jax.random.key(0)))
+  params = nn.meta.unbox(task.init_params(jax.random.key(0)))
   extra = task.init_extra(jax.random.key(1), params)
   batch = task.random_batch("paired", 2, seed=3)
   ctx = StepContext(mesh=None, local_batch=2, step=0)
