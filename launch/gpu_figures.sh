@@ -127,7 +127,11 @@ for name in "${stages[@]}"; do
       rm -rf "${corpus}" "${workdir}"
       stage corpus 60 "${python}" -m flava_jax.tools.bench_data --config="${flava}" \
         --write_corpus="${corpus}" --examples="${examples}" --image_size="${image}"
-      corpus_flags=$(grep -A1 "the binary's flags:" "${log}" | tail -1)
+      corpus_flags=$(cat "${corpus}/flags.txt" 2> /dev/null)
+      if [[ -z "${corpus_flags}" ]]; then  # not the embedded data in the corpus' place
+        say "== loop: skipped, no ${corpus}/flags.txt from the corpus stage"
+        continue
+      fi
       # shellcheck disable=SC2086  (the flags are words)
       stage loop 200 "${python}" -m flava_jax.main --config="${flava}" --workdir="${workdir}" \
         ${corpus_flags} --config.global_batch="${batch}" --config.total_steps="${loop_steps}" \

@@ -14,9 +14,9 @@ Figures only: nothing here asserts a speed.
 
     python -m flava_jax.tools.bench_data --write_corpus=DIR [--examples=512]
 
-only writes that corpus to DIR (DIR/paired, DIR/image, DIR/text) and prints the flags that train
-the binary on it (`python -m flava_jax.main --config=... FLAGS`), for a loop of the whole binary
-on a real pipeline.
+only writes that corpus to DIR (DIR/paired, DIR/image, DIR/text) and the flags that train the
+binary on it to DIR/flags.txt (also printed): `python -m flava_jax.main --config=...
+$(cat DIR/flags.txt)` is a loop of the whole binary on a real pipeline.
 """
 
 from __future__ import annotations
@@ -79,6 +79,9 @@ def write_corpus(root: str, examples: int, width: int, height: int) -> dict[str,
   return dirs
 
 
+# write_corpus's directory holds the binary's flags for its shards in this file.
+FLAGS_FILE = "flags.txt"
+
 # FLAVA's mixture of the three corpora (configs/flava.py's data.corpora weights).
 WEIGHTS = {"paired": 0.7, "image": 0.15, "text": 0.15}
 
@@ -134,7 +137,10 @@ def main(argv):
     dirs = write_corpus(f.write_corpus, f.examples, width, height)
     print(f"wrote {f.examples} {width}x{height} JPEGs with captions and the embedded text to "
           f"{f.write_corpus} in {time.perf_counter() - start:.1f} s; the binary's flags:")
-    print(" ".join(corpus_flags(dirs)))
+    line = " ".join(corpus_flags(dirs))
+    with open(os.path.join(f.write_corpus, FLAGS_FILE), "w") as out:
+      out.write(line + "\n")
+    print(line)
     return
   print(f"config {cfg.variant}: images {cfg.model.image.image_size} px (dVAE view "
         f"{cfg.model.image.image_size // cfg.model.image.patch_size * 8} px), paired text "

@@ -1,10 +1,19 @@
 """bench_data on the tiny config: its corpus is what it claims and its measurements run."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
+from absl import flags
+from ml_collections import config_flags
 
 from configs import flava
 from flava_jax.data import sources
 from flava_jax.tools import bench_data
+from tests.processes import child_env
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_bench_corpus_and_measurement(tmp_path):
@@ -21,3 +30,22 @@ def test_bench_corpus_and_measurement(tmp_path):
   assert counts["paired"] >= 3  # weight 0.7 of 10 draws
   image = np.frombuffer(example["image"], np.uint8)
   assert image.size > 500  # a real JPEG, not a placeholder
+
+
+def test_write_corpus_leaves_the_binarys_flags_for_its_shards(tmp_path):
+  """launch/gpu_figures.sh's loop stage trains the binary with DIR/flags.txt: they must name the
+  three shard directories, in the mixture's weights, as flags the binary's config accepts."""
+  root = tmp_path / "corpus"
+  subprocess.run([sys.executable, "-m", "flava_jax.tools.bench_data",
+                  "--config=configs/flava.py:tiny", f"--write_corpus={root}", "--examples=3", "--image_size=48x32"], cwd=REPO,
+                 env=child_env(), capture_output=True, text=True, timeout=300, check=True)
+  line = (root / bench_data.FLAGS_FILE).read_text()
+  argv = ["main", f"--config={REPO}/configs/flava.py:tiny", *line.split()]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
+  values(argv)
+  corpora = values.config.data.corpora
+  assert set(corpora) == {"paired", "image", "text"}
+  for kind, weight in bench_data.WEIGHTS.items():
+    assert corpora[kind].source == "array_record" and corpora[kind].weight == weight
+    assert corpora[kind].paths == str(root / kind) and os.listdir(corpora[kind].paths)
