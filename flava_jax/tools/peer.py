@@ -26,34 +26,27 @@ from typing import Any
 from flava_jax.tasks import flava_batches as random_batches
 
 
-def _inputs(request: dict[str, Any], kind: str, batch: int, seed: int, device: Any
-            ) -> dict[str, Any]:
-  """The bench's random batch of one kind as the peer's inputs (FLAVA: random_batches.py as
-  FlavaForPreTraining's arguments)."""
-  import torch  # pylint: disable=import-outside-toplevel
-  if request.get("family") == "blip":
-    from flava_jax.tools import peer_blip  # pylint: disable=import-outside-toplevel
-    return peer_blip.inputs(request, batch, seed, device)
-  batch_shapes = random_batches.BatchShapes(**request["shapes"])
-  ours = random_batches.random_batch(kind, batch, batch_shapes, seed)
-  inputs = random_batches.transformers_inputs(kind, ours, batch_shapes.itm_negative_rate, seed)
-  return {k: torch.from_numpy(v).to(device) for k, v in inputs.items()}
-
-
 class TorchStep:
   """What every peer's train step shares: the model on the device (under torch.compile or not),
   fused AdamW over its trainable parameters, bf16 autocast, the backward and update, and the
-  device synchronisation the timings wait for. A family's step calls `update(loss)`."""
+  device synchronisation the timings wait for. A family's step names its model (MODEL), makes
+  the bench's random batches as its inputs (`inputs`) and calls `update(loss)`."""
 
-  def __init__(self, model: Any, device: Any, autocast: bool, compiled: bool,
-               weight_decay: float):
+  MODEL = ""
+
+  def __init__(self, request: dict[str, Any], model: Any, device: Any, autocast: bool,
+               compiled: bool, weight_decay: float):
     import torch  # pylint: disable=import-outside-toplevel
-    self.torch, self.device, self.autocast = torch, device, autocast
+    self.request, self.torch, self.device, self.autocast = request, torch, device, autocast
     self.model = model.to(device).train()
     self.forward = torch.compile(self.model) if compiled else self.model
     params = [p for p in self.model.parameters() if p.requires_grad]
     self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=weight_decay,
                                        fused=device.type == "cuda")
+
+  def inputs(self, kind: str, batch: int, seed: int) -> dict[str, Any]:
+    """The bench's random batch of `kind` as the step's keyword arguments on the device."""
+    raise NotImplementedError
 
   def autocast_context(self) -> Any:
     return self.torch.autocast(self.device.type, dtype=self.torch.bfloat16,
@@ -72,6 +65,8 @@ class TorchStep:
 class PeerStep(TorchStep):
   """One FlavaForPreTraining train step (forward with every loss, backward, AdamW)."""
 
+  MODEL = "transformers FlavaForPreTraining"
+
   def __init__(self, request: dict[str, Any], device: Any, autocast: bool, compiled: bool):
     import torch  # pylint: disable=import-outside-toplevel
     from transformers import FlavaForPreTraining  # pylint: disable=import-outside-toplevel
@@ -80,8 +75,14 @@ class PeerStep(TorchStep):
     hf_config = config_to_transformers(flava_config.FlavaConfig.from_dict(request["model"]),
                                        flava_config.DVAEConfig.from_dict(request["dvae"]))
     torch.manual_seed(0)
-    super().__init__(FlavaForPreTraining(hf_config), device, autocast, compiled,
+    super().__init__(request, FlavaForPreTraining(hf_config), device, autocast, compiled,
                      weight_decay=0.1)
+
+  def inputs(self, kind: str, batch: int, seed: int) -> dict[str, Any]:
+    shapes = random_batches.BatchShapes(**self.request["shapes"])
+    ours = random_batches.random_batch(kind, batch, shapes, seed)
+    inputs = random_batches.transformers_inputs(kind, ours, shapes.itm_negative_rate, seed)
+    return {k: self.torch.from_numpy(v).to(self.device) for k, v in inputs.items()}
 
   def __call__(self, inputs: dict[str, Any]) -> None:
     with self.autocast_context():
@@ -103,7 +104,7 @@ def _time(fn: Callable[[], None], sync: Callable[[], None], steps: int, warmup: 
   return times
 
 
-def _flops(step: PeerStep, inputs: dict[str, Any]) -> float:
+def _flops(step: TorchStep, inputs: dict[str, Any]) -> float:
   from torch.utils.flop_counter import FlopCounterMode  # pylint: disable=import-outside-toplevel
   counter = FlopCounterMode(display=False)
   with counter:
@@ -111,12 +112,11 @@ def _flops(step: PeerStep, inputs: dict[str, Any]) -> float:
   return float(counter.get_total_flops())
 
 
-def _fits(step: Any, request: dict[str, Any], kind: str, batch: int, device: Any
-          ) -> float | None:
+def _fits(step: TorchStep, kind: str, batch: int) -> float | None:
   """Peak bytes of one step at `batch`, or None when it runs out of memory."""
   torch = step.torch
   try:
-    inputs = _inputs(request, kind, batch, 1, device)
+    inputs = step.inputs(kind, batch, 1)
     torch.cuda.reset_peak_memory_stats()
     step(inputs)
     step.sync()
@@ -129,22 +129,21 @@ def _fits(step: Any, request: dict[str, Any], kind: str, batch: int, device: Any
     torch.cuda.empty_cache()
 
 
-def largest_batch(step: Any, request: dict[str, Any], kind: str, start: int, limit: float,
-                  device: Any) -> dict[str, Any]:
+def largest_batch(step: TorchStep, kind: str, start: int, limit: float) -> dict[str, Any]:
   """The largest batch (a multiple of 8) whose eager step fits in `limit` bytes: peak memory is
   linear in the batch, so two measured points predict it, then runs confirm it."""
   high = start
-  while high >= 16 and _fits(step, request, kind, high, device) is None:
+  while high >= 16 and _fits(step, kind, high) is None:
     high //= 2
   low = high // 2
-  high_peak, low_peak = (_fits(step, request, kind, b, device) for b in (high, low))
+  high_peak, low_peak = (_fits(step, kind, b) for b in (high, low))
   if high_peak is None or low_peak is None or high_peak <= low_peak:
     return {"batch": None, "note": f"no linear fit from batches {low} and {high}"}
   per_example = (high_peak - low_peak) / (high - low)
   fixed = high_peak - per_example * high
   batch = int((limit - fixed) / per_example) // 8 * 8
   while batch >= 8:
-    peak = _fits(step, request, kind, batch, device)
+    peak = _fits(step, kind, batch)
     if peak is not None and peak <= limit:
       return {"batch": batch, "peak_bytes": peak, "per_example_bytes": per_example,
               "fixed_bytes": fixed}
@@ -152,9 +151,12 @@ def largest_batch(step: Any, request: dict[str, Any], kind: str, start: int, lim
   return {"batch": None, "note": "not even 8 rows fit"}
 
 
-# What the peer of each family is, as the bench prints it.
-MODELS = {"flava": "transformers FlavaForPreTraining",
-          "blip": "the reference BLIP pretraining step on transformers' BLIP modules"}
+def step_class(request: dict[str, Any]) -> type[TorchStep]:
+  """The train step of the request's family ("family": flava, the default, or blip)."""
+  if request.get("family", "flava") == "blip":
+    from flava_jax.tools import peer_blip  # pylint: disable=import-outside-toplevel
+    return peer_blip.BlipPeerStep
+  return PeerStep
 
 
 def run(request: dict[str, Any], report: Callable[[dict[str, Any]], None] | None = None
@@ -171,7 +173,7 @@ def run(request: dict[str, Any], report: Callable[[dict[str, Any]], None] | None
   result: dict[str, Any] = {
       "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
       "torch": torch.__version__, "autocast_bf16": autocast, "modes": {},
-      "model": MODELS[request.get("family", "flava")]}
+      "model": step_class(request).MODEL}
   for mode in request["modes"]:
     try:
       result["modes"][mode] = _run_mode(mode, request, device, autocast, limit)
@@ -188,14 +190,10 @@ def _run_mode(mode: str, request: dict[str, Any], device: Any, autocast: bool, l
               ) -> dict[str, Any]:
   import torch  # pylint: disable=import-outside-toplevel
   batch = request["batch"]
-  make = PeerStep
-  if request.get("family") == "blip":
-    from flava_jax.tools import peer_blip  # pylint: disable=import-outside-toplevel
-    make = peer_blip.BlipPeerStep
-  step = make(request, device, autocast, compiled=mode == "compile")
+  step = step_class(request)(request, device, autocast, compiled=mode == "compile")
   per_kind = {}
   for kind in request["kinds"]:
-    inputs = _inputs(request, kind, batch, 0, device)
+    inputs = step.inputs(kind, batch, 0)
     if device.type == "cuda":
       torch.cuda.reset_peak_memory_stats()
     # torch.compile compiles on the first calls: two more untimed steps
@@ -212,7 +210,7 @@ def _run_mode(mode: str, request: dict[str, Any], device: Any, autocast: bool, l
   if mode == "eager" and device.type == "cuda":
     for kind in request.get("max_batch_kinds", []):
       per_kind.setdefault(kind, {})["largest_batch"] = largest_batch(
-          step, request, kind, batch, limit, device)
+          step, kind, batch, limit)
   return per_kind
 
 

@@ -1,9 +1,9 @@
 """BLIP's PyTorch peer for the bench: the reference's pretraining step on transformers' modules.
 
 The Salesforce code (models/blip_pretrain.py) needs timm, fairscale, a downloaded tokenizer and
-downloaded ImageNet ViT weights; transformers has its modules under other names: BlipVisionModel (the ViT), BlipTextModel (the
-MED text encoder, with cross-attention in every layer), BlipTextLMHeadModel (the decoder) and the
-projections and ITM head of BlipForImageTextRetrieval. `BlipPretrain` assembles them into the
+downloaded ImageNet ViT weights; transformers has its modules under other names: BlipVisionModel
+(the ViT), BlipTextModel (the MED text encoder, with cross-attention in every layer),
+BlipTextLMHeadModel (the decoder) and the projections and ITM head of BlipForImageTextRetrieval. `BlipPretrain` assembles them into the
 reference's step, in its order:
   1. image tokens and normalised [CLS] features; unimodal text features;
   2. under no_grad: the momentum encoders move towards the online ones (rate loss.momentum) and
@@ -173,8 +173,14 @@ class BlipPeerStep(TorchStep):
   """One BLIP pretraining step in PyTorch: momentum update, forward with the three losses,
   backward, AdamW (weight decay 0.05 on every parameter, as the reference), enqueue."""
 
+  MODEL = "the reference BLIP pretraining step on transformers' BLIP modules"
+
   def __init__(self, request: dict[str, Any], device: Any, autocast: bool, compiled: bool):
-    super().__init__(build(request), device, autocast, compiled, weight_decay=0.05)
+    super().__init__(request, build(request), device, autocast, compiled, weight_decay=0.05)
+
+  def inputs(self, kind: str, batch: int, seed: int) -> dict[str, Any]:
+    del kind  # paired only
+    return inputs(self.request, batch, seed, self.device)
 
   def __call__(self, batch: dict[str, Any]) -> None:
     self.model.momentum_update()
