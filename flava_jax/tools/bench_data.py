@@ -82,17 +82,13 @@ def write_corpus(root: str, examples: int, width: int, height: int) -> dict[str,
 # write_corpus's directory holds the binary's flags for its shards in this file.
 FLAGS_FILE = "flags.txt"
 
-# FLAVA's mixture of the three corpora (configs/flava.py's data.corpora weights).
-WEIGHTS = {"paired": 0.7, "image": 0.15, "text": 0.15}
-
 
 def corpus_flags(dirs: dict[str, str]) -> list[str]:
-  """The binary's flags that train on write_corpus's shards, in the mixture's weights."""
+  """The binary's flags that train on write_corpus's shards (in the config's mixture weights)."""
   out = []
-  for kind, weight in WEIGHTS.items():
+  for kind, path in dirs.items():
     out += [f"--config.data.corpora.{kind}.source=array_record",
-            f"--config.data.corpora.{kind}.paths={dirs[kind]}",
-            f"--config.data.corpora.{kind}.weight={weight}"]
+            f"--config.data.corpora.{kind}.paths={path}"]
   return out
 
 
@@ -100,8 +96,8 @@ def _config(base, dirs: dict[str, str], kinds: tuple[str, ...], batch: int, work
             threads: int, fast_decode: bool):
   config = base.copy_and_resolve_references()
   config.global_batch = batch
-  config.data.corpora = {k: dict(kind=k, weight=WEIGHTS[k], source="array_record",
-                                 paths=dirs[k]) for k in kinds}
+  config.data.corpora = {k: dict(kind=k, weight=base.data.corpora[k].weight,
+                                 source="array_record", paths=dirs[k]) for k in kinds}
   config.data.worker_count = workers
   config.data.read_threads = threads
   config.data.fast_decode = fast_decode

@@ -3,8 +3,8 @@
 The Salesforce code (models/blip_pretrain.py) needs timm, fairscale, a downloaded tokenizer and
 downloaded ImageNet ViT weights; transformers has its modules under other names: BlipVisionModel
 (the ViT), BlipTextModel (the MED text encoder, with cross-attention in every layer),
-BlipTextLMHeadModel (the decoder) and the projections and ITM head of BlipForImageTextRetrieval. `BlipPretrain` assembles them into the
-reference's step, in its order:
+BlipTextLMHeadModel (the decoder) and the projections and ITM head of BlipForImageTextRetrieval.
+`BlipPretrain` assembles them into the reference's step, in its order:
   1. image tokens and normalised [CLS] features; unimodal text features;
   2. under no_grad: the momentum encoders move towards the online ones (rate loss.momentum) and
      give features; ITC against them and the queues, soft targets weighted by alpha;

@@ -34,11 +34,13 @@ def test_bench_corpus_and_measurement(tmp_path):
 
 def test_write_corpus_leaves_the_binarys_flags_for_its_shards(tmp_path):
   """launch/gpu_figures.sh's loop stage trains the binary with DIR/flags.txt: they must name the
-  three shard directories, in the mixture's weights, as flags the binary's config accepts."""
+  three shard directories, in the config's mixture weights, as flags the binary's config
+  accepts."""
   root = tmp_path / "corpus"
   subprocess.run([sys.executable, "-m", "flava_jax.tools.bench_data",
-                  "--config=configs/flava.py:tiny", f"--write_corpus={root}", "--examples=3", "--image_size=48x32"], cwd=REPO,
-                 env=child_env(), capture_output=True, text=True, timeout=300, check=True)
+                  "--config=configs/flava.py:tiny", f"--write_corpus={root}", "--examples=3",
+                  "--image_size=48x32"], cwd=REPO, env=child_env(), capture_output=True,
+                 text=True, timeout=300, check=True)
   line = (root / bench_data.FLAGS_FILE).read_text()
   argv = ["main", f"--config={REPO}/configs/flava.py:tiny", *line.split()]
   values = flags.FlagValues()
@@ -46,6 +48,7 @@ def test_write_corpus_leaves_the_binarys_flags_for_its_shards(tmp_path):
   values(argv)
   corpora = values.config.data.corpora
   assert set(corpora) == {"paired", "image", "text"}
-  for kind, weight in bench_data.WEIGHTS.items():
+  mixture = {"paired": 0.7, "image": 0.15, "text": 0.15}  # configs/flava.py's
+  for kind, weight in mixture.items():
     assert corpora[kind].source == "array_record" and corpora[kind].weight == weight
     assert corpora[kind].paths == str(root / kind) and os.listdir(corpora[kind].paths)
