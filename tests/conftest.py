@@ -140,8 +140,8 @@ def ctx():
 # 450 s for the multi-process jobs down to 70-130 s for the last ones). With pytest-xdist's
 # workers (`-n 2 --dist loadfile --no-loadscope-reorder`, pyproject.toml; its `loadgroup` does not
 # group under pytest 9) they start first, so that none starts last and runs alone while the other
-# worker has nothing left. The evaluate binary's tests come before the evaluators': they make the trained
-# workdir both use (a worker that needs it while the other makes it waits).
+# worker has nothing left. The evaluate binary's tests come before the evaluators': they make the
+# trained workdir both use (a worker that needs it while the other makes it waits).
 LONGEST_FIRST = ("tests/multihost/test_multihost.py", "tests/test_notebooks.py",
                  "tests/tasks/test_omni_task.py", "tests/test_resume_process.py",
                  "tests/tasks/test_flava_task.py", "tests/evals/test_evaluate_binary.py",

@@ -5,7 +5,7 @@ import os
 from absl import flags
 from ml_collections import config_flags
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.processes import REPO
 
 
 def parse_config_flags(config: str, *overrides: str):

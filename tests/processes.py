@@ -7,6 +7,7 @@ import os
 from flava_jax import run_once
 
 DEVICES = 8  # the session's fake CPU devices
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository's root
 
 
 def xla_flags(devices: int = DEVICES, optimised: bool = False) -> str:

@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from flava_jax import binary
+from tests.processes import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOISE = ("INVALID_ARGUMENT", "libtpu", "TPU_WORKER_HOSTNAMES", "Failed to find host bounds",
          "InitGoogle", "common_lib.cc")
 

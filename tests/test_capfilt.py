@@ -19,9 +19,8 @@ from flava_jax import trainer, warm_start
 from flava_jax.data import records, sources
 from flava_jax.tools import capfilt
 from tests.multihost.test_multihost import _finish, _launch, _load
-from tests.processes import child_env
+from tests.processes import REPO, child_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HUMAN, WEB, SHARD = 8, 24, 8  # one human shard, then 3 web shards
 SMALL = {"model.image.num_layers": 1, "model.text.num_layers": 1, "model.image.image_size": 32,
          "model.image.hidden_size": 32, "model.text.hidden_size": 32, "model.image.mlp_dim": 64,

@@ -2,7 +2,6 @@
 prints what blip_generate gives for each image and reports unreadable images; the evaluator's
 word measures are the shares they say they are."""
 
-import os
 import subprocess
 import sys
 
@@ -17,9 +16,7 @@ from flava_jax.data import embedded, sources, transforms
 from flava_jax.evals import captioning
 from flava_jax.models import blip_generate
 from flava_jax.models.blip import Blip, BlipConfig
-from tests.processes import child_env
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.processes import REPO, child_env
 
 
 @pytest.fixture(scope="module")

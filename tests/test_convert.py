@@ -15,8 +15,7 @@ from transformers import FlavaForPreTraining
 
 import flava_jax
 from flava_jax import checkpoint, convert
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.processes import REPO
 
 
 def _leaves(tree):

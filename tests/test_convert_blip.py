@@ -19,8 +19,8 @@ from flava_jax.convert import ConversionError
 from flava_jax.models.blip import Blip, BlipConfig, BlipTextConfig
 from flava_jax.models.config import ImageConfig
 from tests.models import blip_reference
+from tests.processes import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RETRIEVAL, CAPTIONING = "retrieval", "captioning"
 
 

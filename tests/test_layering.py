@@ -2,11 +2,10 @@
 other, and the trainer, pipeline, evaluators and tools never import a model family's task or
 losses. Checked here so that the README's test command (CI's) enforces it."""
 
-import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.processes import REPO
 
 
 def test_import_contracts_are_kept():

@@ -13,10 +13,9 @@ import sys
 import pytest
 
 from flava_jax import trainer, warm_start
-from tests.processes import child_env
+from tests.processes import REPO, child_env
 from tests.trees import assert_trees_equal
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
 OVERRIDES = {"global_batch": 16, "total_steps": STEPS, "log_every_steps": 1,
              "checkpoint.every_steps": 4, "optimizer.warmup_steps": 2}

@@ -14,8 +14,7 @@ from PIL import Image
 
 from flava_jax.data import build as B
 from flava_jax.data.records import decode_record
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.processes import REPO
 
 
 def _image(seed: int, fmt: str = "JPEG", size: int = 16) -> bytes:

@@ -2,7 +2,6 @@
 model directory and a transformers directory; bad configs fail naming the field."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -11,9 +10,7 @@ import pytest
 from configs.eval import zero_shot as zero_shot_config
 from flava_jax import checkpoint, evaluate
 from flava_jax.data import embedded
-from tests.processes import child_env
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.processes import REPO, child_env
 
 
 def _run(*args):

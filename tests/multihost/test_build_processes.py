@@ -9,8 +9,7 @@ import sys
 
 from flava_jax.data import build as B
 from tests.data.test_build import _image, _put, _records
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.processes import REPO
 
 
 def _captions(tmp_path):

@@ -1,7 +1,6 @@
 """flava_jax.launch on small Python commands (no JAX): each process's environment, output, the
 signals passed on, and a job that fails as a whole when one process fails."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -10,8 +9,7 @@ import textwrap
 import pytest
 
 from flava_jax import launch, multihost
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.processes import REPO
 
 
 def test_each_process_learns_its_place_in_the_job():

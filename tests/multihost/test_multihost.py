@@ -25,10 +25,9 @@ import pytest
 from flava_jax import evaluate, experiment, trainer, warm_start
 from flava_jax.data import checkpointing, embedded, pipeline
 from tests.multihost import config as job_config
-from tests.processes import child_env
+from tests.processes import REPO, child_env
 from tests.trees import assert_trees_equal
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(REPO, "tests", "multihost", "config.py")
 STEPS = 12
 EVERY = 4

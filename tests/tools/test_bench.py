@@ -17,9 +17,7 @@ from flava_jax import convert_blip, experiment
 from flava_jax.tasks import flava_batches as random_batches
 from flava_jax.tasks.base import StepContext
 from flava_jax.tools import bench, peer, peer_blip
-from tests.processes import child_env
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.processes import REPO, child_env
 
 
 @pytest.fixture(scope="module")

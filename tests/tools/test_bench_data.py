@@ -11,9 +11,7 @@ from ml_collections import config_flags
 from configs import flava
 from flava_jax.data import sources
 from flava_jax.tools import bench_data
-from tests.processes import child_env
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.processes import REPO, child_env
 
 
 def test_bench_corpus_and_measurement(tmp_path):

@@ -2,13 +2,10 @@
 skipped and said so in the log, an unknown stage is refused. (The stages themselves run the bench,
 bench_data and the binary, tested on their own; `TINY=1` runs them all by hand.)"""
 
-import os
 import subprocess
 import sys
 
-from tests.processes import child_env
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.processes import REPO, child_env
 
 
 def _script(out, *stages):
