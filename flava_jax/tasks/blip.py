@@ -85,12 +85,11 @@ class BlipLossConfig:
     return self
 
 
-def random_pairs(model_config: BlipConfig, text_length: int, rows: int, seed: int = 0
+def random_pairs(model_config: BlipConfig, length: int, rows: int, seed: int = 0
                  ) -> dict[str, np.ndarray]:
   """Random pixels and captions of random lengths: [CLS] ids [SEP] then padding (the bench's
   batches, ours and the PyTorch peer's)."""
   rng, size, text = np.random.default_rng(seed), model_config.image.image_size, model_config.text
-  length = text_length
   words = rng.integers(5, min(text.bos_token_id, text.enc_token_id), (rows, length))
   used = rng.integers(3, length + 1, rows)
   position = np.arange(length)[None]
