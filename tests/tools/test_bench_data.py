@@ -5,12 +5,11 @@ import subprocess
 import sys
 
 import numpy as np
-from absl import flags
-from ml_collections import config_flags
 
 from configs import flava
 from flava_jax.data import sources
 from flava_jax.tools import bench_data
+from tests.flag_parsing import parse_config_flags
 from tests.processes import REPO, child_env
 
 
@@ -40,11 +39,7 @@ def test_write_corpus_leaves_the_binarys_flags_for_its_shards(tmp_path):
                   "--image_size=48x32"], cwd=REPO, env=child_env(), capture_output=True,
                  text=True, timeout=300, check=True)
   line = (root / bench_data.FLAGS_FILE).read_text()
-  argv = ["main", f"--config={REPO}/configs/flava.py:tiny", *line.split()]
-  values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
-  values(argv)
-  corpora = values.config.data.corpora
+  corpora = parse_config_flags("flava.py:tiny", *line.split()).data.corpora
   assert set(corpora) == {"paired", "image", "text"}
   mixture = {"paired": 0.7, "image": 0.15, "text": 0.15}  # configs/flava.py's
   for kind, weight in mixture.items():
